@@ -1,0 +1,3 @@
+from lightning_rlm.cli import main
+
+main()

@@ -1,0 +1,117 @@
+"""What every DataModule shares: read a source, split it by document, build the tokenizer, save it."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+
+from lightning_rlm.data.paths import resolve_data_path
+from lightning_rlm.data.sources import TextSource
+from lightning_rlm.data.tokenizers import (
+    HFTokenizer,
+    TextTokenizer,
+    build_tokenizer,
+    check_tokenizer_spec,
+    train_bpe,
+)
+
+log = logging.getLogger(__name__)
+
+
+def split_documents_by_seed(
+    docs: list[str], val_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Train/val split by document, deterministic by seed.
+
+    A single document (one corpus, e.g. Tiny Shakespeare) is split by its tail instead: the last
+    `val_fraction` of its characters is validation, as nanoGPT and char-rnn do.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if len(docs) == 1:
+        text = docs[0]
+        cut = int(len(text) * (1 - val_fraction))
+        return [text[:cut]], [text[cut:]]
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(docs) * val_fraction))
+    val_idx = set(order[:n_val])
+    train = [d for i, d in enumerate(docs) if i not in val_idx]
+    val = [d for i, d in enumerate(docs) if i in val_idx]
+    return train, val
+
+
+class TextDataModule(L.LightningDataModule):
+    """Base class: `source` + `tokenizer` + a seeded split. Subclasses build datasets in `setup`.
+
+    Args:
+        source: where documents come from (a preset, a file, or a hub dataset).
+        tokenizer: `char`, `gpt2`, `bpe`, or a path/name for `AutoTokenizer`.
+        tokenizer_vocab_size: vocab size of a `bpe` tokenizer trained here.
+        batch_size: examples per batch per process.
+        val_fraction: fraction of documents held out for validation.
+        seed: seeds the split (and any per-document random windows).
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        source: TextSource,
+        tokenizer: str = "char",
+        tokenizer_vocab_size: int = 2048,
+        batch_size: int = 32,
+        val_fraction: float = 0.1,
+        seed: int = 1234,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        check_tokenizer_spec(tokenizer)  # an unknown tokenizer fails at config time, not after loading data
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if source.resolved_format() in ("text", "jsonl", "parquet") and source.path != "<prompts>":
+            resolve_data_path(source.path)  # a missing file fails at config time, before any run folder
+        self.source = source
+        self.tokenizer_spec = tokenizer
+        self.tokenizer_vocab_size = tokenizer_vocab_size
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.tokenizer: Optional[TextTokenizer] = None
+        self.train_docs: list[str] = []
+        self.val_docs: list[str] = []
+
+    def prepare_data(self) -> None:
+        # Runs once per node before setup: train the BPE into the cache so DDP ranks only read it.
+        if self.tokenizer_spec == "bpe":
+            train, _ = split_documents_by_seed(self.source.read(), self.val_fraction, self.seed)
+            train_bpe(train, self.tokenizer_vocab_size)
+
+    def load_documents(self) -> None:
+        """Read, split and tokenize-ready the corpus (idempotent)."""
+        if self.tokenizer is not None:
+            return
+        docs = self.source.read()
+        self.train_docs, self.val_docs = split_documents_by_seed(docs, self.val_fraction, self.seed)
+        # char vocab from the whole corpus (so val has no unknown chars); BPE trained on train docs only
+        texts = docs if self.tokenizer_spec == "char" else self.train_docs
+        self.tokenizer = build_tokenizer(self.tokenizer_spec, texts, self.tokenizer_vocab_size)
+        log.info(
+            "%s: %d train / %d val documents, vocab %d",
+            self.source.describe(), len(self.train_docs), len(self.val_docs), self.tokenizer.vocab_size,
+        )
+
+    def save_tokenizer(self) -> None:
+        """Save the tokenizer with the run, so generation and export use the same vocabulary."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.log_dir is None or not trainer.is_global_zero:
+            return
+        self.tokenizer.save(Path(trainer.log_dir) / "tokenizer")
+
+    @property
+    def hf_tokenizer(self):
+        return self.tokenizer.hf if isinstance(self.tokenizer, HFTokenizer) else None

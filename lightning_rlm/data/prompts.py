@@ -1,0 +1,137 @@
+"""Prompts for RL: the first k tokens of real documents, or a fixed prompt list.
+
+Each example is `{"prompt": str, "prompt_ids": list[int], **fields}`: any extra field of a jsonl/parquet
+row (e.g. a label a reward function needs) is kept and reaches the reward functions as a keyword list.
+Validation prompts are held out by document, never seen in training.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_rlm.data.base import TextDataModule, split_documents_by_seed
+from lightning_rlm.data.collate import DictCollator
+from lightning_rlm.data.prefix_completion import PairDataset
+from lightning_rlm.data.sources import TextSource
+from lightning_rlm.data.tokenizers import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class PromptDataModule(TextDataModule):
+    """Prompts (strings and ids) for rollouts.
+
+    Args:
+        source: documents to cut prompts from (rows keep their extra fields); or None with `prompts`.
+        prompts: a fixed prompt list (used as is; split into train/val when it has several prompts).
+        tokenizer: the policy's tokenizer (its model folder, or `gpt2`, ...).
+        prompt_tokens: keep the first k tokens of each document (None: the whole text); shorter documents
+            are dropped.
+        prompt_template: optional string with `{text}` wrapping each prompt.
+        batch_size: prompts per step per process (each is sampled `num_generations` times by the method).
+    """
+
+    def __init__(
+        self,
+        source: Optional[TextSource] = None,
+        prompts: Optional[list[str]] = None,
+        tokenizer: str = "gpt2",
+        prompt_tokens: Optional[int] = 16,
+        prompt_template: Optional[str] = None,
+        batch_size: int = 2,
+        val_fraction: float = 0.1,
+        max_val_prompts: Optional[int] = 64,
+        seed: int = 1234,
+        num_workers: int = 0,
+    ) -> None:
+        if (source is None) == (prompts is None):
+            raise ValueError("PromptDataModule needs exactly one of `source` or `prompts`")
+        if prompts is not None and not prompts:
+            raise ValueError("`prompts` is an empty list")
+        if prompt_tokens is not None and prompt_tokens < 1:
+            raise ValueError(f"prompt_tokens must be >= 1 or None, got {prompt_tokens}")
+        super().__init__(source or TextSource(path="<prompts>"), tokenizer, 0, batch_size, val_fraction, seed,
+                         num_workers)
+        self.prompts = prompts
+        self.prompt_tokens = prompt_tokens
+        self.prompt_template = prompt_template
+        self.max_val_prompts = max_val_prompts
+        self.train_set: PairDataset | None = None
+        self.val_set: PairDataset | None = None
+
+    def prepare_data(self) -> None:
+        pass  # the policy's tokenizer is loaded, never trained here
+
+    def _example(self, row: dict, text_field: str) -> Optional[dict]:
+        tok = self.tokenizer
+        text = row[text_field]
+        ids = tok.encode(text)
+        if self.prompt_tokens is not None:
+            if len(ids) < self.prompt_tokens:
+                return None
+            ids = ids[: self.prompt_tokens]
+            text = tok.decode(ids)
+        if self.prompt_template is not None:
+            text = self.prompt_template.format(text=text)
+            ids = tok.encode(text)
+        fields = {k: v for k, v in row.items() if k != text_field}
+        return {"prompt": text, "prompt_ids": ids, **fields}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.tokenizer = build_tokenizer(self.tokenizer_spec)
+        if self.prompts is not None:
+            rows, field = [{"text": p} for p in self.prompts], "text"
+            if len(rows) == 1:
+                log.warning("one fixed prompt: it is used for both training and validation")
+                train_rows, val_rows = rows, rows
+            else:
+                order = list(range(len(rows)))
+                random.Random(self.seed).shuffle(order)
+                n_val = max(1, round(len(rows) * self.val_fraction))
+                val_rows = [rows[i] for i in sorted(order[:n_val])]
+                train_rows = [rows[i] for i in sorted(order[n_val:])]
+        else:
+            rows, field = self.source.read_rows(), self.source.text_field
+            if self.source.resolved_format() == "text":
+                train_docs, val_docs = split_documents_by_seed([r[field] for r in rows], self.val_fraction,
+                                                               self.seed)
+                train_rows, val_rows = [{field: d} for d in train_docs], [{field: d} for d in val_docs]
+            else:
+                order = list(range(len(rows)))
+                random.Random(self.seed).shuffle(order)
+                n_val = max(1, round(len(rows) * self.val_fraction))
+                val_rows = [rows[i] for i in sorted(order[:n_val])]
+                train_rows = [rows[i] for i in sorted(order[n_val:])]
+        train = [e for r in train_rows if (e := self._example(r, field)) is not None]
+        val = [e for r in val_rows if (e := self._example(r, field)) is not None]
+        if self.max_val_prompts is not None:
+            val = val[: self.max_val_prompts]
+        if not train or not val:
+            raise ValueError(
+                f"no prompts of at least prompt_tokens={self.prompt_tokens} tokens in "
+                f"{'the train' if not train else 'the val'} split of {self.source.describe()!r}"
+            )
+        log.info("prompts: %d train, %d held-out val", len(train), len(val))
+        self.train_set, self.val_set = PairDataset(train), PairDataset(val)
+
+    def _loader(self, ds: PairDataset, shuffle: bool) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=g,
+                          drop_last=shuffle and len(ds) >= self.batch_size, num_workers=self.num_workers,
+                          collate_fn=DictCollator(self.tokenizer.pad_token_id))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,205 @@
+"""Next-token language modelling: the NLL baseline every method is compared with.
+
+Trains any network that maps token ids [B, T] to logits [B, T, V] — the GRU LM or a Hugging Face causal
+LM — with cross-entropy on the next token. The network is injected as a callable that takes the vocab
+size, so the vocabulary comes from the DataModule's tokenizer rather than from the config. Logs train/val
+loss, perplexity, bits per char (char tokenizers), learning rate and tokens/s, and every
+`sample_every_n_steps` a sampled continuation as TensorBoard text. HF networks are also exported with
+`save_pretrained` (model + tokenizer) at the end of fit: that folder is the base policy of the RL methods.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_rlm.models.gru_lm import GRULanguageModel
+from lightning_rlm.models.hf import HFCausalLM
+
+
+def default_network(vocab_size: int) -> nn.Module:
+    return GRULanguageModel(vocab_size)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float, schedule: str) -> float:
+    """LR multiplier: linear warmup, then constant or cosine decay to `min_ratio`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LanguageModel(L.LightningModule):
+    """Next-token NLL training for a GRU or Hugging Face causal LM.
+
+    Args:
+        network: callable `vocab_size -> nn.Module` (in YAML: a class_path such as
+            `lightning_rlm.models.GRULanguageModel` or `lightning_rlm.models.HFCausalLM` with its init_args).
+        vocab_size: set from the DataModule's tokenizer when None.
+        lr, weight_decay, betas: AdamW settings.
+        warmup_steps, lr_schedule, min_lr_ratio: linear warmup then constant or cosine decay.
+        sample_every_n_steps: log a sampled continuation every N steps (0: never).
+        sample_prompt: text to continue (None: the start of the first validation window).
+        sample_tokens, sample_temperature: length and temperature of the sample.
+        export_dir: where HF networks are saved at the end of fit (None: `<log_dir>/hf`).
+    """
+
+    def __init__(
+        self,
+        network: Callable[[int], nn.Module] = default_network,
+        vocab_size: Optional[int] = None,
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        min_lr_ratio: float = 0.1,
+        sample_every_n_steps: int = 200,
+        sample_prompt: Optional[str] = None,
+        sample_tokens: int = 200,
+        sample_temperature: float = 0.8,
+        export_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.save_hyperparameters(ignore=["network"])
+        self.network_fn = network
+        self.net: Optional[nn.Module] = None
+        if vocab_size is not None:
+            self._build(vocab_size)
+        self._last_step_time: Optional[float] = None
+
+    # ----- model -----------------------------------------------------------------------------------------
+    def _build(self, vocab_size: int) -> None:
+        self.net = self.network_fn(vocab_size)
+        self.hparams.vocab_size = vocab_size  # saved in checkpoints, so they rebuild without the data
+
+    @property
+    def tokenizer(self):
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return getattr(dm, "tokenizer", None)
+
+    def setup(self, stage: str) -> None:
+        if self.net is None:
+            if self.tokenizer is None:
+                raise ValueError("LanguageModel needs vocab_size, or a DataModule with a tokenizer")
+            self._build(self.tokenizer.vocab_size)
+        elif self.tokenizer is not None and self.tokenizer.vocab_size > self.hparams.vocab_size:
+            raise ValueError(
+                f"tokenizer vocab {self.tokenizer.vocab_size} > model vocab_size {self.hparams.vocab_size}"
+            )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids)  # [B, T, V]
+
+    def nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self(batch["input_ids"])  # [B, T, V]
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+
+    # ----- training ---------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.nll(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:  # whole-loop time between steps: the honest throughput
+            tokens = batch["input_ids"].numel() * self.trainer.world_size
+            self.log("train/tokens_per_s", tokens / (now - self._last_step_time), prog_bar=True)
+        self._last_step_time = now
+        every = self.hparams.sample_every_n_steps
+        if every and self.trainer.global_step % every == 0:
+            self.log_sample()
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_time = None  # do not count validation / epoch turnover as step time
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        loss = self.nll(batch)
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{split}/ppl", torch.exp(loss), sync_dist=True)
+        if getattr(self.tokenizer, "is_char", False):
+            self.log(f"{split}/bits_per_char", loss / math.log(2), sync_dist=True)
+        self._last_step_time = None
+        return loss
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[str]:
+        """Continue the first quarter of each window; returns the decoded continuations."""
+        ids = batch["input_ids"]
+        prompt = ids[:, : max(1, ids.size(1) // 4)]
+        new = self.net.generate(prompt, max_new_tokens=self.hparams.sample_tokens,
+                                temperature=self.hparams.sample_temperature)
+        return [self.tokenizer.decode(row) for row in new]
+
+    def configure_optimizers(self):
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+        )
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        total = int(total) if math.isfinite(total) else 0
+        h = self.hparams
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, h.warmup_steps, total, h.min_lr_ratio, h.lr_schedule)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----- samples and export -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_text(self, prompt: Optional[str] = None, max_new_tokens: Optional[int] = None) -> tuple[str, str]:
+        """Continue `prompt` (default: the start of the first val window); returns (prompt, continuation)."""
+        tok = self.tokenizer
+        if prompt is None:
+            prompt = self.hparams.sample_prompt
+        if prompt is None:
+            dm = self.trainer.datamodule
+            prompt_ids = dm.val_set[0]["input_ids"][:32].tolist()
+        else:
+            prompt_ids = tok.encode(prompt)
+        was_training = self.training
+        self.eval()
+        ids = torch.tensor([prompt_ids], device=self.device)
+        new = self.net.generate(ids, max_new_tokens or self.hparams.sample_tokens,
+                                temperature=self.hparams.sample_temperature)
+        self.train(was_training)
+        return tok.decode(prompt_ids), tok.decode(new[0])
+
+    def log_sample(self) -> None:
+        if not self.trainer.is_global_zero or self.tokenizer is None:
+            return
+        prompt, cont = self.sample_text()
+        text = f"**{prompt}**{cont}"
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # two trailing spaces keep line breaks in TensorBoard's markdown view
+                logger.experiment.add_text("samples", text.replace("\n", "  \n"), self.global_step)
+
+    def on_fit_end(self) -> None:
+        self.log_sample()
+        if isinstance(self.net, HFCausalLM) and self.trainer.is_global_zero:
+            out = Path(self.hparams.export_dir or Path(self.trainer.log_dir or ".") / "hf")
+            self.net.save_pretrained(out, getattr(self.tokenizer, "hf", None))
+            rank_zero_info(f"exported the HF model and tokenizer to {out}")

@@ -1,0 +1,6 @@
+"""Networks: the GRU LM and Hugging Face causal LMs."""
+
+from lightning_rlm.models.gru_lm import GRULanguageModel, sample_next
+from lightning_rlm.models.hf import HFCausalLM, config_from_dict, load_causal_lm
+
+__all__ = ["GRULanguageModel", "HFCausalLM", "config_from_dict", "load_causal_lm", "sample_next"]

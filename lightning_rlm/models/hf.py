@@ -1,0 +1,98 @@
+"""Hugging Face causal LMs, built from a config or loaded with `from_pretrained`.
+
+`HFCausalLM` is the network the `LanguageModel` method trains: give it a config dict
+(`{"model_type": "llama", "hidden_size": 192, ...}`) to build a model from scratch, or a name/path to load
+one. `load_causal_lm` is what RL methods use to load their base policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A local-looking path that does not exist is a clear error (instead of a hub lookup that hangs)."""
+    p = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not p.exists():
+        raise FileNotFoundError(
+            f"model path {name_or_path!r} does not exist. Build the base model first with "
+            "`lightning-rlm base-model` or give an existing folder / hub name."
+        )
+
+
+def load_causal_lm(name_or_path: str, dtype: Optional[str] = None) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained` with a clear error for a missing local path."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(name_or_path)
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def config_from_dict(config: dict, vocab_size: Optional[int] = None):
+    from transformers import AutoConfig
+
+    config = dict(config)
+    if "model_type" not in config:
+        raise ValueError(f"a model config needs a `model_type` (e.g. llama, qwen2, gpt2); got keys {sorted(config)}")
+    model_type = config.pop("model_type")
+    if vocab_size is not None:
+        config["vocab_size"] = vocab_size
+    return AutoConfig.for_model(model_type, **config)
+
+
+class HFCausalLM(nn.Module):
+    """An HF causal LM as a plain module: forward(input_ids) → logits [B, T, V].
+
+    Args:
+        vocab_size: from the tokenizer (overrides the config's vocab size when building from a config).
+        config: a config dict with `model_type`, to build a randomly initialised model.
+        name_or_path: a model to load with `from_pretrained` (its vocab must cover the tokenizer's).
+    """
+
+    def __init__(self, vocab_size: int, config: Optional[dict] = None, name_or_path: Optional[str] = None) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        if (config is None) == (name_or_path is None):
+            raise ValueError("HFCausalLM needs exactly one of `config` or `name_or_path`")
+        if config is not None:
+            self.model = AutoModelForCausalLM.from_config(config_from_dict(config, vocab_size))
+        else:
+            self.model = load_causal_lm(name_or_path)
+            if self.model.config.vocab_size < vocab_size:
+                raise ValueError(
+                    f"model {name_or_path!r} has vocab {self.model.config.vocab_size} < tokenizer vocab {vocab_size}"
+                )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits  # [B, T, V]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Sample with a KV cache; returns the new ids [B, max_new_tokens]."""
+        from transformers import DynamicCache
+
+        from lightning_rlm.models.gru_lm import sample_next
+
+        cache = DynamicCache()
+        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        new = []
+        for _ in range(max_new_tokens):
+            nxt = sample_next(out.logits[:, -1], temperature, top_k, generator)  # [B, 1]
+            new.append(nxt)
+            out = self.model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        return torch.cat(new, dim=1)
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
+        self.model.save_pretrained(str(directory))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
