@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -31,7 +32,6 @@ class RLMCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": DEFAULT_LOG_ROOT, "name": "default"}},
-            "callbacks": [RichProgressBar(leave=True)],
         })
         super().__init__(
             model_class=L.LightningModule,
@@ -60,6 +60,13 @@ class RLMCLI(LightningCLI):
         if configs and init is not None and init.get("name") == "default":
             path = Path(str(configs[0]))
             init.name = f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+        # A rich progress bar unless the user turned bars off or chose another one.
+        callbacks = cfg.trainer.callbacks or []
+        if cfg.trainer.enable_progress_bar is not False and not any(
+            "ProgressBar" in str(getattr(c, "class_path", type(c).__name__)) for c in callbacks
+        ):
+            cfg.trainer.callbacks = [*callbacks, Namespace(class_path=f"{RichProgressBar.__module__}.RichProgressBar",
+                                                           init_args=Namespace(leave=True))]
 
 
 def main(args: Optional[list[str]] = None) -> None:

@@ -25,3 +25,26 @@ def shared_data():
     if not (root / "tinyshakespeare" / "input.txt").exists():
         pytest.fail(f"the real text samples are missing: expected them under {root} (set LRLM_DATA_DIR)")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, shared_data):
+    """A tiny random Llama + a 512-token BPE trained on TinyStories, saved as an HF folder."""
+    import os
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_rlm.data import TextSource, build_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    os.environ.setdefault("LRLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lrlm_cache"))
+    docs = TextSource(preset="tinystories", max_documents=400).read()
+    tok = build_tokenizer("bpe", docs, vocab_size=512)
+    tok.hf.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out

@@ -19,8 +19,15 @@ def parse(*configs: Path):
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_method_config_parses(config, shared_data):
-    cli = parse(config)
+def test_method_config_parses(config, shared_data, tiny_llama_dir, tmp_path):
+    extra = []
+    if "lrlm:" in config.read_text():
+        # configs on the pretrained base model are instantiated on a tiny random one (no minutes-long build)
+        override = tmp_path / "tiny.yaml"
+        override.write_text(f"model:\n  init_args:\n    model_name_or_path: {tiny_llama_dir}\n"
+                            f"data:\n  init_args:\n    tokenizer: {tiny_llama_dir}\n")
+        extra = [override]
+    cli = parse(config, *extra)
     assert cli.model is not None and cli.datamodule is not None
 
 

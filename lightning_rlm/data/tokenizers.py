@@ -139,7 +139,7 @@ def train_bpe(texts: list[str], vocab_size: int) -> Path:
 
 def check_tokenizer_spec(spec: str) -> None:
     """Cheap early check (before reading data): built-in names, an existing path, or a hub-style name."""
-    if spec in BUILTIN or Path(spec).expanduser().exists():
+    if spec in BUILTIN or spec.startswith("lrlm:") or Path(spec).expanduser().exists():
         return
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and " " not in spec:
         return  # looks like a hub name (org/model): AutoTokenizer decides later
@@ -162,6 +162,9 @@ def build_tokenizer(spec: str, texts: Optional[list[str]] = None, vocab_size: in
         if texts is None:
             raise ValueError("the bpe tokenizer is trained on the corpus: pass texts")
         return HFTokenizer(_fast_from_file(train_bpe(texts, vocab_size)))
+    from lightning_rlm.models.base_model import resolve_model_path
+
+    spec = resolve_model_path(spec)
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "chars.json").exists():
         return CharTokenizer.load(path)

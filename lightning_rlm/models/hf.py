@@ -29,6 +29,9 @@ def load_causal_lm(name_or_path: str, dtype: Optional[str] = None) -> nn.Module:
     """`AutoModelForCausalLM.from_pretrained` with a clear error for a missing local path."""
     from transformers import AutoModelForCausalLM
 
+    from lightning_rlm.models.base_model import resolve_model_path
+
+    name_or_path = resolve_model_path(name_or_path)
     check_model_path(name_or_path)
     kwargs: dict[str, Any] = {}
     if dtype is not None:

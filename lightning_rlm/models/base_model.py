@@ -1,0 +1,80 @@
+"""The base policy of the RL methods: a tiny Llama pretrained here on TinyStories, built once and cached.
+
+    lightning-rlm base-model            # build if missing (about 8 minutes on 2 CPU cores), print its path
+    lightning-rlm base-model --force    # rebuild
+
+Configs, tests and benchmarks name it `lrlm:tiny-llama-tinystories`; `resolve_model_path` turns that
+into the cached HF folder (building it on first use). The cache key is a hash of the pretraining config
+and of the data file, so editing either rebuilds it; the folder is written to a temporary name and
+renamed, so an interrupted build never leaves a half model behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from lightning_rlm.data.paths import REPO_ROOT, cache_dir, resolve_data_path
+
+PREFIX = "lrlm:"
+BASE_MODELS = {
+    # name: (pretraining config, data file it reads)
+    "tiny-llama-tinystories": ("configs/lm/llama_tinystories.yaml", "tinystories/tinystories_val_head.txt"),
+}
+
+
+def build_key(name: str) -> str:
+    config, data = BASE_MODELS[name]
+    h = hashlib.sha256((REPO_ROOT / config).read_bytes())
+    h.update(resolve_data_path(data).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def base_model_dir(name: str) -> Path:
+    return cache_dir("base_models") / name
+
+
+def is_built(name: str) -> bool:
+    d = base_model_dir(name)
+    return (d / "BUILD_KEY").exists() and (d / "BUILD_KEY").read_text().strip() == build_key(name)
+
+
+def build(name: str, force: bool = False, extra_args: list[str] | None = None) -> Path:
+    """Pretrain `name` with its config (unless cached) and return the HF folder."""
+    if name not in BASE_MODELS:
+        raise ValueError(f"unknown base model {name!r}; expected one of {sorted(BASE_MODELS)}")
+    out = base_model_dir(name)
+    if is_built(name) and not force:
+        return out
+    config, _ = BASE_MODELS[name]
+    tmp = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "lightning_rlm", "fit", "--config", str(REPO_ROOT / config),
+           "--model.init_args.export_dir", str(tmp),
+           "--trainer.logger.init_args.save_dir", str(cache_dir("base_models", "runs")),
+           *(extra_args or [])]
+    print(f"building base model {name!r} (cache miss): {' '.join(cmd)}", file=sys.stderr)
+    subprocess.run(cmd, check=True)
+    (tmp / "BUILD_KEY").write_text(build_key(name) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`lrlm:<name>` → the cached folder (built on first use); anything else is returned unchanged."""
+    if not name_or_path.startswith(PREFIX):
+        return name_or_path
+    return str(build(name_or_path[len(PREFIX):]))
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="lightning-rlm base-model", description=__doc__.split("\n")[0])
+    parser.add_argument("name", nargs="?", default="tiny-llama-tinystories", choices=sorted(BASE_MODELS))
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args, extra = parser.parse_known_args(argv)
+    print(build(args.name, force=args.force, extra_args=extra))
