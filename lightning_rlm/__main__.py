@@ -1,3 +1,3 @@
-from lightning_rlm.cli import main
+from lightning_rlm.main import main
 
 main()

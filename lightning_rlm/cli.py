@@ -2,6 +2,8 @@
 
     lightning-rlm fit|validate|test|predict --config configs/<method>/<run>.yaml [--key value ...]
     lightning-rlm base-model [--force]      build (or find in the cache) the tiny TinyStories Llama
+    lightning-rlm sweep --config X.yaml --grid key=a,b ...    a grid of runs (lightning_rlm/workflow)
+    lightning-rlm report SWEEP_DIR --metric val/loss          a results table across seeds
 
 Methods own their optimizers (`auto_configure_optimizers=False`). Runs log to TensorBoard under
 `runs/<config folder>/<config name>/version_N` unless the config names a logger, keep `last.ckpt`
@@ -70,14 +72,9 @@ class RLMCLI(LightningCLI):
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "base-model":
-        from lightning_rlm.models.base_model import main as base_model_main
-
-        base_model_main(argv[1:])
-        return
+    """Run a LightningCLI subcommand; bad input ends with one clear line and exit code 2."""
     try:
-        RLMCLI(args=None if args is None else argv)
+        RLMCLI(args=args)
     except (ValueError, FileNotFoundError, KeyError) as e:
         # Bad input (config values, data, paths): one clear line and a non-zero exit, not a traceback.
         if os.environ.get("LRLM_DEBUG"):
@@ -85,7 +82,3 @@ def main(args: Optional[list[str]] = None) -> None:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"lightning-rlm: error: {msg}\n(set LRLM_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

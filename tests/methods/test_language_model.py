@@ -97,3 +97,16 @@ def test_resume_from_last_ckpt_continues_steps_and_optimizer(tmp_path, shared_da
     assert trainer2.global_step == 10
     step_count = next(iter(trainer2.optimizers[0].state_dict()["state"].values()))["step"]
     assert int(step_count) == 10
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_other_subcommands(subcommand, tmp_path, shared_data):
+    limit = {"validate": "limit_val_batches", "test": "limit_test_batches", "predict": "limit_predict_batches"}
+    cli = run_cli(subcommand, "--config", str(CONFIGS / "lm/gru_shakespeare.yaml"),
+                  f"--trainer.{limit[subcommand]}=1", "--data.init_args.batch_size=2",
+                  "--model.init_args.sample_tokens=5", "--trainer.logger.init_args.save_dir", str(tmp_path))
+    if subcommand == "predict":
+        preds = cli.trainer.predict_loop.predictions
+        assert len(preds) == 1 and len(preds[0]) == 2 and all(isinstance(p, str) for p in preds[0])
+    else:
+        assert f"{'val' if subcommand == 'validate' else 'test'}/loss" in cli.trainer.callback_metrics

@@ -1,0 +1,135 @@
+"""Speed race: seconds per GRPO training step, lightning-rlm vs TRL's GRPOTrainer, same everything.
+
+Same tiny pretrained Llama (the cached base model folder), same TinyStories prompts and tokenizer, same
+batch (2 prompts x 8 generations), max_completion_length, beta, learning rate, sampling settings
+(temperature 1.0, repetition penalty 1.1, no top-p/top-k), loss type `grpo`, fp32 on the CPU; TRL with
+`use_cpu=True` and no vLLM. The two run alternately (ours, TRL, ours, TRL, ...) so drifting machine load
+hits both; per run we take the median step time after 2 warm-up steps, and the reward trend (mean reward
+of the first vs the last 10 steps). TRL is a benchmark-only extra (`pip install -e ".[bench]"`).
+
+    python benchmarks/grpo_vs_trl.py [--steps 50] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import lightning as L
+import torch
+
+from lightning_rlm.data import PromptDataModule, TextSource
+from lightning_rlm.methods import GRPO
+from lightning_rlm.models.base_model import build
+from lightning_rlm.rewards import SentenceLength
+
+SETTINGS = dict(num_generations=8, max_completion_length=48, beta=0.02, lr=1e-4, temperature=1.0,
+                repetition_penalty=1.1)
+PROMPTS_PER_STEP = 2
+
+
+class Timer(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.rewards: list[float] = []
+        self._t = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.times.append(time.perf_counter() - self._t)
+        self.rewards.append(sum(outputs["rollout"]["rewards"]["total"]) / len(outputs["rollout"]["rewards"]["total"]))
+
+
+def run_ours(base: str, steps: int, seed: int) -> tuple[list[float], list[float]]:
+    L.seed_everything(seed)
+    dm = PromptDataModule(TextSource(preset="tinystories"), tokenizer=base, prompt_tokens=8,
+                          batch_size=PROMPTS_PER_STEP, seed=seed)
+    model = GRPO(model_name_or_path=base, rewards=[SentenceLength(10, "smooth")], loss_type="grpo",
+                 eval_prompt=None, **SETTINGS)
+    timer = Timer()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
+    trainer.fit(model, datamodule=dm)
+    return timer.times, timer.rewards
+
+
+def run_trl(base: str, steps: int, seed: int, prompts: list[str]) -> tuple[list[float], list[float]]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.pad_token = tok.eos_token
+    reward = SentenceLength(10, "smooth")
+    rewards: list[float] = []
+
+    def sentence_length_10_smooth(prompts, completions, **kwargs):
+        values = reward(prompts, completions, tokenizer=tok)
+        rewards.append(sum(values) / len(values))
+        return values
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._t = 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self._t)
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        cfg = GRPOConfig(
+            output_dir=out, per_device_train_batch_size=PROMPTS_PER_STEP * SETTINGS["num_generations"],
+            num_generations=SETTINGS["num_generations"], max_completion_length=SETTINGS["max_completion_length"],
+            beta=SETTINGS["beta"], learning_rate=SETTINGS["lr"], temperature=SETTINGS["temperature"],
+            repetition_penalty=SETTINGS["repetition_penalty"], top_p=1.0, loss_type="grpo", scale_rewards="group",
+            use_cpu=True, bf16=False, fp16=False, max_steps=steps, logging_steps=1000, report_to="none",
+            save_strategy="no", seed=seed, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+            adam_beta2=0.99, max_grad_norm=1.0, disable_dropout=True,
+        )
+        trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(base), reward_funcs=sentence_length_10_smooth,
+                              args=cfg, train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,
+                              callbacks=[timer])
+        trainer.train()
+    return timer.times, rewards
+
+
+def summary(times: list[float], rewards: list[float]) -> tuple[float, float, float]:
+    k = min(10, len(rewards) // 2)
+    return statistics.median(times[2:]), sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    base = str(build("tiny-llama-tinystories"))
+    dm = PromptDataModule(TextSource(preset="tinystories"), tokenizer=base, prompt_tokens=8)
+    dm.setup("fit")
+    prompts = [ex["prompt"] for ex in dm.train_set]
+    rows = []
+    for r in range(args.repeats):
+        ours = summary(*run_ours(base, args.steps, seed=r))
+        trl = summary(*run_trl(base, args.steps, seed=r, prompts=prompts))
+        rows.append((r, ours, trl))
+        print(f"repeat {r}: ours {ours[0]:.3f} s/step (reward {ours[1]:.3f} -> {ours[2]:.3f}); "
+              f"TRL {trl[0]:.3f} s/step (reward {trl[1]:.3f} -> {trl[2]:.3f})", flush=True)
+    print("\n| repeat | lightning-rlm s/step | TRL s/step | speed-up | reward ours (first→last 10) | "
+          "reward TRL (first→last 10) |\n|---|---|---|---|---|---|")
+    for r, o, t in rows:
+        print(f"| {r} | {o[0]:.3f} | {t[0]:.3f} | {t[0] / o[0]:.2f}x | {o[1]:.3f} → {o[2]:.3f} | {t[1]:.3f} → {t[2]:.3f} |")
+    ratio = statistics.median(t[0] / o[0] for _, o, t in rows)
+    print(f"\nmedian speed-up (TRL s/step / ours): {ratio:.2f}x over {args.repeats} repeats of {args.steps} steps "
+          f"({torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":
+    main()
