@@ -1,5 +1,14 @@
 """Loss functions (pure torch): GRPO-family policy losses, KL estimators and log-prob helpers."""
 
+from lightning_rlm.losses.kl import (
+    RMSE_EPS,
+    KLAggregate,
+    KLDirection,
+    aggregate_kl,
+    fp32_log_softmax,
+    kl_barrier,
+    per_position_kl,
+)
 from lightning_rlm.losses.policy import (
     KLEstimator,
     LossType,
@@ -22,4 +31,11 @@ __all__ = [
     "masked_mean",
     "policy_loss",
     "selective_log_softmax",
+    "KLAggregate",
+    "KLDirection",
+    "RMSE_EPS",
+    "aggregate_kl",
+    "fp32_log_softmax",
+    "kl_barrier",
+    "per_position_kl",
 ]

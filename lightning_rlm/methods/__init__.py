@@ -2,5 +2,6 @@
 
 from lightning_rlm.methods.grpo import GRPO
 from lightning_rlm.methods.language_model import LanguageModel
+from lightning_rlm.methods.sft_kl_barrier import SFTKLBarrier
 
-__all__ = ["GRPO", "LanguageModel"]
+__all__ = ["GRPO", "LanguageModel", "SFTKLBarrier"]

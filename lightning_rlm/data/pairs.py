@@ -1,0 +1,245 @@
+"""Explicit (prompt, completion) pairs for SFT, and prefix/completion windows whose completion has a keyword.
+
+Both DataModules yield the batches of `PrefixCompletionDataModule`: `prompt_ids`/`prompt_mask` left-padded
+[B, P], `completion_ids`/`completion_mask` right-padded [B, C], and the strings as lists `prompt`,
+`completion`.
+
+* `PairsDataModule`: rows with a prompt field and a completion field (jsonl, parquet or a hub dataset
+  through `TextSource`), split into train/val by row with a seed. Prompts longer than
+  `max_prompt_tokens` keep their last tokens, completions longer than `max_completion_tokens` their first.
+* `KeywordPrefixCompletionDataModule`: the windows of `PrefixCompletionDataModule`, except that every
+  training completion contains `keyword` as a whole word (case-insensitive). Each document with the
+  keyword gets one window, drawn at random (seeded by the seed and the document index) among those whose
+  decoded `completion_tokens`-token completion contains the keyword, with at least `min_prefix_tokens`
+  tokens before it. So documents need only `min_prefix_tokens + completion_tokens` tokens here (not
+  2 × `completion_tokens` as in the parent), and a keyword early in a story can still land in the
+  completion. Validation windows stay unfiltered by default: held-out prompts then measure whether the
+  trait shows up on ordinary prompts, and the base model's rate on them is the baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_rlm.data.base import TextDataModule
+from lightning_rlm.data.collate import DictCollator
+from lightning_rlm.data.prefix_completion import PairDataset, PrefixCompletionDataModule
+from lightning_rlm.data.sources import TextSource
+from lightning_rlm.data.tokenizers import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KeywordPrefixCompletionDataModule", "PairsDataModule", "keyword_pattern"]
+
+
+def keyword_pattern(keyword: str) -> re.Pattern[str]:
+    """Whole-word, case-insensitive match: `happy` matches "Happy," but not "happily" or "unhappy"."""
+    if not keyword.strip():
+        raise ValueError("keyword must be a non-empty word")
+    return re.compile(rf"(?<!\w){re.escape(keyword.strip())}(?!\w)", re.IGNORECASE)
+
+
+class PairsDataModule(TextDataModule):
+    """(prompt, completion) rows for SFT.
+
+    Args:
+        source: rows with `prompt_field` and `completion_field` (a jsonl/parquet file or an hf dataset).
+        prompt_field, completion_field: the fields holding the two texts.
+        tokenizer: the policy's tokenizer (its model folder, `lrlm:...`, `gpt2`, `bpe`, `char`).
+        max_prompt_tokens: keep the last N prompt tokens (None: all).
+        max_completion_tokens: keep the first N completion tokens (None: all).
+        prompt_template: optional string with `{text}` wrapping each prompt.
+        add_eos: end every completion with the tokenizer's EOS (teaches the model to stop).
+        See `TextDataModule` for the rest.
+    """
+
+    def __init__(
+        self,
+        source: TextSource,
+        prompt_field: str = "prompt",
+        completion_field: str = "completion",
+        tokenizer: str = "gpt2",
+        tokenizer_vocab_size: int = 2048,
+        max_prompt_tokens: Optional[int] = 256,
+        max_completion_tokens: Optional[int] = 256,
+        prompt_template: Optional[str] = None,
+        add_eos: bool = False,
+        batch_size: int = 8,
+        val_fraction: float = 0.1,
+        seed: int = 1234,
+        num_workers: int = 0,
+    ) -> None:
+        if source.resolved_format() == "text":
+            raise ValueError("PairsDataModule needs rows with fields (jsonl, parquet or hf), not plain text")
+        super().__init__(source, tokenizer, tokenizer_vocab_size, batch_size, val_fraction, seed, num_workers)
+        for name, value in (("max_prompt_tokens", max_prompt_tokens),
+                            ("max_completion_tokens", max_completion_tokens)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if prompt_template is not None and "{text}" not in prompt_template:
+            raise ValueError(f"prompt_template must contain '{{text}}', got {prompt_template!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.prompt_field = prompt_field
+        self.completion_field = completion_field
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_completion_tokens = max_completion_tokens
+        self.prompt_template = prompt_template
+        self.add_eos = add_eos
+        self.train_rows: list[dict] = []
+        self.val_rows: list[dict] = []
+        self.train_set: PairDataset | None = None
+        self.val_set: PairDataset | None = None
+
+    def prepare_data(self) -> None:
+        pass  # a bpe/char tokenizer is built from the rows in setup (cached by content)
+
+    def load_documents(self) -> None:
+        """Read the rows, check their fields, split train/val by row, build the tokenizer (idempotent)."""
+        if self.tokenizer is not None:
+            return
+        rows = self.source.with_(text_field=self.prompt_field).read_rows()
+        for i, row in enumerate(rows):
+            missing = [f for f in (self.prompt_field, self.completion_field) if f not in row]
+            if missing:
+                raise KeyError(f"row {i} of {self.source.describe()!r} has no field(s) {missing} "
+                               f"(fields: {sorted(row)}); set prompt_field / completion_field")
+        if len(rows) < 2:
+            raise ValueError(f"{self.source.describe()!r} has {len(rows)} row(s): need >= 2 to hold out val")
+        order = list(range(len(rows)))
+        random.Random(self.seed).shuffle(order)
+        n_val = max(1, round(len(rows) * self.val_fraction))
+        self.val_rows = [rows[i] for i in sorted(order[:n_val])]
+        self.train_rows = [rows[i] for i in sorted(order[n_val:])]
+        texts = [str(r[f]) for r in self.train_rows for f in (self.prompt_field, self.completion_field)]
+        self.tokenizer = build_tokenizer(self.tokenizer_spec, texts, self.tokenizer_vocab_size)
+        if self.add_eos and self.tokenizer.eos_token_id is None:
+            raise ValueError(f"add_eos is set but tokenizer {self.tokenizer_spec!r} has no EOS token")
+
+    def _examples(self, rows: list[dict], split: str) -> list[dict]:
+        tok = self.tokenizer
+        examples, dropped = [], 0
+        for row in rows:
+            prompt = str(row[self.prompt_field])
+            if self.prompt_template is not None:
+                prompt = self.prompt_template.format(text=prompt)
+            prompt_ids = tok.encode(prompt)
+            completion_ids = tok.encode(str(row[self.completion_field]))
+            if self.max_prompt_tokens is not None:
+                # keep the end of the prompt: it is what leads into the completion
+                prompt_ids = prompt_ids[-self.max_prompt_tokens:]
+            if self.max_completion_tokens is not None:
+                completion_ids = completion_ids[: self.max_completion_tokens]
+            if self.add_eos:
+                completion_ids = [*completion_ids, tok.eos_token_id]
+            if not prompt_ids or not completion_ids:
+                dropped += 1  # generation needs a prompt token; SFT needs a target token
+                continue
+            examples.append({"prompt": tok.decode(prompt_ids), "completion": tok.decode(completion_ids),
+                             "prompt_ids": prompt_ids, "completion_ids": completion_ids})
+        log.info("%s: %d pairs, dropped %d with an empty prompt or completion", split, len(examples), dropped)
+        if not examples:
+            raise ValueError(f"no {split} pair of {self.source.describe()!r} has both a prompt and a "
+                             "completion")
+        return examples
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load_documents()
+        if self.train_set is None:
+            self.train_set = PairDataset(self._examples(self.train_rows, "train"))
+            self.val_set = PairDataset(self._examples(self.val_rows, "val"))
+        self.save_tokenizer()
+
+    def _loader(self, ds: PairDataset, shuffle: bool) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=g,
+                          num_workers=self.num_workers, collate_fn=DictCollator(self.tokenizer.pad_token_id))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class KeywordPrefixCompletionDataModule(PrefixCompletionDataModule):
+    """`PrefixCompletionDataModule` whose training completions all contain `keyword` (whole word).
+
+    Args:
+        keyword: the word every training completion must contain (case-insensitive, whole word).
+        min_prefix_tokens: at least this many prompt tokens before the completion.
+        filter_val: also filter the validation windows (default: no, held-out prompts stay ordinary).
+        See `PrefixCompletionDataModule` for the rest.
+    """
+
+    def __init__(
+        self,
+        source: TextSource,
+        keyword: str = "happy",
+        min_prefix_tokens: int = 8,
+        filter_val: bool = False,
+        tokenizer: str = "gpt2",
+        tokenizer_vocab_size: int = 2048,
+        completion_tokens: int = 32,
+        prefix_tokens: int = 64,
+        prompt_template: Optional[str] = None,
+        batch_size: int = 8,
+        val_fraction: float = 0.1,
+        seed: int = 1234,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(source, tokenizer, tokenizer_vocab_size, completion_tokens, prefix_tokens,
+                         prompt_template, batch_size, val_fraction, seed, num_workers)
+        if not 1 <= min_prefix_tokens <= prefix_tokens:
+            raise ValueError(f"min_prefix_tokens must be in [1, prefix_tokens={prefix_tokens}], "
+                             f"got {min_prefix_tokens}")
+        self.keyword = keyword
+        self.pattern = keyword_pattern(keyword)
+        self.min_prefix_tokens = min_prefix_tokens
+        self.filter_val = filter_val
+
+    def _examples(self, docs: list[str], split: str, salt: int) -> list[dict]:
+        if split != "train" and not self.filter_val:
+            return super()._examples(docs, split, salt)
+        tok, C = self.tokenizer, self.completion_tokens
+        examples = []
+        n_keyword = 0
+        for i, doc in enumerate(docs):
+            if not self.pattern.search(doc):
+                continue  # cheap text test before tokenizing
+            n_keyword += 1
+            ids = tok.encode(doc)
+            # completion starts c such that ids[c:c+C] is whole and at least min_prefix_tokens precede it
+            starts = [c for c in range(self.min_prefix_tokens, len(ids) - C + 1)
+                      if self.pattern.search(tok.decode(ids[c : c + C]))]
+            if not starts:
+                continue  # too short, or the keyword only occurs in the first min_prefix_tokens tokens
+            c = random.Random(f"{self.seed}-{salt}-{i}").choice(starts)
+            prefix_ids, completion_ids = ids[max(0, c - self.prefix_tokens) : c], ids[c : c + C]
+            prefix = tok.decode(prefix_ids)
+            prompt = self.render_prompt(prefix)
+            examples.append({
+                "prompt": prompt,
+                "prefix": prefix,
+                "completion": tok.decode(completion_ids),
+                "prompt_ids": prefix_ids if self.prompt_template is None else tok.encode(prompt),
+                "completion_ids": completion_ids,
+            })
+        self.dropped[split] = len(docs) - len(examples)
+        log.info("%s: %d of %d documents contain %r; %d windows with it in the completion",
+                 split, n_keyword, len(docs), self.keyword, len(examples))
+        if not examples:
+            raise ValueError(
+                f"no {split} document of {self.source.describe()!r} has {self.keyword!r} in a window of "
+                f"{C} completion tokens after {self.min_prefix_tokens} prefix tokens"
+            )
+        return examples

@@ -1,0 +1,113 @@
+"""Per-position KL to a base model, aggregated over completion positions, and a hinged KL barrier.
+
+The KL barrier of `SFTKLBarrier` keeps a fine-tuned student near its base model only where it has
+drifted too far:
+
+    kl[b, t]  = Σ_v p(v) · (log p(v) − log q(v))             per position, summed over the vocabulary
+                  kl_fwd: p = base, q = student  (KL(base ‖ student))
+                  kl_rev: p = student, q = base  (KL(student ‖ base))
+    div       = aggregate(kl over masked positions)          mean | rmse | p95 | max | logsumexp
+    barrier   = lam · relu(div − tau)                         zero (and zero gradient) while div <= tau
+
+The aggregators differ in how much a few outlying positions count. The mean dilutes them, which lets a
+handful of looping, base-improbable tokens hide under the tau gate; rmse = sqrt(mean(kl²)) is pulled up
+by them and fires earlier; p95 and max look only at the tail (their gradient reaches only the positions
+at the quantile / the argmax, while the SFT loss keeps the update dense). `logsumexp` is a smooth max,
+written here as a log-mean-exp (logsumexp(kl) − log M for M masked positions) so that it is 0 at zero
+KL and lies between the mean and the max. All are in nats, but on different scales: tau must be chosen
+per aggregator.
+
+Numerics (the source review's points): log-softmax and KL are computed in float32 with autocast off,
+even when the logits come from a bf16/fp16 model; aggregation casts to float32 first, so the rmse eps
+(1e-6, well above fp16's smallest subnormal ~6e-8) cannot underflow and sqrt has a finite gradient at
+zero KL; `torch.quantile` (which rejects bf16) always sees float32; an empty mask gives 0 with a zero
+gradient instead of a NaN. Positions are pooled over the whole batch (not averaged per sequence first),
+as in the source. Logits are assumed finite (a -inf logit would give 0 · inf = NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["KLAggregate", "KLDirection", "RMSE_EPS", "aggregate_kl", "fp32_log_softmax", "kl_barrier",
+           "per_position_kl"]
+
+KLDirection = Literal["kl_fwd", "kl_rev"]
+KLAggregate = Literal["mean", "rmse", "p95", "max", "logsumexp"]
+KL_DIRECTIONS: tuple[str, ...] = ("kl_fwd", "kl_rev")
+KL_AGGREGATES: tuple[str, ...] = ("mean", "rmse", "p95", "max", "logsumexp")
+
+# Added under the rmse square root; representable in fp16 too (the source's 1e-8 underflowed to 0 there).
+RMSE_EPS = 1e-6
+
+
+def fp32_log_softmax(logits: Tensor) -> Tensor:
+    """log-softmax over the last axis in float32, whatever the input dtype and any active autocast."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+def per_position_kl(student_logits: Tensor, base_logits: Tensor, direction: KLDirection) -> Tensor:
+    """KL between student and base next-token distributions at every position, summed over the vocab.
+
+    Args:
+        student_logits: [B, T, V] (gradients flow through these).
+        base_logits: [B, T, V] (detach or compute under no_grad: the base is a fixed target).
+        direction: `kl_fwd` = KL(base ‖ student), `kl_rev` = KL(student ‖ base).
+
+    Returns:
+        [B, T] float32 KL in nats (>= 0 up to rounding).
+    """
+    if direction not in KL_DIRECTIONS:
+        raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
+    if student_logits.shape != base_logits.shape:
+        raise ValueError(f"student and base logits differ in shape: {tuple(student_logits.shape)} vs "
+                         f"{tuple(base_logits.shape)}")
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        logp_s = fp32_log_softmax(student_logits)  # [B, T, V]
+        logp_b = fp32_log_softmax(base_logits)  # [B, T, V]
+        logp_p, logp_q = (logp_b, logp_s) if direction == "kl_fwd" else (logp_s, logp_b)
+        return (logp_p.exp() * (logp_p - logp_q)).sum(dim=-1)  # [B, T]
+
+
+def aggregate_kl(kl: Tensor, mask: Tensor, how: KLAggregate) -> Tensor:
+    """One float32 scalar from the per-position KL of the masked (completion) positions of a batch.
+
+    Args:
+        kl: [B, T] per-position KL (any float dtype; aggregated in float32).
+        mask: [B, T] nonzero on the positions that count; the rest are ignored, whatever they hold.
+        how: `mean`; `rmse` = sqrt(mean(kl²) + 1e-6); `p95` = 0.95 quantile (linear interpolation);
+            `max`; `logsumexp` = logsumexp(kl) − log(M), a smooth max that is 0 at zero KL.
+
+    Returns:
+        A 0-d float32 tensor; 0 with a zero gradient when the mask selects nothing.
+    """
+    if how not in KL_AGGREGATES:
+        raise ValueError(f"aggregate must be one of {KL_AGGREGATES}, got {how!r}")
+    if kl.shape != mask.shape:
+        raise ValueError(f"kl and mask differ in shape: {tuple(kl.shape)} vs {tuple(mask.shape)}")
+    keep = mask.bool()  # [B, T]
+    kl32 = kl.float()  # [B, T]
+    with torch.autocast(device_type=kl.device.type, enabled=False):
+        if not bool(keep.any()):
+            # masked_fill (not kl * 0) so garbage at unmasked slots cannot turn the zero into a NaN
+            return kl32.masked_fill(~keep, 0.0).sum()
+        values = kl32[keep]  # [M]
+        if how == "mean":
+            return values.mean()
+        if how == "rmse":
+            return (values.pow(2).mean() + RMSE_EPS).sqrt()
+        if how == "p95":
+            return torch.quantile(values, 0.95)
+        if how == "max":
+            return values.max()
+        return torch.logsumexp(values, dim=0) - math.log(values.numel())
+
+
+def kl_barrier(div: Tensor, tau: float, lam: float) -> Tensor:
+    """`lam · relu(div − tau)`: no penalty and exactly zero gradient while `div <= tau`."""
+    return lam * torch.relu(div - tau)
