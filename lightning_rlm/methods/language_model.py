@@ -199,7 +199,12 @@ class LanguageModel(L.LightningModule):
 
     def on_fit_end(self) -> None:
         self.log_sample()
-        if isinstance(self.net, HFCausalLM) and self.trainer.is_global_zero:
-            out = Path(self.hparams.export_dir or Path(self.trainer.log_dir or ".") / "hf")
-            self.net.save_pretrained(out, getattr(self.tokenizer, "hf", None))
-            rank_zero_info(f"exported the HF model and tokenizer to {out}")
+        if not isinstance(self.net, HFCausalLM) or not self.trainer.is_global_zero:
+            return
+        log_dir = self.logger.log_dir if self.logger is not None else None
+        out = self.hparams.export_dir or (Path(log_dir) / "hf" if log_dir else None)
+        if out is None:
+            rank_zero_info("no logger and no export_dir: the HF model is not exported")
+            return
+        self.net.save_pretrained(out, getattr(self.tokenizer, "hf", None))
+        rank_zero_info(f"exported the HF model and tokenizer to {out}")
