@@ -13,9 +13,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    # trained tokenizers go to a per-session cache, never the user's
-    monkeypatch.setenv("LRLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lrlm_cache"))
+def _offline(monkeypatch):
+    # Tests never reach a hub. The cache ($LRLM_CACHE_DIR) is shared on purpose: trained tokenizers are
+    # keyed by corpus hash and the pretrained base model takes minutes to build.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
@@ -30,14 +30,11 @@ def shared_data():
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, shared_data):
     """A tiny random Llama + a 512-token BPE trained on TinyStories, saved as an HF folder."""
-    import os
-
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lightning_rlm.data import TextSource, build_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_llama")
-    os.environ.setdefault("LRLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lrlm_cache"))
     docs = TextSource(preset="tinystories", max_documents=400).read()
     tok = build_tokenizer("bpe", docs, vocab_size=512)
     tok.hf.save_pretrained(out)

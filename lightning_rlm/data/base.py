@@ -108,9 +108,11 @@ class TextDataModule(L.LightningDataModule):
     def save_tokenizer(self) -> None:
         """Save the tokenizer with the run, so generation and export use the same vocabulary."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.log_dir is None or not trainer.is_global_zero:
-            return
-        self.tokenizer.save(Path(trainer.log_dir) / "tokenizer")
+        if trainer is None or trainer.logger is None or not trainer.is_global_zero:
+            return  # no run folder (logger=False): nothing to save next to
+        log_dir = trainer.logger.log_dir or trainer.log_dir
+        if log_dir:
+            self.tokenizer.save(Path(log_dir) / "tokenizer")
 
     @property
     def hf_tokenizer(self):

@@ -1,0 +1,345 @@
+"""Quiet-STaR on GRU language models, with the reasoner trained by a TRICE-style policy gradient.
+
+The network (`lightning_rlm.models.quiet_star_gru`): at every position t a reasoner GRU samples a thought
+z (LM tokens, ended by an end-of-thought token, at most `max_reasoning_len` tokens), an interpreter GRU
+reads it into a vector v, and a head predicts x_{t+1} from the base LM's state h_t and v.
+
+Objective, for every position t and each of K = `trice_samples` thoughts z_k:
+
+    nll_k    = -log p(x_{t+1} | z_k, x_{<=t})
+    r_k      = sum_{j < n_talk} log p(x_{t+1+j} | z_k, x_{<=t+j})
+               - length_penalty * |z_k| - punish_unfinished * [z_k hit max_reasoning_len]
+    A_k      = r_k - mean_{i != k} r_i                      (leave-one-out baseline)
+    loss     = nll_loss_beta * mean(nll)
+               + policy_loss_beta * ( -mean(A_k * log pi(z_k | x_{<=t})) - entropy_coef * mean token entropy )
+
+The NLL trains the base LM, the interpreter and the heads; only the policy term (REINFORCE, reward
+detached) trains the reasoner, whose samples are discrete. With `policy_loss_beta=0` the thoughts are
+still sampled and used but the reasoner's graph is never built, so reasoner-only parameters get no
+gradient.
+
+Departures from the papers:
+- Quiet-STaR (Zelikman et al., 2024) thinks with the LM itself after every token, mixes the pre- and
+  post-thought logits with a learned head and uses the mean reward of the other thoughts as baseline.
+  Here the three roles are GRUs that may or may not share weights (`weight_groups`), thoughts have a
+  variable length, the heads are the GRU experiments' (residual, concat, mix, sigmoid mix with a held
+  start value), and "talk" tokens are predicted from the base state at t+j with the thought vector at t
+  rather than by continuing the thought.
+- TRICE (Phan et al., 2023) fits rationales by MCMC-EM with a control variate built from the other
+  chains' likelihoods. We keep only its leave-one-out control variate across K samples per position,
+  on a log-likelihood reward, with plain samples from the policy (no MCMC, no rejection of old
+  rationales).
+
+Logs: train/val NLL with thoughts (`nll`, also `loss`), the base path alone (`nll_base`), the gap, the
+policy loss, mean reward, fraction of empty and unfinished thoughts, mean thought length, token
+entropy, the mixing weight; every `sample_every_n_steps` a TensorBoard text of context -> thought ->
+next token.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_rlm.methods.language_model import warmup_cosine
+from lightning_rlm.models.quiet_star_gru import Combine, QuietStarGRUNet, QuietStarOutput
+
+
+def leave_one_out_baseline(rewards: torch.Tensor) -> torch.Tensor:
+    """Mean of the other samples' rewards along the last dim (TRICE's control variate). rewards [..., K].
+
+    With K = 1 there are no other samples: the baseline is 0 (plain REINFORCE).
+    """
+    k = rewards.size(-1)
+    if k == 1:
+        return torch.zeros_like(rewards)
+    return (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+
+
+class QuietStarGRU(L.LightningModule):
+    """Quiet-STaR with a base LM, a reasoner and an interpreter GRU, trained with NLL + TRICE REINFORCE.
+
+    Architecture (see `QuietStarGRUNet`):
+        vocab_size: set from the DataModule's tokenizer when None.
+        embed_dim: token embedding width (None: each role's hidden size).
+        base_lm_hidden_dim, reasoner_hidden_dim, interpreter_hidden_dim: GRU widths.
+        num_layers: GRU layers of every role.
+        weight_groups: 4 letters over (embedding, base GRU, reasoner GRU, interpreter GRU); equal letters
+            share one module ("AAAA": one model, "ABCD": all separate).
+        share_lm_head: one output head for the base and thought paths (`concat` always has one).
+        combine: `residual`, `concat`, `mix` (learned unsquashed weight, 0 at init) or `mix_sigmoid`.
+        gate_start, gate_warmup_steps: mix_sigmoid only: the gate is held near `gate_start` at first, as an
+            EMA that moves to the learned gate: w = b^s * gate_start + (1 - b^s) * sigmoid(a) at step s,
+            b = 0.01^(1 / gate_warmup_steps); from step gate_warmup_steps on, w = sigmoid(a).
+        linear_lm_head: linear output heads (else a 2-layer MLP).
+        use_reasoner: False: the plain base LM (the NLL baseline through the same code).
+        use_base_lm: False: predict from the thought vector alone.
+        pretrained_base, pretrained_reasoner: `.ckpt` of a GRU `LanguageModel` to start the base LM and/or
+            the reasoner from (loaded at the start of fit, not when resuming).
+    Thoughts:
+        max_reasoning_len: thought tokens at most (0: empty thoughts, same parameters, no reasoning).
+        variable_len: the reasoner may end a thought early (else every thought has max_reasoning_len tokens).
+        trice_samples: thoughts per position (K, >= 2 for the leave-one-out baseline).
+        thought_temperature: sampling temperature of the reasoner (log-probs are of the tempered policy).
+        n_talk: reward = log-likelihood of the next n_talk tokens.
+    Objective:
+        nll_loss_beta: weight of the NLL with thoughts.
+        policy_loss_beta: weight of the reasoner objective (policy loss and entropy bonus; 0: untrained).
+        punish_unfinished: reward penalty for a thought that hits max_reasoning_len without ending.
+        length_penalty: reward penalty per thought token.
+        entropy_encouragement_coef: bonus on the reasoner's mean token entropy.
+    Optimisation and logging: as `LanguageModel` (AdamW, warmup + constant/cosine); `sample_every_n_steps`
+        logs `sample_positions` thoughts of the current batch as TensorBoard text (0: never).
+    """
+
+    def __init__(
+        self,
+        vocab_size: Optional[int] = None,
+        embed_dim: Optional[int] = None,
+        base_lm_hidden_dim: int = 32,
+        reasoner_hidden_dim: int = 128,
+        interpreter_hidden_dim: int = 128,
+        num_layers: int = 1,
+        weight_groups: str = "ABCD",
+        share_lm_head: bool = True,
+        combine: Combine = "residual",
+        gate_start: Optional[float] = None,
+        gate_warmup_steps: int = 0,
+        linear_lm_head: bool = True,
+        use_reasoner: bool = True,
+        use_base_lm: bool = True,
+        pretrained_base: Optional[str] = None,
+        pretrained_reasoner: Optional[str] = None,
+        max_reasoning_len: int = 8,
+        variable_len: bool = True,
+        trice_samples: int = 4,
+        thought_temperature: float = 1.0,
+        n_talk: int = 1,
+        nll_loss_beta: float = 1.0,
+        policy_loss_beta: float = 1.0,
+        punish_unfinished: float = 0.0,
+        length_penalty: float = 0.0,
+        entropy_encouragement_coef: float = 0.0,
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        min_lr_ratio: float = 0.1,
+        sample_every_n_steps: int = 100,
+        sample_positions: int = 4,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if max_reasoning_len < 0 or trice_samples < 1 or n_talk < 1 or thought_temperature <= 0:
+            raise ValueError(f"need max_reasoning_len >= 0, trice_samples >= 1, n_talk >= 1 and "
+                             f"thought_temperature > 0; got {max_reasoning_len}, {trice_samples}, {n_talk}, "
+                             f"{thought_temperature}")
+        if gate_start is not None and not 0.0 < gate_start < 1.0:
+            raise ValueError(f"gate_start must be in (0, 1), got {gate_start}")
+        self.save_hyperparameters()
+        self.net: Optional[QuietStarGRUNet] = None
+        if vocab_size is not None:
+            self._build(vocab_size)
+        else:  # check the architecture now (weight_groups, sizes), not after loading the data
+            self._make_net(2)
+        self._last_step_time: Optional[float] = None
+
+    # ----- model -----------------------------------------------------------------------------------------
+    def _make_net(self, vocab_size: int) -> QuietStarGRUNet:
+        h = self.hparams
+        return QuietStarGRUNet(
+            vocab_size, embed_dim=h.embed_dim, base_lm_hidden_dim=h.base_lm_hidden_dim,
+            reasoner_hidden_dim=h.reasoner_hidden_dim, interpreter_hidden_dim=h.interpreter_hidden_dim,
+            num_layers=h.num_layers, weight_groups=h.weight_groups, share_lm_head=h.share_lm_head,
+            combine=h.combine, linear_lm_head=h.linear_lm_head, use_reasoner=h.use_reasoner,
+            use_base_lm=h.use_base_lm,
+        )
+
+    def _build(self, vocab_size: int) -> None:
+        self.net = self._make_net(vocab_size)
+        self.hparams.vocab_size = vocab_size  # saved in checkpoints, so they rebuild without the data
+
+    @property
+    def tokenizer(self):
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return getattr(dm, "tokenizer", None)
+
+    def setup(self, stage: str) -> None:
+        if self.net is None:
+            if self.tokenizer is None:
+                raise ValueError("QuietStarGRU needs vocab_size, or a DataModule with a tokenizer")
+            self._build(self.tokenizer.vocab_size)
+        elif self.tokenizer is not None and self.tokenizer.vocab_size != self.hparams.vocab_size:
+            raise ValueError(f"tokenizer vocab {self.tokenizer.vocab_size} != model vocab_size "
+                             f"{self.hparams.vocab_size} (the end-of-thought id is vocab_size)")
+        if stage == "fit" and self.trainer.ckpt_path is None:  # a resumed run has its weights already
+            for role, path in (("base", self.hparams.pretrained_base), ("reasoner", self.hparams.pretrained_reasoner)):
+                if path:
+                    self.load_pretrained(path, role)
+
+    def load_pretrained(self, path: str, role: Literal["base", "reasoner"]) -> None:
+        """Start the base LM or the reasoner from a GRU `LanguageModel` checkpoint (`.ckpt`)."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        self.net.load_gru_lm(ckpt.get("state_dict", ckpt), role)
+
+    def gate_hold(self) -> float:
+        """Weight of `gate_start` in the sigmoid gate at the current step (see the class docstring)."""
+        h = self.hparams
+        if h.combine != "mix_sigmoid" or h.gate_start is None or self.global_step >= h.gate_warmup_steps:
+            return 0.0
+        return 0.01 ** (self.global_step / h.gate_warmup_steps)
+
+    def forward(self, input_ids: torch.Tensor, reasoner_grad: bool = False) -> QuietStarOutput:
+        h = self.hparams
+        return self.net(
+            input_ids, trice_samples=h.trice_samples, max_reasoning_len=h.max_reasoning_len,
+            variable_len=h.variable_len, temperature=h.thought_temperature, reasoner_grad=reasoner_grad,
+            n_talk=h.n_talk, gate_hold=self.gate_hold(), gate_start=h.gate_start or 0.5,
+        )
+
+    # ----- objective -----------------------------------------------------------------------------------------
+    def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss and detached statistics for one batch of windows {"input_ids", "labels"} [B, T]."""
+        h = self.hparams
+        ids, labels = batch["input_ids"], batch["labels"]  # [B, T]
+        B, T = ids.shape
+        reasoner_grad = (self.training and h.use_reasoner and h.policy_loss_beta != 0
+                         and h.max_reasoning_len > 0)
+        out = self(ids, reasoner_grad=reasoner_grad)
+        J, _, _, K, V = out.logits.shape
+        # targets x_{t+1+j}: labels shifted by j; positions past the window are masked
+        pos = torch.arange(T, device=ids.device)
+        shifted = torch.stack([labels[:, (pos + j).clamp(max=T - 1)] for j in range(J)])  # [J, B, T]
+        in_window = torch.stack([pos + j < T for j in range(J)])[:, None, :, None]  # [J, 1, T, 1]
+        token_logp = -F.cross_entropy(out.logits.float().reshape(-1, V),
+                                      shifted[..., None].expand(J, B, T, K).reshape(-1),
+                                      reduction="none").view(J, B, T, K)  # [J, B, T, K]
+        nll = -token_logp[0].mean()
+        stats: dict[str, torch.Tensor] = {"nll": nll.detach()}
+        if out.base_logits is not None:
+            nll_base = F.cross_entropy(out.base_logits.detach().float().reshape(-1, V), labels.reshape(-1))
+            stats["nll_base"] = nll_base
+            stats["gap"] = nll.detach() - nll_base
+        loss = h.nll_loss_beta * nll
+        th = out.thoughts
+        if th is not None:
+            reward = (token_logp * in_window).sum(0).detach()  # [B, T, K]
+            reward = reward - h.length_penalty * th.lengths - h.punish_unfinished * th.unfinished.float()
+            advantage = reward - leave_one_out_baseline(reward)  # [B, T, K]
+            policy_loss = -(advantage * th.logprob).mean()
+            n_sampled = th.n_sampled.sum().clamp(min=1)
+            entropy = th.entropy.sum() / n_sampled  # mean over sampled thought steps
+            if reasoner_grad:
+                loss = loss + h.policy_loss_beta * (policy_loss - h.entropy_encouragement_coef * entropy)
+            stats.update(
+                policy_loss=policy_loss.detach(), reward=reward.mean(), advantage_std=advantage.std(),
+                thought_len=th.lengths.float().mean(), frac_empty=(th.lengths == 0).float().mean(),
+                frac_unfinished=th.unfinished.float().mean(), thought_entropy=entropy.detach(),
+            )
+        if out.mix_weight is not None:
+            stats["mix_weight"] = out.mix_weight.detach().mean()
+        stats["loss"] = loss
+        return stats
+
+    # ----- training ---------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        stats = self.compute_losses(batch)
+        for name, value in stats.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name in ("loss", "thought_len"))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return stats["loss"]
+
+    def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:  # whole-loop time between steps: the honest throughput
+            tokens = batch["input_ids"].numel() * self.trainer.world_size
+            self.log("train/tokens_per_s", tokens / (now - self._last_step_time), prog_bar=True)
+        self._last_step_time = now
+        every = self.hparams.sample_every_n_steps
+        if every and self.trainer.global_step % every == 0:
+            self.log_thoughts(batch)
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_time = None  # do not count validation / epoch turnover as step time
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        stats = self.compute_losses(batch)
+        stats["loss"] = stats["nll"]  # `loss` is the NLL everywhere in evaluation, comparable across methods
+        for name, value in stats.items():
+            self.log(f"{split}/{name}", value, prog_bar=name == "nll", sync_dist=True)
+        if getattr(self.tokenizer, "is_char", False):
+            self.log(f"{split}/bits_per_char", stats["nll"] / math.log(2), sync_dist=True)
+        self._last_step_time = None
+        return stats["nll"]
+
+    def configure_optimizers(self):
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+        )
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        total = int(total) if math.isfinite(total) else 0
+        h = self.hparams
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, h.warmup_steps, total, h.min_lr_ratio, h.lr_schedule)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----- samples ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def thought_samples(self, input_ids: torch.Tensor, labels: torch.Tensor, n: int = 4,
+                        context_chars: int = 40) -> list[str]:
+        """Markdown lines `context → ⟨thought⟩ → prediction (true next)` for n positions of one window [T]."""
+        tok = self.tokenizer
+        was_training = self.training
+        self.eval()
+        out = self(input_ids[None])  # B = 1
+        self.train(was_training)
+        T = input_ids.size(0)
+        positions = torch.linspace(T // 4, T - 1, n).long().unique().tolist()
+
+        def show(ids: list[int]) -> str:
+            return tok.decode(ids).replace("\n", "⏎").replace("`", "'")
+
+        lines = []
+        for t in positions:
+            ctx = show(input_ids[: t + 1].tolist())[-context_chars:]
+            logp = out.logits[0, 0, t, 0].float().log_softmax(-1)  # [V], first thought
+            pred = show([int(logp.argmax())])
+            true = int(labels[t])
+            line = f"`{ctx}`"
+            if out.thoughts is not None:
+                th = out.thoughts
+                length = int(th.lengths[0, t, 0])
+                thought = show(th.tokens[0, t, 0, :length].tolist()) if length else ""
+                end = "…" if bool(th.unfinished[0, t, 0]) else "⟨/t⟩"
+                line += f" → ⟨t⟩`{thought}`{end}"
+            line += f" → **`{pred}`** (true `{show([true])}`, p={logp[true].exp().item():.2f})"
+            lines.append(line)
+        return lines
+
+    def log_thoughts(self, batch: dict[str, torch.Tensor]) -> None:
+        if not self.trainer.is_global_zero or self.tokenizer is None:
+            return
+        n = self.hparams.sample_positions
+        lines = self.thought_samples(batch["input_ids"][0], batch["labels"][0], n)
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # two trailing spaces keep line breaks in TensorBoard's markdown view
+                logger.experiment.add_text("thoughts", "  \n".join(lines), self.global_step)
