@@ -303,7 +303,7 @@ class GRPO(L.LightningModule):
         texts = [h.eval_prompt + t for t in self.decode(rollout)]
         unique = UniqueFirstSentences().to(self.device)
         degenerate = DegenerateFlag(min_sentences=2.0).to(self.device)
-        self.log(f"{split}/unique_first_sentences", unique(texts), sync_dist=True)
+        self.log(f"{split}/unique_first_sentences", unique(texts).float(), sync_dist=True)
         self.log(f"{split}/degenerate", degenerate(texts), sync_dist=True)
         if self.trainer.is_global_zero:
             rows = "\n".join(f"| {i} | {first_sentence(t)!r} | {t[:300]!r} |" for i, t in enumerate(texts[:8]))

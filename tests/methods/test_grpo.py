@@ -96,3 +96,19 @@ def test_grpo_learns_sentence_length_on_the_pretrained_model(tmp_path):
     first, last = sum(rewards[:20]) / 20, sum(rewards[-20:]) / 20
     assert last - first >= 0.15, (first, last)
     assert cli.trainer.global_step == 160
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_held_out_evaluation_subcommands(subcommand, tmp_path, tiny_llama_dir):
+    """`lightning-rlm validate|test` generate on held-out prompts: sampled and greedy rewards."""
+    split = "val" if subcommand == "validate" else "test"
+    cli = RLMCLI(args=[
+        subcommand, "--config", str(CONFIGS / "grpo/sentence_length_10_smooth.yaml"),
+        "--model.init_args.model_name_or_path", str(tiny_llama_dir), "--data.init_args.tokenizer", str(tiny_llama_dir),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu", "--model.init_args.max_completion_length=8", "--model.init_args.eval_samples=4",
+        f"--trainer.limit_{split if split == 'test' else 'val'}_batches=1",
+    ])
+    metrics = cli.trainer.callback_metrics
+    for tag in ["reward/total", "greedy_reward/total", "unique_first_sentences"]:
+        assert f"{split}/{tag}" in metrics, sorted(metrics)
