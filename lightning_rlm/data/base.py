@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+import torch
+from torch.utils.data import DataLoader
 
+from lightning_rlm.data.collate import DictCollator
 from lightning_rlm.data.paths import resolve_data_path
 from lightning_rlm.data.sources import TextSource
 from lightning_rlm.data.tokenizers import (
@@ -117,3 +120,21 @@ class TextDataModule(L.LightningDataModule):
     @property
     def hf_tokenizer(self):
         return self.tokenizer.hf if isinstance(self.tokenizer, HFTokenizer) else None
+
+    # ----- loaders for datasets of dict examples (prompts, prefix/completion pairs) -----------------------------
+    drop_last_train = False  # RL prompt batches keep a fixed size; SFT pairs use every example
+
+    def _loader(self, ds, shuffle: bool) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed) if shuffle else None
+        drop_last = shuffle and self.drop_last_train and len(ds) >= self.batch_size
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
+                          num_workers=self.num_workers, collate_fn=DictCollator(self.tokenizer.pad_token_id))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -24,11 +24,7 @@ import random
 import re
 from typing import Optional
 
-import torch
-from torch.utils.data import DataLoader
-
 from lightning_rlm.data.base import TextDataModule
-from lightning_rlm.data.collate import DictCollator
 from lightning_rlm.data.prefix_completion import PairDataset, PrefixCompletionDataModule
 from lightning_rlm.data.sources import TextSource
 from lightning_rlm.data.tokenizers import build_tokenizer
@@ -155,20 +151,6 @@ class PairsDataModule(TextDataModule):
             self.train_set = PairDataset(self._examples(self.train_rows, "train"))
             self.val_set = PairDataset(self._examples(self.val_rows, "val"))
         self.save_tokenizer()
-
-    def _loader(self, ds: PairDataset, shuffle: bool) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=g,
-                          num_workers=self.num_workers, collate_fn=DictCollator(self.tokenizer.pad_token_id))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
 
 
 class KeywordPrefixCompletionDataModule(PrefixCompletionDataModule):

@@ -11,11 +11,7 @@ import logging
 import random
 from typing import Optional
 
-import torch
-from torch.utils.data import DataLoader
-
 from lightning_rlm.data.base import TextDataModule, split_documents_by_seed
-from lightning_rlm.data.collate import DictCollator
 from lightning_rlm.data.prefix_completion import PairDataset
 from lightning_rlm.data.sources import TextSource
 from lightning_rlm.data.tokenizers import build_tokenizer
@@ -35,6 +31,8 @@ class PromptDataModule(TextDataModule):
         prompt_template: optional string with `{text}` wrapping each prompt.
         batch_size: prompts per step per process (each is sampled `num_generations` times by the method).
     """
+
+    drop_last_train = True
 
     def __init__(
         self,
@@ -120,18 +118,3 @@ class PromptDataModule(TextDataModule):
             )
         log.info("prompts: %d train, %d held-out val", len(train), len(val))
         self.train_set, self.val_set = PairDataset(train), PairDataset(val)
-
-    def _loader(self, ds: PairDataset, shuffle: bool) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=g,
-                          drop_last=shuffle and len(ds) >= self.batch_size, num_workers=self.num_workers,
-                          collate_fn=DictCollator(self.tokenizer.pad_token_id))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

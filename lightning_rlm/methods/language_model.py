@@ -25,20 +25,11 @@ from torch import nn
 
 from lightning_rlm.models.gru_lm import GRULanguageModel
 from lightning_rlm.models.hf import HFCausalLM
+from lightning_rlm.optim import adamw_warmup_cosine
 
 
 def default_network(vocab_size: int) -> nn.Module:
     return GRULanguageModel(vocab_size)
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float, schedule: str) -> float:
-    """LR multiplier: linear warmup, then constant or cosine decay to `min_ratio`."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant" or total_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class LanguageModel(L.LightningModule):
@@ -153,19 +144,10 @@ class LanguageModel(L.LightningModule):
         return [self.tokenizer.decode(row) for row in new]
 
     def configure_optimizers(self):
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-        )
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
-        total = int(total) if math.isfinite(total) else 0
         h = self.hparams
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, h.warmup_steps, total, h.min_lr_ratio, h.lr_schedule)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        return adamw_warmup_cosine(self, total, h.lr, h.weight_decay, h.betas, h.warmup_steps, h.min_lr_ratio,
+                                   h.lr_schedule)
 
     # ----- samples and export -------------------------------------------------------------------------------
     @torch.no_grad()

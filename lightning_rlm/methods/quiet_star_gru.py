@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_rlm.methods.language_model import warmup_cosine
 from lightning_rlm.models.quiet_star_gru import Combine, QuietStarGRUNet, QuietStarOutput
+from lightning_rlm.optim import adamw_warmup_cosine
 
 
 def leave_one_out_baseline(rewards: torch.Tensor) -> torch.Tensor:
@@ -287,19 +287,10 @@ class QuietStarGRU(L.LightningModule):
         return stats["nll"]
 
     def configure_optimizers(self):
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-        )
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
-        total = int(total) if math.isfinite(total) else 0
         h = self.hparams
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, h.warmup_steps, total, h.min_lr_ratio, h.lr_schedule)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        return adamw_warmup_cosine(self, total, h.lr, h.weight_decay, h.betas, h.warmup_steps, h.min_lr_ratio,
+                                   h.lr_schedule)
 
     # ----- samples ------------------------------------------------------------------------------------------
     @torch.no_grad()
