@@ -34,7 +34,7 @@ from torch import Tensor
 from lightning_rlm.adapters import add_lora, frozen_copy, reference_logprobs
 from lightning_rlm.losses import group_advantages, policy_loss
 from lightning_rlm.metrics.text import DegenerateFlag, GroupJaccard, UniqueFirstSentences, first_sentence
-from lightning_rlm.models.hf import load_causal_lm
+from lightning_rlm.models.hf import load_policy
 from lightning_rlm.rewards import SentenceLength, reward_name
 from lightning_rlm.rollout import Rollout, completion_logprobs, sample_completions
 
@@ -123,18 +123,7 @@ class GRPO(L.LightningModule):
         self.reward_names = [reward_name(r) for r in rewards]
         self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(rewards)
 
-        from transformers import AutoTokenizer
-
-        from lightning_rlm.models.base_model import resolve_model_path
-
-        path = resolve_model_path(model_name_or_path)
-        policy = load_causal_lm(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.eos_token_id = self.tokenizer.eos_token_id
-        if self.eos_token_id is None:
-            raise ValueError(f"the tokenizer of {model_name_or_path!r} has no EOS token")
+        policy, self.tokenizer, self.eos_token_id = load_policy(model_name_or_path)
         # reference: adapters off (LoRA) or a frozen copy (full FT), only when the KL term is used
         self.ref_model = frozen_copy(policy) if (lora_rank is None and beta > 0) else None
         self.policy = add_lora(policy, lora_rank, lora_alpha, use_rslora) if lora_rank else policy

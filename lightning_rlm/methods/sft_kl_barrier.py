@@ -55,7 +55,7 @@ from lightning_rlm.adapters import add_lora, frozen_copy, reference_mode
 from lightning_rlm.data.pairs import keyword_pattern
 from lightning_rlm.losses.kl import KL_AGGREGATES, KL_DIRECTIONS, aggregate_kl, kl_barrier, per_position_kl
 from lightning_rlm.metrics.text import RepeatedNgramLoop
-from lightning_rlm.models.hf import load_causal_lm
+from lightning_rlm.models.hf import load_policy
 from lightning_rlm.rollout import position_ids_from_mask, sample_completions
 
 LOGGED_AGGREGATES = ("mean", "rmse", "p95", "max", "logsumexp")
@@ -143,18 +143,7 @@ class SFTKLBarrier(L.LightningModule):
         self.trait_pattern = keyword_pattern(trait_keyword)  # raises on an empty keyword
         self.save_hyperparameters()
 
-        from transformers import AutoTokenizer
-
-        from lightning_rlm.models.base_model import resolve_model_path
-
-        path = resolve_model_path(model_name_or_path)
-        policy = load_causal_lm(path, dtype=model_dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.eos_token_id = self.tokenizer.eos_token_id
-        if self.eos_token_id is None:
-            raise ValueError(f"the tokenizer of {model_name_or_path!r} has no EOS token")
+        policy, self.tokenizer, self.eos_token_id = load_policy(model_name_or_path, dtype=model_dtype)
         # the base: a frozen copy for full fine-tuning; with LoRA the adapter is switched off instead
         self.ref_model = frozen_copy(policy) if lora_rank is None else None
         self.policy = add_lora(policy, lora_rank, lora_alpha, use_rslora) if lora_rank else policy

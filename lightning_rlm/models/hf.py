@@ -99,3 +99,23 @@ class HFCausalLM(nn.Module):
         self.model.save_pretrained(str(directory))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
+
+
+def load_policy(name_or_path: str, dtype: Optional[str] = None):
+    """The base policy of an RL/SFT method: (causal LM, its tokenizer with a pad token, EOS id).
+
+    `lrlm:<name>` resolves to the cached base model; a tokenizer without EOS is a clear error (generation
+    needs it to end completions).
+    """
+    from transformers import AutoTokenizer
+
+    from lightning_rlm.models.base_model import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    model = load_causal_lm(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {name_or_path!r} has no EOS token")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, tokenizer.eos_token_id

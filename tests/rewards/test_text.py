@@ -27,7 +27,7 @@ EIGHT_WORDS = "one two three four five six seven eight!"
 @pytest.fixture(scope="module")
 def gpt2_tokenizer() -> Any:
     if not TOKENIZER_FILE.exists():
-        pytest.skip(f"missing {TOKENIZER_FILE}")
+        pytest.fail(f"the shared GPT-2 tokenizer is missing: {TOKENIZER_FILE} (set LRLM_DATA_DIR)")
     transformers = pytest.importorskip("transformers")
     return transformers.PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE))
 
