@@ -138,3 +138,41 @@ class TextDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+
+class VocabFromData:
+    """Mixin for LightningModules whose network is built once the DataModule's tokenizer is known.
+
+    The subclass gives `make_net(vocab_size)`; `vocab_size` is saved in hparams when built, so checkpoints
+    rebuild without the data. `exact_vocab`: the tokenizer's vocab must equal the model's (e.g. when an id
+    past the vocab has a meaning), instead of fitting inside it.
+    """
+
+    exact_vocab = False
+
+    def make_net(self, vocab_size: int):
+        raise NotImplementedError
+
+    def _build(self, vocab_size: int) -> None:
+        self.net = self.make_net(vocab_size)
+        self.hparams.vocab_size = vocab_size
+
+    @property
+    def tokenizer(self):
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return getattr(dm, "tokenizer", None)
+
+    def build_from_data(self) -> None:
+        """Call from `setup`: build the network from the tokenizer, or check a built one against it."""
+        name = type(self).__name__
+        if self.net is None:
+            if self.tokenizer is None:
+                raise ValueError(f"{name} needs vocab_size, or a DataModule with a tokenizer")
+            self._build(self.tokenizer.vocab_size)
+            return
+        if self.tokenizer is None:
+            return
+        have, want = self.tokenizer.vocab_size, self.hparams.vocab_size
+        if (have != want) if self.exact_vocab else (have > want):
+            raise ValueError(f"{name}: tokenizer vocab {have} {'!=' if self.exact_vocab else '>'} model vocab_size "
+                             f"{want}")

@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_rlm.data.base import VocabFromData
 from lightning_rlm.models.gru_lm import GRULanguageModel
 from lightning_rlm.models.hf import HFCausalLM
 from lightning_rlm.optim import adamw_warmup_cosine
@@ -32,7 +33,7 @@ def default_network(vocab_size: int) -> nn.Module:
     return GRULanguageModel(vocab_size)
 
 
-class LanguageModel(L.LightningModule):
+class LanguageModel(VocabFromData, L.LightningModule):
     """Next-token NLL training for a GRU or Hugging Face causal LM.
 
     Args:
@@ -74,24 +75,11 @@ class LanguageModel(L.LightningModule):
         self._last_step_time: Optional[float] = None
 
     # ----- model -----------------------------------------------------------------------------------------
-    def _build(self, vocab_size: int) -> None:
-        self.net = self.network_fn(vocab_size)
-        self.hparams.vocab_size = vocab_size  # saved in checkpoints, so they rebuild without the data
-
-    @property
-    def tokenizer(self):
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        return getattr(dm, "tokenizer", None)
+    def make_net(self, vocab_size: int) -> nn.Module:
+        return self.network_fn(vocab_size)
 
     def setup(self, stage: str) -> None:
-        if self.net is None:
-            if self.tokenizer is None:
-                raise ValueError("LanguageModel needs vocab_size, or a DataModule with a tokenizer")
-            self._build(self.tokenizer.vocab_size)
-        elif self.tokenizer is not None and self.tokenizer.vocab_size > self.hparams.vocab_size:
-            raise ValueError(
-                f"tokenizer vocab {self.tokenizer.vocab_size} > model vocab_size {self.hparams.vocab_size}"
-            )
+        self.build_from_data()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.net(input_ids)  # [B, T, V]

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_rlm.data.base import VocabFromData
 from lightning_rlm.models.quiet_star_gru import Combine, QuietStarGRUNet, QuietStarOutput
 from lightning_rlm.optim import adamw_warmup_cosine
 
@@ -62,7 +63,7 @@ def leave_one_out_baseline(rewards: torch.Tensor) -> torch.Tensor:
     return (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
 
 
-class QuietStarGRU(L.LightningModule):
+class QuietStarGRU(VocabFromData, L.LightningModule):
     """Quiet-STaR with a base LM, a reasoner and an interpreter GRU, trained with NLL + TRICE REINFORCE.
 
     Architecture (see `QuietStarGRUNet`):
@@ -97,6 +98,8 @@ class QuietStarGRU(L.LightningModule):
     Optimisation and logging: as `LanguageModel` (AdamW, warmup + constant/cosine); `sample_every_n_steps`
         logs `sample_positions` thoughts of the current batch as TensorBoard text (0: never).
     """
+
+    exact_vocab = True  # the end-of-thought id is vocab_size
 
     def __init__(
         self,
@@ -149,11 +152,11 @@ class QuietStarGRU(L.LightningModule):
         if vocab_size is not None:
             self._build(vocab_size)
         else:  # check the architecture now (weight_groups, sizes), not after loading the data
-            self._make_net(2)
+            self.make_net(2)
         self._last_step_time: Optional[float] = None
 
     # ----- model -----------------------------------------------------------------------------------------
-    def _make_net(self, vocab_size: int) -> QuietStarGRUNet:
+    def make_net(self, vocab_size: int) -> QuietStarGRUNet:
         h = self.hparams
         return QuietStarGRUNet(
             vocab_size, embed_dim=h.embed_dim, base_lm_hidden_dim=h.base_lm_hidden_dim,
@@ -163,23 +166,8 @@ class QuietStarGRU(L.LightningModule):
             use_base_lm=h.use_base_lm,
         )
 
-    def _build(self, vocab_size: int) -> None:
-        self.net = self._make_net(vocab_size)
-        self.hparams.vocab_size = vocab_size  # saved in checkpoints, so they rebuild without the data
-
-    @property
-    def tokenizer(self):
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        return getattr(dm, "tokenizer", None)
-
     def setup(self, stage: str) -> None:
-        if self.net is None:
-            if self.tokenizer is None:
-                raise ValueError("QuietStarGRU needs vocab_size, or a DataModule with a tokenizer")
-            self._build(self.tokenizer.vocab_size)
-        elif self.tokenizer is not None and self.tokenizer.vocab_size != self.hparams.vocab_size:
-            raise ValueError(f"tokenizer vocab {self.tokenizer.vocab_size} != model vocab_size "
-                             f"{self.hparams.vocab_size} (the end-of-thought id is vocab_size)")
+        self.build_from_data()  # exact vocab: the end-of-thought id is vocab_size
         if stage == "fit" and self.trainer.ckpt_path is None:  # a resumed run has its weights already
             for role, path in (("base", self.hparams.pretrained_base), ("reasoner", self.hparams.pretrained_reasoner)):
                 if path:
