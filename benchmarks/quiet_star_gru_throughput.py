@@ -8,13 +8,16 @@ count is exact) and the interpreter reads them plus the end-of-thought token. In
 
 which is 1 + K (L + 1) for one shared model ("AAAA"), the multiple we expect at equal widths. The table
 shows the measured multiple (base tokens/s over reasoning tokens/s) next to it, and whether the measured
-cost stays within 1.5x of the theory (`<= 1.5x`: the vectorised decoding wastes no more than half again).
-Heads, sampling and the thought-token bookkeeping are not in the theory. The theory also prices every
-GRU step alike, but the base LM steps B rows at a time through T sequential steps (latency-bound for
-small widths) while a thought step advances B*T*K rows at once, so measured multiples come out below the
-theory, the more so the narrower the GRUs.
+multiple is within 1.5x of the theory either way (1/1.5 <= measured/theory <= 1.5).
 
-    python benchmarks/quiet_star_gru_throughput.py [--hidden 32] [--steps 5] [--batch 16] [--block 64]
+The theory prices every GRU step alike, which holds only when every step is compute-bound. The defaults
+(width 256, batch 128 x 64) are such a regime. With small batches or widths the base LM steps B rows at a
+time through T sequential steps (latency-bound) while a thought step advances B*T*K rows at once, so the
+measured multiple falls well below the theory (e.g. --hidden 32 --batch 16 gives 0.3-0.7 of it): thoughts
+are then cheaper than the step count says. Heads, sampling and thought-token bookkeeping are not in the
+theory; they are what pushes the measured multiple above it in the compute-bound regime.
+
+    python benchmarks/quiet_star_gru_throughput.py [--hidden 256] [--batch 128] [--block 64] [--steps 2]
 """
 
 from __future__ import annotations
@@ -60,11 +63,11 @@ def theoretical_multiple(net, K: int, L: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=32, help="width of every GRU")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=256, help="width of every GRU")
+    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -79,7 +82,7 @@ def main() -> None:
     print(f"GRU width {H}, batch {args.batch}x{args.block}, {torch.get_num_threads()} threads, "
           f"device cpu; base LM: {base_tps:,.0f} train tokens/s")
     header = (f"| {'groups':6} | {'K':>2} | {'L':>2} | {'tokens/s':>9} | {'measured x':>10} | {'theory x':>8} | "
-              f"{'meas/theory':>11} | <= 1.5x theory |")
+              f"{'meas/theory':>11} | within 1.5x |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for groups, K, L in SETUPS:
@@ -90,9 +93,9 @@ def main() -> None:
         tps = train_tokens_per_s(model, batch, args.steps, args.warmup)
         measured, theory = base_tps / tps, theoretical_multiple(model.net, K, L)
         ratio = measured / theory
-        ok = "yes" if ratio <= 1.5 else "no"
+        ok = "yes" if 1 / 1.5 <= ratio <= 1.5 else "no"
         print(f"| {groups:6} | {K:>2} | {L:>2} | {tps:>9,.0f} | {measured:>10.1f} | {theory:>8.0f} | "
-              f"{ratio:>11.2f} | {ok:>14} |")
+              f"{ratio:>11.2f} | {ok:>11} |")
 
 
 if __name__ == "__main__":
