@@ -202,6 +202,9 @@ class DualLoRAModel(nn.Module):
             setattr(parent, child, wrapped)
         self.target_names = targets
 
+    # Read by the static-cache sampler: this wrapper only forwards, its adapters live in the wrapped Linears.
+    forwards_to_wrapped = True
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 

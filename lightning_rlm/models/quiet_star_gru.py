@@ -36,6 +36,8 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
+from lightning_rlm.rollout.generate import sample_categorical
+
 ROLES = ("base", "reasoner", "interpreter")
 Combine = Literal["residual", "concat", "mix", "mix_sigmoid"]
 
@@ -74,16 +76,6 @@ def make_head(hidden: int, out: int, linear: bool) -> nn.Module:
     if linear:
         return nn.Linear(hidden, out)
     return nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, out))
-
-
-def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
-    """One id per row of probs [N, C] by inverting the CDF (an order of magnitude faster than
-    `torch.multinomial` on CPU). Zero-probability ids are never drawn. Returns [N]."""
-    cdf = probs.cumsum(-1)  # [N, C]
-    total = cdf[:, -1:]  # [N, 1]
-    # u in [0, total): kept strictly below the total, where rounding of rand * total could land
-    u = torch.minimum(torch.rand_like(total) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True).squeeze(1)  # first id whose cdf exceeds u
 
 
 @dataclass

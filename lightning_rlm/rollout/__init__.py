@@ -7,6 +7,7 @@ from lightning_rlm.rollout.generate import (
     completion_logprobs,
     completion_mask_from_eos,
     position_ids_from_mask,
+    sample_categorical,
     sample_completions,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "completion_logprobs",
     "completion_mask_from_eos",
     "position_ids_from_mask",
+    "sample_categorical",
     "sample_completions",
 ]

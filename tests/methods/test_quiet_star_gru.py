@@ -10,7 +10,8 @@ from lightning_rlm.cli import RLMCLI
 from lightning_rlm.methods import LanguageModel, QuietStarGRU
 from lightning_rlm.methods.quiet_star_gru import leave_one_out_baseline
 from lightning_rlm.models import GRULanguageModel
-from lightning_rlm.models.quiet_star_gru import QuietStarGRUNet, sample_categorical
+from lightning_rlm.models.quiet_star_gru import QuietStarGRUNet
+from lightning_rlm.rollout import sample_categorical
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 V = 11  # vocab; the end-of-thought id is V
