@@ -442,7 +442,8 @@ def _selective_log_softmax(
 ) -> tuple[Tensor, Tensor | None]:
     """log p(target) (and entropy) from ``logits [N, C, V]`` in fp32, ``targets [N, C]`` -> ``[N, C]``.
 
-    Never materializes a full log-softmax; low-precision logits are upcast one row at a time so the fp32
+    The entropy is returned detached (it is logged, never differentiated). Never materializes a full
+    log-softmax; low-precision logits are upcast one row at a time so the fp32
     copy stays at ``[1, C, V]`` (fp32 logits are processed in one go, as they need no copy).
     """
     chunk = logits.shape[0] if logits.dtype == torch.float32 else 1
@@ -455,9 +456,11 @@ def _selective_log_softmax(
         lse = torch.logsumexp(lg, dim=-1)  # [n, C]
         picked = lg.gather(-1, targets[start : start + chunk, :, None]).squeeze(-1)  # [n, C]
         logps.append(picked - lse)
-        if return_entropy:
-            probs = torch.exp(lg - lse[..., None])  # [n, C, V]
-            entropies.append(lse - (probs * lg).sum(dim=-1))  # H = lse - E_p[logit]
+        if return_entropy:  # a statistic, not a loss term: no graph
+            with torch.no_grad():
+                lg_d, lse_d = lg.detach(), lse.detach()
+                probs = torch.exp(lg_d - lse_d[..., None])  # [n, C, V]
+                entropies.append(lse_d - (probs * lg_d).sum(dim=-1))  # H = lse - E_p[logit]
     logp = torch.cat(logps, dim=0)
     return logp, (torch.cat(entropies, dim=0) if return_entropy else None)
 
