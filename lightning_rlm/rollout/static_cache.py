@@ -51,6 +51,15 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rms_norm(module: nn.Module, x: Tensor) -> Tensor:
+    """HF's Llama/Qwen2 RMSNorm as one fused op in fp32 (its own forward is seven small ops); any other
+    norm, or lower precision (where HF upcasts in a specific order), goes through the module itself."""
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None or x.dtype != torch.float32 or not type(module).__name__.endswith("RMSNorm"):
+        return module(x)
+    return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
+
+
 class StaticCacheDecoder:
     """Prefill and one-token decode steps over preallocated KV buffers for ``N`` rows and ``max_len`` slots.
 
@@ -120,7 +129,7 @@ class StaticCacheDecoder:
             mask = keys_ok
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)  # [N, T, D]
+            x = _rms_norm(layer.input_layernorm, h)  # [N, T, D]
             q = attn.q_proj(x).view(n, t, self.n_heads, self.head_dim).transpose(1, 2)  # [N, H, T, Dh]
             k = attn.k_proj(x).view(n, t, self.n_kv, self.head_dim).transpose(1, 2)  # [N, Hkv, T, Dh]
             v = attn.v_proj(x).view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -137,5 +146,5 @@ class StaticCacheDecoder:
                     scale=getattr(attn, "scaling", None), enable_gqa=self.n_kv != self.n_heads,
                 )  # [N, H, T, Dh]
             h = h + attn.o_proj(out.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.lm.lm_head(self.core.norm(h[:, -1]))  # [N, V]
+            h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
+        return self.lm.lm_head(_rms_norm(self.core.norm, h[:, -1]))  # [N, V]
