@@ -9,3 +9,6 @@ from lightning_rlm.adapters.lora import (
 )
 
 __all__ = ["add_lora", "frozen_copy", "is_peft_model", "reference_logprobs", "reference_mode"]
+from lightning_rlm.adapters.svd import SVDAdapterModel, add_svd_adapter  # noqa: E402
+
+__all__ += ["SVDAdapterModel", "add_svd_adapter"]
