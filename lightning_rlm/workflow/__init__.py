@@ -12,3 +12,6 @@ metrics and the time to reach thresholds, mean ± std over seeds, one row per se
 from lightning_rlm.workflow.sweep import Run, expand_grid, parse_grid, plan_sweep, run_name
 
 __all__ = ["Run", "expand_grid", "parse_grid", "plan_sweep", "run_name"]
+from lightning_rlm.workflow.factorial import AscentProposal, round_clean, steepest_ascent  # noqa: E402
+
+__all__ += ["AscentProposal", "round_clean", "steepest_ascent"]

@@ -1,0 +1,603 @@
+"""GAN-RL: a generator and a discriminator task share one model; the discriminator's belief is the reward.
+
+One causal LM with one rsLoRA adapter serves two tasks (crumb's research note, seed 000, 02/26/2026):
+
+* **Generator.** A prefix of a real document is rendered into a prompt (by default the seed's template: a
+  system line "You act as a causal model of language.", the prefix inside ``<prefix>`` tags, the assistant
+  turn opened with ``<think>``). The policy deliberates for up to ``reasoning_tokens`` (phase 1, stopped
+  by EOS or the budget), ``think_close`` (``</think>``) is appended, and it writes up to
+  ``completion_tokens`` of completion (phase 2, prompt + reasoning + ``</think>`` as the new left-padded
+  prompt).
+* **Discriminator.** LayerNorm + Linear(hidden, 2) on the adapted model's last hidden state at the last
+  real token of ``prefix + completion`` (text concatenated and re-encoded, so generated and ground-truth
+  completions are tokenized the same way), trained with cross-entropy to tell generated (class 0) from
+  ground-truth (class 1) completions. The backbone forward goes through the same adapted model, so the
+  adapter is shared by the two tasks.
+
+Each step, for a batch of B (prefix, ground truth) pairs::
+
+    reasoning [B, R], completion [B, C]  ←  two-phase sampling (no grad)
+    logits_gen, logits_real [B, 2]       ←  discriminator on prefix+generated, prefix+ground truth
+    d_prob [B] = softmax(logits_gen)[:, 1]           (the discriminator's belief "this is ground truth")
+    reward [B]:
+        "prob":            d_prob + length_weight · min(len, target) / target
+        "value_threshold": (1 − d_value if d_value > t else 0) + length_weight · min(len, target) / target
+                           with d_value = 1 − d_prob (the discriminator's chance of being right about a
+                           generated sample, its "pass rate"), t = 1/8 by default
+        len = completion tokens before EOS, target = target_length (default completion_tokens)
+    advantage [B] = reward − baseline;  baseline ← ema_decay · baseline + (1 − ema_decay) · mean(reward)
+                    (initialised to the first batch's mean reward; a buffer, so it is checkpointed)
+    g_loss = mean_i [ −advantage_i · Σ_t logp_i,t  +  kl_coeff · Σ_t k3_i,t ] / norm
+             over reasoning (incl. its EOS) and completion (incl. EOS) tokens; k3 = exp(ref−logp) − (ref−logp) − 1
+             against the base model (same model, adapter disabled: no second copy);
+             norm = 1 ("sum", the default: plain REINFORCE on the sequence log-prob),
+                    reasoning_tokens + completion_tokens ("budget"), or each sequence's token count ("token_mean")
+    d_loss = cross-entropy over the 2B discriminator inputs (mean)
+    backward(g_loss + d_scale · d_loss);  Adam step on the adapter (g_lr);  Adam step on the head (d_lr)
+
+Adapter sharing and what each update touches: the generator optimizer holds only the adapter's
+parameters and the discriminator optimizer only the head's, so the generator step never changes the
+head and the discriminator step never changes the adapter. With ``d_trains_adapter=True`` (the seed's
+setup: one shared adapter) the discriminator loss also back-propagates into the adapter, where it is
+added to the generator's gradient and applied by the adapter's optimizer at ``g_lr``; ``d_scale`` is then
+the weight of the discriminator task in the shared adapter's gradient. With ``d_trains_adapter=False`` the
+discriminator reads the adapted backbone under ``no_grad`` and only the head learns. Since Adam is
+invariant to the scale of its gradient, ``d_scale`` reaches the head only through gradient clipping.
+
+Departures from the seed (which gives no code): the rewards are computed from the same discriminator
+forward that is trained this step (before the update); the phase-1 stop token (EOS) is scored as an
+action but left out of the phase-2 context, where ``think_close`` replaces it; log-probs are computed in
+one forward per phase (the phase-2 forward re-reads the prompt); the EMA baseline's initial value, the
+length term's exact form and the loss normalisation are our choices (the seed does not state them); the
+KL is always computed (logged as ``train/kl``) even when ``kl_coeff = 0``; grad clipping is per optimizer
+(adapter and head separately). Lightning counts one global step per training batch: the adapter's
+optimizer steps through Lightning, the head's steps as a raw torch optimizer (two Lightning optimizer
+steps would count two global steps per batch), so fp16 mixed precision with a grad scaler is refused —
+use 32 or bf16.
+
+Every training rollout is appended to ``<log_dir>/rollouts.jsonl`` (one JSON object a line, written in a
+single ``os.write`` to an ``O_APPEND`` descriptor: ``step, rank, prefix, reasoning, completion,
+ground_truth, reward, d_prob, d_prob_ground_truth, advantage``) unless ``write_rollouts=False``.
+``training_step`` returns the rollout contract of ``lightning_rlm.callbacks.rollout`` with the ground
+truths as references, so ``MauveCallback`` scores the last ``window`` completions against them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_rlm.adapters import add_lora, reference_logprobs
+from lightning_rlm.callbacks.completions import append_jsonl_line
+from lightning_rlm.data.collate import pad_left
+from lightning_rlm.losses import kl_penalty
+from lightning_rlm.models.hf import load_policy
+from lightning_rlm.rollout import Rollout, completion_logprobs, sample_completions
+from lightning_rlm.rollout.generate import position_ids_from_mask
+
+__all__ = [
+    "GANRL",
+    "PLAIN_PROMPT_TEMPLATE",
+    "SEED_PROMPT_TEMPLATE",
+    "GANRollout",
+    "discriminator_stats",
+    "gan_rewards",
+    "linear_schedule",
+]
+
+# The seed's prompt, verbatim (Qwen chat markers as written in the note; `{text}` is the prefix).
+SEED_PROMPT_TEMPLATE = (
+    "<|im_start|>system\n"
+    "You act as a causal model of language.\n"
+    "Example:\n"
+    '"""\n'
+    "user:\n"
+    "<prefix>\n"
+    "The user will present a prefix they wish for you to continue, \n"
+    "then you'll start at the last few words\n"
+    "</prefix>\n"
+    "assistant:\n"
+    "...last few words, then continuation starts, \n"
+    "and you just keep generating, without any other commentary.\n"
+    '"""\n'
+    "<|im_start|>user\n"
+    "<prefix>\n"
+    "{text}\n"
+    "</prefix>\n"
+    "<|im_start|>assistant\n"
+    "<think>\n"
+)
+# A short template for tiny models that have never seen a chat format.
+PLAIN_PROMPT_TEMPLATE = "<prefix>\n{text}\n</prefix>\n<think>\n"
+
+RewardForm = Literal["prob", "value_threshold"]
+LossNorm = Literal["sum", "budget", "token_mean"]
+
+
+# ----- pure functions (unit-tested on hand-computed values) ------------------------------------------------------
+def gan_rewards(
+    d_prob: Tensor,
+    lengths: Tensor,
+    *,
+    form: RewardForm = "prob",
+    target_length: int,
+    length_weight: float = 0.5,
+    threshold: float = 0.125,
+) -> Tensor:
+    """Generator rewards ``[B]`` from the discriminator's P(ground truth) ``d_prob [B]`` and lengths ``[B]``.
+
+    ``"prob"``: ``d_prob``. ``"value_threshold"``: with ``d_value = 1 − d_prob`` (the discriminator's
+    probability of being right about this generated sample), ``1 − d_value`` if ``d_value > threshold``
+    else 0. Both plus ``length_weight · min(length, target_length) / target_length``.
+    """
+    if target_length < 1:
+        raise ValueError(f"target_length must be >= 1, got {target_length}")
+    d_prob = d_prob.float()
+    if form == "prob":
+        base = d_prob  # [B]
+    elif form == "value_threshold":
+        d_value = 1.0 - d_prob  # [B]
+        base = torch.where(d_value > threshold, 1.0 - d_value, torch.zeros_like(d_value))  # [B]
+    else:
+        raise ValueError(f"reward must be 'prob' or 'value_threshold', got {form!r}")
+    length_term = lengths.float().clamp(max=target_length) / target_length  # [B]
+    return base + length_weight * length_term  # [B]
+
+
+def discriminator_stats(logits_gen: Tensor, logits_real: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Cross-entropy of the discriminator (generated = class 0, ground truth = class 1) and its statistics.
+
+    Args:
+        logits_gen: ``[B, 2]`` logits on prefix + generated completion.
+        logits_real: ``[B', 2]`` logits on prefix + ground-truth completion.
+
+    Returns:
+        The mean cross-entropy over the ``B + B'`` inputs, and detached ``d_acc_generated``, ``d_acc_real``,
+        ``d_prob_generated`` (mean P(ground truth) on generated) and ``d_prob_real``.
+    """
+    logits = torch.cat([logits_gen, logits_real]).float()  # [B+B', 2]
+    labels = torch.cat([
+        torch.zeros(logits_gen.shape[0], dtype=torch.long, device=logits.device),
+        torch.ones(logits_real.shape[0], dtype=torch.long, device=logits.device),
+    ])  # [B+B']
+    loss = F.cross_entropy(logits, labels)
+    with torch.no_grad():
+        p_gen = logits_gen.float().softmax(-1)[:, 1]  # [B]
+        p_real = logits_real.float().softmax(-1)[:, 1]  # [B']
+        stats = {
+            "d_acc_generated": (p_gen < 0.5).float().mean(),
+            "d_acc_real": (p_real >= 0.5).float().mean(),
+            "d_prob_generated": p_gen.mean(),
+            "d_prob_real": p_real.mean(),
+        }
+    return loss, stats
+
+
+def linear_schedule(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warmup to 1, then linear decay to ``min_ratio`` at ``total_steps`` (0: constant)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 1.0 - (1.0 - min_ratio) * progress
+
+
+@dataclass
+class GANRollout:
+    """One two-phase generation for B prefixes. Lengths exclude the stop token (EOS)."""
+
+    prefixes: list[str]
+    reasoning: Optional[Rollout]  # [B, R] phase 1, None when reasoning_tokens == 0
+    completion: Rollout  # [B, C] phase 2 (its prompt = prompt + reasoning + think_close)
+    reasoning_texts: list[str]
+    completion_texts: list[str]
+    reasoning_lengths: Tensor  # [B]
+    completion_lengths: Tensor  # [B]
+
+
+class GANRL(L.LightningModule):
+    """GAN-RL on one causal LM with one shared rsLoRA adapter (see the module docstring).
+
+    Args:
+        model_name_or_path: base model (HF folder, hub name, or ``lrlm:tiny-llama-tinystories``).
+        dtype: load the base model in this torch dtype (e.g. ``bfloat16``); None: as saved.
+        lora_rank, lora_alpha, use_rslora, lora_dropout: the shared adapter (seed: rank 64, alpha 8, rsLoRA).
+        prompt_template: the generator's prompt, with ``{text}`` for the prefix (default: the seed's).
+        think_close: appended after the reasoning, before the completion is sampled.
+        reasoning_tokens: deliberation budget (0: no reasoning phase). completion_tokens: completion budget.
+        temperature, top_p, top_k: sampling (log-probs are scored at the same temperature).
+        reward: ``prob`` or ``value_threshold`` (see :func:`gan_rewards`); value_threshold: its t.
+        length_weight: weight of the length term ``min(len, target) / target``; target_length: default
+            ``completion_tokens``.
+        ema_decay: decay of the EMA reward baseline.
+        loss_norm: ``sum`` (REINFORCE on the summed sequence log-prob, mean over the batch), ``budget``
+            (that divided by reasoning_tokens + completion_tokens), ``token_mean`` (each sequence divided by
+            its own number of generated tokens).
+        kl_coeff: weight of the k3 KL to the base model (adapter disabled), summed over generated tokens.
+        d_scale: weight of the discriminator loss in the backward pass.
+        d_trains_adapter: the discriminator loss also trains the shared adapter (seed: True).
+        g_lr, d_lr: Adam learning rates of the adapter and of the discriminator head.
+        betas: Adam betas (seed: 0.95, 0.95). warmup_steps, min_lr_ratio: the linear schedule.
+        max_grad_norm: gradient-norm clip per optimizer (None: off).
+        write_rollouts: append every training rollout to ``<log_dir>/<rollouts_filename>``.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "lrlm:tiny-llama-tinystories",
+        dtype: Optional[str] = None,
+        lora_rank: int = 64,
+        lora_alpha: float = 8.0,
+        use_rslora: bool = True,
+        lora_dropout: float = 0.0,
+        prompt_template: str = SEED_PROMPT_TEMPLATE,
+        think_close: str = "\n</think>\n",
+        reasoning_tokens: int = 256,
+        completion_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: Optional[int] = None,
+        reward: RewardForm = "prob",
+        value_threshold: float = 0.125,
+        length_weight: float = 0.5,
+        target_length: Optional[int] = None,
+        ema_decay: float = 0.9,
+        loss_norm: LossNorm = "sum",
+        kl_coeff: float = 0.05,
+        d_scale: float = 1.0,
+        d_trains_adapter: bool = True,
+        g_lr: float = 1e-5,
+        d_lr: float = 2e-5,
+        betas: tuple[float, float] = (0.95, 0.95),
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        max_grad_norm: Optional[float] = 1.0,
+        write_rollouts: bool = True,
+        rollouts_filename: str = "rollouts.jsonl",
+    ) -> None:
+        super().__init__()
+        if "{text}" not in prompt_template:
+            raise ValueError(f"prompt_template must contain '{{text}}', got {prompt_template!r}")
+        if reasoning_tokens < 0 or completion_tokens < 1:
+            raise ValueError(f"need reasoning_tokens >= 0 and completion_tokens >= 1, got {reasoning_tokens}, "
+                             f"{completion_tokens}")
+        if reward not in ("prob", "value_threshold"):
+            raise ValueError(f"reward must be 'prob' or 'value_threshold', got {reward!r}")
+        if loss_norm not in ("sum", "budget", "token_mean"):
+            raise ValueError(f"loss_norm must be 'sum', 'budget' or 'token_mean', got {loss_norm!r}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        if kl_coeff < 0 or d_scale < 0:
+            raise ValueError(f"kl_coeff and d_scale must be >= 0, got {kl_coeff}, {d_scale}")
+        if target_length is not None and target_length < 1:
+            raise ValueError(f"target_length must be >= 1, got {target_length}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+
+        base, self.tokenizer, self.eos_token_id = load_policy(model_name_or_path, dtype=dtype)
+        hidden = base.config.hidden_size
+        self.policy = add_lora(base, lora_rank, lora_alpha, use_rslora, dropout=lora_dropout)
+        self.policy.train()  # from_pretrained returns eval mode; sampling and the reference switch it as needed
+        self.d_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2))  # fp32
+        self.register_buffer("baseline", torch.zeros(()))  # EMA of rewards (checkpointed with the weights)
+        self.register_buffer("baseline_updates", torch.zeros((), dtype=torch.long))
+        self.close_ids: list[int] = self.tokenizer.encode(think_close, add_special_tokens=False)
+        self.generator: Optional[torch.Generator] = None
+
+    # ----- helpers ------------------------------------------------------------------------------------------------
+    @property
+    def backbone(self) -> nn.Module:
+        """The decoder stack under the LM head, adapters inside (not registered twice in the state dict)."""
+        inner = self.policy.get_base_model()
+        return getattr(inner, inner.base_model_prefix)
+
+    @property
+    def target_length(self) -> int:
+        return self.hparams.target_length or self.hparams.completion_tokens
+
+    def render_prompt(self, prefix: str) -> str:
+        return self.hparams.prompt_template.replace("{text}", prefix)
+
+    def _sampling_generator(self) -> torch.Generator:
+        if self.generator is None or self.generator.device != self.device:
+            seed = (torch.initial_seed() + self.global_rank) % 2**63  # seed_everything's seed + rank
+            self.generator = torch.Generator(self.device).manual_seed(seed)
+        return self.generator
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def _strip(self, ids: Tensor, mask: Tensor) -> list[list[int]]:
+        """Token lists of the masked rows of ``ids [B, T]``, without EOS."""
+        eos = set(_as_list(self.eos_token_id))
+        return [[t for t in row[m.bool()].tolist() if t not in eos] for row, m in zip(ids, mask)]
+
+    def _sample(self, ids: Tensor, mask: Tensor, max_new: int, greedy: bool) -> Rollout:
+        h = self.hparams
+        return sample_completions(
+            self.policy, ids, mask, num_generations=1, max_completion_length=max_new,
+            temperature=0.0 if greedy else h.temperature, top_p=h.top_p, top_k=h.top_k,
+            eos_token_id=self.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            generator=None if greedy else self._sampling_generator(),
+        )
+
+    # ----- generator ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prefixes: list[str], greedy: bool = False) -> GANRollout:
+        """Two-phase sampling: reasoning (stop at EOS or budget), then ``think_close``, then the completion."""
+        h = self.hparams
+        pad = self.tokenizer.pad_token_id
+        prompts = [self.tokenizer.encode(self.render_prompt(p), add_special_tokens=False) for p in prefixes]
+        reasoning: Optional[Rollout] = None
+        reasoning_ids: list[list[int]] = [[] for _ in prompts]
+        if h.reasoning_tokens > 0:
+            ids, mask = pad_left(prompts, pad)  # [B, P]
+            reasoning = self._sample(ids.to(self.device), mask.to(self.device), h.reasoning_tokens, greedy)
+            reasoning_ids = self._strip(reasoning.completion_ids, reasoning.completion_mask)
+        phase2 = [p + r + self.close_ids for p, r in zip(prompts, reasoning_ids)]
+        ids2, mask2 = pad_left(phase2, pad)  # [B, P2]
+        completion = self._sample(ids2.to(self.device), mask2.to(self.device), h.completion_tokens, greedy)
+        completion_ids = self._strip(completion.completion_ids, completion.completion_mask)
+        return GANRollout(
+            prefixes=list(prefixes), reasoning=reasoning, completion=completion,
+            reasoning_texts=self.tokenizer.batch_decode(reasoning_ids, skip_special_tokens=True),
+            completion_texts=self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
+            reasoning_lengths=torch.tensor([len(r) for r in reasoning_ids], device=self.device),  # [B]
+            completion_lengths=torch.tensor([len(c) for c in completion_ids], device=self.device),  # [B]
+        )
+
+    def sequence_logprobs(self, rollout: GANRollout) -> tuple[Tensor, Tensor, Tensor]:
+        """Per sequence: summed log-prob of the generated tokens (with grad), summed k3 KL to the base
+        model (with grad through the policy's log-probs), and the number of generated tokens. Each ``[B]``.
+
+        Generated tokens are the reasoning tokens (with the EOS that ended it, if any) and the completion
+        tokens (with its EOS); the appended ``think_close`` tokens are not actions and are not scored.
+        """
+        t = self.hparams.temperature
+        logp_sum = kl_sum = n_tokens = None
+        for part in (rollout.reasoning, rollout.completion):
+            if part is None:
+                continue
+            mask = part.completion_mask.bool()  # [B, C]
+            logp = completion_logprobs(self.policy, part, temperature=t)  # [B, C]
+            ref = reference_logprobs(self.policy, None, part.input_ids, part.attention_mask,
+                                     part.completion_length, temperature=t)  # [B, C]
+            k3 = kl_penalty(logp, ref, "k3")  # [B, C]
+            zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+            lp = torch.where(mask, logp, zero).sum(-1)  # [B]
+            kl = torch.where(mask, k3, zero).sum(-1)  # [B]
+            n = mask.sum(-1)  # [B]
+            logp_sum = lp if logp_sum is None else logp_sum + lp
+            kl_sum = kl if kl_sum is None else kl_sum + kl
+            n_tokens = n if n_tokens is None else n_tokens + n
+        assert logp_sum is not None and kl_sum is not None and n_tokens is not None
+        return logp_sum, kl_sum, n_tokens
+
+    def generator_loss(self, seq_logp: Tensor, seq_kl: Tensor, n_tokens: Tensor, advantages: Tensor) -> Tensor:
+        """REINFORCE with a KL penalty: ``mean_i[−A_i · Σ_t logp + kl_coeff · Σ_t k3] / norm`` (see loss_norm)."""
+        h = self.hparams
+        per_seq = -advantages.detach() * seq_logp + h.kl_coeff * seq_kl  # [B]
+        if h.loss_norm == "token_mean":
+            return (per_seq / n_tokens.clamp(min=1)).mean()
+        loss = per_seq.mean()
+        if h.loss_norm == "budget":
+            loss = loss / (h.reasoning_tokens + h.completion_tokens)
+        return loss
+
+    # ----- discriminator --------------------------------------------------------------------------------------------
+    def discriminator_logits(self, prefixes: list[str], completions: list[str]) -> Tensor:
+        """Head logits ``[M, 2]`` on the last real token of ``prefix + completion`` (class 1 = ground truth).
+
+        The backbone runs with the adapter enabled; its gradient reaches the adapter only when
+        ``d_trains_adapter`` (otherwise it runs under ``no_grad`` and only the head gets gradients).
+        """
+        seqs = [self.tokenizer.encode(p + c, add_special_tokens=False) for p, c in zip(prefixes, completions)]
+        ids, mask = pad_left(seqs, self.tokenizer.pad_token_id)  # [M, L] left-padded
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        grad_ok = self.hparams.d_trains_adapter and torch.is_grad_enabled()
+        with nullcontext() if grad_ok else torch.no_grad():
+            out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                use_cache=False)
+            last = out.last_hidden_state[:, -1]  # [M, H]: left padding puts the last real token last
+        head_dtype = self.d_head[1].weight.dtype
+        return self.d_head(last.to(head_dtype))  # [M, 2]
+
+    # ----- baseline -------------------------------------------------------------------------------------------------
+    def _global_mean(self, x: Tensor) -> Tensor:
+        mean = x.float().mean()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            mean = self.all_gather(mean).float().mean()
+        return mean
+
+    def current_baseline(self, rewards: Tensor) -> Tensor:
+        """The baseline to subtract now: the EMA, or the batch mean before the first update."""
+        if int(self.baseline_updates) == 0:
+            return self._global_mean(rewards)
+        return self.baseline.detach().clone()
+
+    @torch.no_grad()
+    def update_baseline(self, rewards: Tensor) -> None:
+        mean = self._global_mean(rewards)
+        if int(self.baseline_updates) == 0:
+            self.baseline.copy_(mean)
+        else:
+            d = self.hparams.ema_decay
+            self.baseline.mul_(d).add_((1 - d) * mean)
+        self.baseline_updates += 1
+
+    # ----- training -------------------------------------------------------------------------------------------------
+    def _score(self, rollout: GANRollout, ground_truths: list[str]) -> tuple[Tensor, dict[str, Tensor], Tensor,
+                                                                              Tensor, Tensor]:
+        """Discriminator forward on generated + ground truth; returns d_loss, stats, d_prob [B],
+        d_prob on ground truths [B], rewards [B]."""
+        h = self.hparams
+        b = len(rollout.prefixes)
+        logits = self.discriminator_logits(rollout.prefixes * 2, rollout.completion_texts + list(ground_truths))
+        logits_gen, logits_real = logits[:b], logits[b:]  # [B, 2] each
+        d_loss, stats = discriminator_stats(logits_gen, logits_real)
+        d_prob = logits_gen.detach().float().softmax(-1)[:, 1]  # [B]
+        d_prob_real = logits_real.detach().float().softmax(-1)[:, 1]  # [B]
+        rewards = gan_rewards(d_prob, rollout.completion_lengths, form=h.reward, target_length=self.target_length,
+                              length_weight=h.length_weight, threshold=h.value_threshold)  # [B]
+        return d_loss, stats, d_prob, d_prob_real, rewards
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        h = self.hparams
+        step = int(self.global_step)  # before this batch's optimizer step
+        prefixes, truths = list(batch["prefix"]), list(batch["completion"])
+        b = len(prefixes)
+        rollout = self.generate(prefixes)
+        d_loss, d_stats, d_prob, d_prob_real, rewards = self._score(rollout, truths)
+        baseline = self.current_baseline(rewards)
+        advantages = rewards - baseline  # [B]
+        self.update_baseline(rewards)
+        seq_logp, seq_kl, n_tokens = self.sequence_logprobs(rollout)
+        g_loss = self.generator_loss(seq_logp, seq_kl, n_tokens, advantages)
+
+        g_opt, d_opt = self.optimizers()
+        g_sched, d_sched = self.lr_schedulers()
+        g_opt.zero_grad()
+        d_opt.zero_grad()
+        self.manual_backward(g_loss + h.d_scale * d_loss)
+        if h.max_grad_norm:
+            self.clip_gradients(g_opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
+            self.clip_gradients(d_opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
+        g_opt.step()  # the adapter (through Lightning: one global step per batch)
+        d_opt.optimizer.step()  # the head (raw optimizer, so the global step is not counted twice)
+        g_sched.step()
+        d_sched.step()
+
+        with torch.no_grad():
+            kl_tok = seq_kl.sum() / n_tokens.sum().clamp(min=1)
+        log = dict(batch_size=b)
+        for k, v in d_stats.items():
+            self.log(f"train/{k}", v, **log)
+        self.log("train/reward", rewards.mean(), prog_bar=True, **log)
+        self.log("train/baseline", baseline, **log)
+        self.log("train/reasoning_length", rollout.reasoning_lengths.float().mean(), **log)
+        self.log("train/completion_length", rollout.completion_lengths.float().mean(), **log)
+        self.log("train/kl", kl_tok, **log)
+        self.log("train/d_loss", d_loss.detach(), prog_bar=True, **log)
+        self.log("train/g_loss", g_loss.detach(), **log)
+
+        if h.write_rollouts:
+            self._write_rollouts(step, rollout, truths, rewards, d_prob, d_prob_real, advantages)
+        return {"loss": (g_loss + h.d_scale * d_loss).detach(), "rollout": {
+            "prompts": prefixes, "completions": rollout.completion_texts, "references": truths,
+            "rewards": {"total": rewards.tolist(), "d_prob": d_prob.tolist()},
+            "advantages": advantages.detach().tolist(), "group_size": 1,
+        }}
+
+    def rollouts_path(self) -> Optional[Path]:
+        if self._trainer is None:
+            return None
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        return Path(log_dir) / self.hparams.rollouts_filename if log_dir else None
+
+    def _write_rollouts(self, step: int, rollout: GANRollout, truths: list[str], rewards: Tensor, d_prob: Tensor,
+                        d_prob_real: Tensor, advantages: Tensor) -> None:
+        path = self.rollouts_path()
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for i in range(len(rollout.prefixes)):
+            append_jsonl_line(path, {
+                "step": step, "rank": int(self.global_rank), "prefix": rollout.prefixes[i],
+                "reasoning": rollout.reasoning_texts[i], "completion": rollout.completion_texts[i],
+                "ground_truth": truths[i], "reward": _finite(rewards[i]), "d_prob": _finite(d_prob[i]),
+                "d_prob_ground_truth": _finite(d_prob_real[i]), "advantage": _finite(advantages[i]),
+            })
+
+    # ----- validation / generation for callbacks ---------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "val")
+
+    @torch.no_grad()
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict[str, Any], split: str) -> dict[str, Any]:
+        prefixes, truths = list(batch["prefix"]), list(batch["completion"])
+        rollout = self.generate(prefixes)
+        d_loss, stats, d_prob, _, rewards = self._score(rollout, truths)
+        log = dict(batch_size=len(prefixes), sync_dist=True)
+        for k, v in stats.items():
+            self.log(f"{split}/{k}", v, **log)
+        self.log(f"{split}/d_loss", d_loss, **log)
+        self.log(f"{split}/reward", rewards.mean(), **log)
+        self.log(f"{split}/completion_length", rollout.completion_lengths.float().mean(), **log)
+        self.log(f"{split}/reasoning_length", rollout.reasoning_lengths.float().mean(), **log)
+        return {"rollout": {"prompts": prefixes, "completions": rollout.completion_texts, "references": truths,
+                            "rewards": {"total": rewards.tolist(), "d_prob": d_prob.tolist()},
+                            "advantages": None, "group_size": 1}}
+
+    @torch.no_grad()
+    def generate_text(self, prompts: list[str], max_new_tokens: Optional[int] = None) -> list[str]:
+        """Completions (after reasoning) for prefixes, for ``MauveCallback``'s generation mode.
+
+        ``max_new_tokens`` is ignored: the completion budget is ``completion_tokens``.
+        """
+        return self.generate(list(prompts)).completion_texts
+
+    # ----- optimisation and state ------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        h = self.hparams
+        g_opt = torch.optim.Adam(self.adapter_parameters(), lr=h.g_lr, betas=tuple(h.betas))
+        d_opt = torch.optim.Adam(self.d_head.parameters(), lr=h.d_lr, betas=tuple(h.betas))
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        total = int(total) if math.isfinite(total) else 0
+
+        def lam(s: int) -> float:
+            return linear_schedule(s, h.warmup_steps, total, h.min_lr_ratio)
+
+        return (
+            [g_opt, d_opt],
+            [{"scheduler": torch.optim.lr_scheduler.LambdaLR(g_opt, lam), "interval": "step"},
+             {"scheduler": torch.optim.lr_scheduler.LambdaLR(d_opt, lam), "interval": "step"}],
+        )
+
+    def on_fit_start(self) -> None:
+        precision = str(getattr(self.trainer, "precision", ""))
+        if precision.startswith("16"):
+            raise ValueError("GANRL steps the discriminator head's optimizer outside Lightning, which cannot "
+                             "unscale fp16 gradients: use precision 32 or bf16-mixed")
+        dm = getattr(self.trainer, "datamodule", None)
+        n = getattr(dm, "completion_tokens", None)
+        if n is not None and n != self.hparams.completion_tokens:
+            warnings.warn(f"data.completion_tokens={n} differs from model.completion_tokens="
+                          f"{self.hparams.completion_tokens}: ground truths and generations differ in length",
+                          stacklevel=2)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["gan_rl_state"] = {
+            "generator": self.generator.get_state() if self.generator is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("gan_rl_state", {})
+        if state.get("generator") is not None:
+            self.generator = torch.Generator(self.device)
+            self.generator.set_state(state["generator"])
+
+
+def _as_list(x: int | list[int] | tuple[int, ...]) -> list[int]:
+    return list(x) if isinstance(x, (list, tuple)) else [int(x)]
+
+
+def _finite(x: Tensor) -> Optional[float]:
+    v = float(x)
+    return v if math.isfinite(v) else None
+

@@ -1,0 +1,164 @@
+"""GAN-RL on a tiny random Llama: discriminator loss, rewards, baseline checkpointing, what each update
+touches, and a 3-step fit that writes the rollouts jsonl."""
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_rlm.callbacks import MauveCallback
+from lightning_rlm.data import PrefixCompletionDataModule, TextSource
+from lightning_rlm.methods import GANRL
+from lightning_rlm.methods.gan_rl import PLAIN_PROMPT_TEMPLATE, discriminator_stats, gan_rewards
+
+PREFIXES = ["Once upon a time there was a cat.", "Tom went to the park with his"]
+TRUTHS = [" The cat liked milk.", " dog and they played."]
+
+
+def make(tiny_llama_dir, **kw) -> GANRL:
+    torch.manual_seed(0)
+    args = dict(model_name_or_path=str(tiny_llama_dir), lora_rank=2, lora_alpha=8.0, reasoning_tokens=4,
+                completion_tokens=6, prompt_template=PLAIN_PROMPT_TEMPLATE, g_lr=1e-2, d_lr=1e-2)
+    return GANRL(**{**args, **kw})
+
+
+def adapter_snapshot(m: GANRL) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in m.adapter_parameters()]
+
+
+def head_snapshot(m: GANRL) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in m.d_head.parameters()]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def ce(logits, label):
+    """Two-class cross-entropy by hand: log(1 + exp(other - correct))."""
+    return math.log1p(math.exp(logits[1 - label] - logits[label]))
+
+
+def test_discriminator_loss_and_accuracy_on_known_labels():
+    gen = torch.tensor([[2.0, 0.0], [0.0, 2.0]])  # first called generated (right), second ground truth (wrong)
+    real = torch.tensor([[0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])  # right, wrong, right
+    loss, s = discriminator_stats(gen, real)
+    want = (ce([2, 0], 0) + ce([0, 2], 0) + ce([0, 3], 1) + ce([1, 0], 1) + ce([0, 1], 1)) / 5
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert s["d_acc_generated"].item() == pytest.approx(0.5)
+    assert s["d_acc_real"].item() == pytest.approx(2 / 3)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731  P(class 1) of logits [a, b] is sigmoid(b - a)
+    assert s["d_prob_generated"].item() == pytest.approx((sig(-2) + sig(2)) / 2, rel=1e-6)
+
+
+def test_both_reward_forms_match_hand_computed_values():
+    d_prob = torch.tensor([0.9, 0.5, 0.05, 0.9])
+    lengths = torch.tensor([32, 16, 0, 40])  # the last is over the target: the length term caps at 1
+    prob = gan_rewards(d_prob, lengths, form="prob", target_length=32, length_weight=0.5)
+    assert prob.tolist() == pytest.approx([0.9 + 0.5, 0.5 + 0.25, 0.05 + 0.0, 0.9 + 0.5])
+    # d_value = 1 - d_prob = [0.1, 0.5, 0.95, 0.1]; reward 1 - d_value if d_value > 1/8 else 0
+    vt = gan_rewards(d_prob, lengths, form="value_threshold", target_length=32, length_weight=0.5, threshold=0.125)
+    assert vt.tolist() == pytest.approx([0.0 + 0.5, 0.5 + 0.25, 0.05 + 0.0, 0.0 + 0.5])
+    no_len = gan_rewards(d_prob, lengths, form="value_threshold", target_length=32, length_weight=0.0)
+    assert no_len.tolist() == pytest.approx([0.0, 0.5, 0.05, 0.0])
+
+
+def test_each_update_touches_only_its_own_parameters(tiny_llama_dir):
+    m = make(tiny_llama_dir)
+    (g_opt, d_opt), _ = m.configure_optimizers()
+    rollout = m.generate(PREFIXES)
+    assert len(rollout.completion_texts) == 2 and rollout.completion_lengths.max() <= 6
+    d_loss, _, _, _, rewards = m._score(rollout, TRUTHS)
+    seq_logp, seq_kl, n = m.sequence_logprobs(rollout)
+    g_loss = m.generator_loss(seq_logp, seq_kl, n, rewards - rewards.mean() + 0.3)
+    (g_loss + 10.0 * d_loss).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.adapter_parameters())
+    assert all(p.grad is not None for p in m.d_head.parameters())
+    adapter0, head0 = adapter_snapshot(m), head_snapshot(m)
+    g_opt.step()  # the generator's step: the adapter moves, the head does not
+    assert same(head_snapshot(m), head0) and not same(adapter_snapshot(m), adapter0)
+    adapter1 = adapter_snapshot(m)
+    d_opt.step()  # the discriminator's step: the head moves, the adapter does not
+    assert same(adapter_snapshot(m), adapter1) and not same(head_snapshot(m), head0)
+
+
+def test_generator_loss_has_no_gradient_on_the_head(tiny_llama_dir):
+    m = make(tiny_llama_dir)
+    rollout = m.generate(PREFIXES)
+    seq_logp, seq_kl, n = m.sequence_logprobs(rollout)
+    assert float(seq_kl.detach().abs().max()) < 1e-5  # adapter B starts at zero: policy == base
+    m.generator_loss(seq_logp, seq_kl, n, torch.tensor([1.0, -1.0])).backward()
+    assert all(p.grad is None for p in m.d_head.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.adapter_parameters())
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_discriminator_trains_the_adapter_only_when_asked(tiny_llama_dir, shared):
+    m = make(tiny_llama_dir, d_trains_adapter=shared)
+    with torch.no_grad():  # make the adapter's B nonzero so that gradients reach A too
+        for name, p in m.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    (g_opt, d_opt), _ = m.configure_optimizers()
+    logits = m.discriminator_logits(PREFIXES * 2, [" a b c", " d e"] + TRUTHS)
+    loss, _ = discriminator_stats(logits[:2], logits[2:])
+    loss.backward()
+    touched = any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.adapter_parameters())
+    assert touched == shared
+    adapter0 = adapter_snapshot(m)
+    g_opt.step()
+    d_opt.step()
+    assert same(adapter_snapshot(m), adapter0) != shared  # unchanged exactly when d_trains_adapter=False
+
+
+def test_fit_writes_rollouts_and_the_baseline_survives_a_checkpoint(tmp_path, tiny_llama_dir):
+    L.seed_everything(0)
+    m = make(tiny_llama_dir, reward="value_threshold", kl_coeff=0.1, d_scale=3.0, ema_decay=0.5)
+    dm = PrefixCompletionDataModule(source=TextSource(preset="tinystories", max_documents=60),
+                                    tokenizer=str(tiny_llama_dir), completion_tokens=6, prefix_tokens=12,
+                                    batch_size=2)
+    mauve = MauveCallback(every_n_steps=3, window=20, num_buckets=2, min_texts=4, kmeans_num_redo=1,
+                          kmeans_max_iter=20, on_validation=False)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="gan"),
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                        log_every_n_steps=1, callbacks=[mauve], enable_model_summary=False)
+    trainer.fit(m, datamodule=dm)
+    assert trainer.global_step == 3  # one global step per batch despite two optimizers
+
+    lines = (tmp_path / "gan" / "version_0" / "rollouts.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == 3 * 2 and sorted({r["step"] for r in rows}) == [0, 1, 2]
+    for r in rows:
+        assert {"step", "prefix", "reasoning", "completion", "ground_truth", "reward", "d_prob"} <= set(r)
+        assert isinstance(r["completion"], str) and 0.0 <= r["d_prob"] <= 1.0
+    metrics = trainer.callback_metrics
+    for k in ["d_acc_generated", "d_acc_real", "d_prob_generated", "reward", "baseline", "reasoning_length",
+              "completion_length", "kl", "d_loss", "g_loss"]:
+        assert f"train/{k}" in metrics, (k, sorted(metrics))
+    assert "mauve/mauve" in metrics
+
+    assert int(m.baseline_updates) == 3 and float(m.baseline) != 0.0
+    ckpt = tmp_path / "gan.ckpt"
+    trainer.save_checkpoint(ckpt)
+    again = GANRL.load_from_checkpoint(ckpt)
+    assert float(again.baseline) == float(m.baseline) and int(again.baseline_updates) == 3
+    assert torch.equal(again.d_head[1].weight, m.d_head[1].weight)
+
+    # resuming restores both optimizers, the baseline and the step count, and keeps appending rollouts
+    resumed = L.Trainer(max_steps=4, accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="gan", version=0),
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                        enable_model_summary=False)
+    resumed.fit(again, datamodule=dm, ckpt_path=ckpt)
+    assert resumed.global_step == 4 and int(again.baseline_updates) == 4
+    steps = [json.loads(line)["step"] for line in (tmp_path / "gan" / "version_0" / "rollouts.jsonl").open()]
+    assert steps[-2:] == [3, 3]
+
+
+def test_bad_arguments_are_rejected(tiny_llama_dir):
+    with pytest.raises(ValueError, match="prompt_template"):
+        GANRL(model_name_or_path=str(tiny_llama_dir), prompt_template="no placeholder")
+    with pytest.raises(ValueError, match="reward must be"):
+        GANRL(model_name_or_path=str(tiny_llama_dir), reward="nope")
