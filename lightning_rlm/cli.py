@@ -13,27 +13,36 @@ for resuming (`--ckpt_path last`), and save their resolved config next to the lo
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_rlm.callbacks.checkpointing import RNGStates, RunCheckpoint
 
 DEFAULT_LOG_ROOT = "runs"
 
 # Lightning's own deprecation noise from torch's pytree (not actionable for users).
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+# Lightning looks for resumable *DataLoaders*; ours resume through the DataModule's state (data/sampler.py).
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 class RLMCLI(LightningCLI):
-    def __init__(self, args: Optional[list[str]] = None, run: bool = True, **kwargs) -> None:
+    def __init__(self, args: Optional[list[str]] = None, run: bool = True,
+                 parser_kwargs: Optional[dict] = None, **kwargs) -> None:
         kwargs.setdefault("trainer_defaults", {
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": DEFAULT_LOG_ROOT, "name": "default"}},
+            # DataModules shard each global batch over processes themselves (lightning_rlm.data.sampler).
+            "use_distributed_sampler": False,
         })
         super().__init__(
             model_class=L.LightningModule,
@@ -43,20 +52,21 @@ class RLMCLI(LightningCLI):
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=1234,
-            parser_kwargs={"parser_mode": "yaml"},
+            parser_kwargs=parser_kwargs or {"parser_mode": "yaml"},
             args=args,
             run=run,
             **kwargs,
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Always keep last.ckpt, so any run can be resumed with --ckpt_path last.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Always keep last.ckpt (also at the end of training), so any run can be resumed with --ckpt_path last.
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
 
     def before_instantiate_classes(self) -> None:
         """Name the TensorBoard run after the config file (configs/lm/x.yaml → runs/lm/x) when not set."""
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        check_precision(cfg)
         logger, configs = cfg.trainer.logger, cfg.get("config") or []
         init = getattr(logger, "init_args", None)
         if configs and init is not None and init.get("name") == "default":
@@ -67,18 +77,63 @@ class RLMCLI(LightningCLI):
         if cfg.trainer.enable_progress_bar is not False and not any(
             "ProgressBar" in str(getattr(c, "class_path", type(c).__name__)) for c in callbacks
         ):
-            cfg.trainer.callbacks = [*callbacks, Namespace(class_path=f"{RichProgressBar.__module__}.RichProgressBar",
-                                                           init_args=Namespace(leave=True))]
+            callbacks = [*callbacks, Namespace(class_path=f"{RichProgressBar.__module__}.RichProgressBar",
+                                               init_args=Namespace(leave=True))]
+        # Random states in every checkpoint, for exact resume.
+        if not any("RNGStates" in str(getattr(c, "class_path", type(c).__name__)) for c in callbacks):
+            callbacks = [*callbacks, Namespace(class_path=f"{RNGStates.__module__}.RNGStates", init_args=Namespace())]
+        cfg.trainer.callbacks = callbacks
+
+
+def clean_error(message: str) -> str:
+    """The reason inside jsonargparse's nested "Does not validate against any of the Union subtypes" report.
+
+    A bad init argument of a class given by class_path (a method, a reward, a DataModule) reaches the user
+    wrapped in one such report per nesting level, with every other union member's rejection ("Expected a
+    <class 'NoneType'>") and a dump of the whole config. Keep the config keys and the innermost reasons.
+    """
+    lines = [line.strip() for line in str(message).splitlines()]
+    if not any(line.startswith("Errors:") for line in lines):
+        return str(message).strip()
+    keys = [m.group(1) for line in lines if (m := re.match(r'Parser key "([^"]+)"', line))]
+    noise = ("- Problem with given class_path", "- Not a valid", "- Expected a", "- Does not validate")
+    reasons = [line[2:] for line in lines if line.startswith("- ") and not line.startswith(noise)]
+    for line, following in zip(lines, lines[1:]):  # a class that cannot be imported: the reason follows
+        if line.startswith("- Problem with given class_path") and not following.startswith(
+                ("Parser key", "Does not validate", "- ", "Errors:")):
+            reasons.append(f"{line[len('- Problem with given '):].rstrip(':')}: {following}")
+    if not reasons:
+        return str(message).strip()
+    where = f"{'.'.join(keys)}: " if keys else ""
+    return where + "; ".join(reasons)
+
+
+def check_precision(cfg: Namespace) -> None:
+    """fp16 on a CPU fails before any work: no GradScaler there and many fp16 CPU kernels are missing."""
+    precision = str(cfg.trainer.get("precision") or "32-true")
+    accelerator = str(cfg.trainer.get("accelerator") or "auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not _gpu_available())
+    if on_cpu and precision in ("16", "16-mixed", "16-true"):
+        raise ValueError(
+            f"trainer.precision={precision!r} is not supported on the CPU; use '32-true' or 'bf16-mixed' "
+            "(or run on a GPU)"
+        )
+
+
+def _gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
 
 
 def main(args: Optional[list[str]] = None) -> None:
     """Run a LightningCLI subcommand; bad input ends with one clear line and exit code 2."""
     try:
-        RLMCLI(args=args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        RLMCLI(args=args, parser_kwargs={"parser_mode": "yaml", "exit_on_error": False})
+    except (ValueError, FileNotFoundError, KeyError, ArgumentError) as e:
         # Bad input (config values, data, paths): one clear line and a non-zero exit, not a traceback.
         if os.environ.get("LRLM_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"lightning-rlm: error: {msg}\n(set LRLM_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"lightning-rlm: error: {clean_error(str(msg))}\n(set LRLM_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)

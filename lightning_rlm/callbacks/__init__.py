@@ -5,6 +5,7 @@
 `CompletionsLogger` logs sample completions with rewards and advantages to TensorBoard and a JSONL file.
 """
 
+from lightning_rlm.callbacks.checkpointing import RNGStates, RunCheckpoint, StopAt
 from lightning_rlm.callbacks.completions import CompletionsLogger
 from lightning_rlm.callbacks.mauve import MauveCallback
 from lightning_rlm.callbacks.rollout import all_gather_objects, get_rollout, per_completion, per_group
@@ -12,6 +13,9 @@ from lightning_rlm.callbacks.rollout import all_gather_objects, get_rollout, per
 __all__ = [
     "CompletionsLogger",
     "MauveCallback",
+    "RNGStates",
+    "RunCheckpoint",
+    "StopAt",
     "all_gather_objects",
     "get_rollout",
     "per_completion",

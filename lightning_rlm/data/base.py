@@ -9,10 +9,11 @@ from typing import Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 
 from lightning_rlm.data.collate import DictCollator
 from lightning_rlm.data.paths import resolve_data_path
+from lightning_rlm.data.sampler import ResumableSampler
 from lightning_rlm.data.sources import TextSource
 from lightning_rlm.data.tokenizers import (
     HFTokenizer,
@@ -55,7 +56,7 @@ class TextDataModule(L.LightningDataModule):
         source: where documents come from (a preset, a file, or a hub dataset).
         tokenizer: `char`, `gpt2`, `bpe`, or a path/name for `AutoTokenizer`.
         tokenizer_vocab_size: vocab size of a `bpe` tokenizer trained here.
-        batch_size: examples per batch per process.
+        batch_size: examples per step over all processes (each of W processes takes batch_size / W).
         val_fraction: fraction of documents held out for validation.
         seed: seeds the split (and any per-document random windows).
         num_workers: DataLoader workers.
@@ -87,6 +88,9 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer: Optional[TextTokenizer] = None
         self.train_docs: list[str] = []
         self.val_docs: list[str] = []
+        self._consumed: tuple[int, int] = (0, 0)  # (epoch, training batches used in it)
+        self._resume_from: Optional[tuple[int, int]] = None
+        self._train_sampler: Optional[ResumableSampler] = None
 
     def prepare_data(self) -> None:
         # Runs once per node before setup: train the BPE into the cache so DDP ranks only read it.
@@ -111,10 +115,10 @@ class TextDataModule(L.LightningDataModule):
     def save_tokenizer(self) -> None:
         """Save the tokenizer with the run, so generation and export use the same vocabulary."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.logger is None or not trainer.is_global_zero:
+        if trainer is None or trainer.logger is None:
             return  # no run folder (logger=False): nothing to save next to
-        log_dir = trainer.logger.log_dir or trainer.log_dir
-        if log_dir:
+        log_dir = trainer.logger.log_dir or trainer.log_dir  # trainer.log_dir broadcasts: read on every rank
+        if log_dir and trainer.is_global_zero:
             self.tokenizer.save(Path(log_dir) / "tokenizer")
 
     @property
@@ -125,10 +129,68 @@ class TextDataModule(L.LightningDataModule):
     drop_last_train = False  # RL prompt batches keep a fixed size; SFT pairs use every example
 
     def _loader(self, ds, shuffle: bool) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed) if shuffle else None
         drop_last = shuffle and self.drop_last_train and len(ds) >= self.batch_size
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
-                          num_workers=self.num_workers, collate_fn=DictCollator(self.tokenizer.pad_token_id))
+        return DataLoader(ds, batch_sampler=self.batch_sampler(len(ds), shuffle, drop_last),
+                          num_workers=self.num_workers, collate_fn=DictCollator(self.tokenizer.pad_token_id),
+                          generator=self.loader_generator())
+
+    # ----- sharding and mid-epoch resume (shared by every subclass) -------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError(
+                "Trainer(use_distributed_sampler=True) would re-shard this DataModule's batches; set it to False "
+                "(the lightning-rlm CLI does): the DataModule shards each global batch over processes itself"
+            )
+        return trainer.global_rank, trainer.world_size
+
+    def per_rank_batch_size(self) -> int:
+        """`batch_size` is the global batch: each of the W processes takes batch_size / W examples."""
+        _, world = self._rank_world()
+        if self.batch_size % world:
+            raise ValueError(
+                f"batch_size={self.batch_size} is the global batch and must split evenly over {world} "
+                f"processes; use a multiple of {world}"
+            )
+        return self.batch_size // world
+
+    def batch_sampler(self, num_items: int, shuffle: bool, drop_last: bool) -> BatchSampler:
+        """Seeded, sharded by global batch, resumable (see `ResumableSampler`); one per train loader."""
+        rank, world = self._rank_world()
+        sampler = ResumableSampler(num_items, self.per_rank_batch_size(), shuffle=shuffle, seed=self.seed,
+                                   rank=rank, world_size=world, drop_last=drop_last)
+        if shuffle:
+            if self._resume_from is not None:
+                sampler.resume(*self._resume_from)
+                self._resume_from = None
+            self._train_sampler = sampler
+        return BatchSampler(sampler, self.per_rank_batch_size(), drop_last=False)
+
+    def loader_generator(self) -> torch.Generator:
+        """For DataLoader's worker base seed, which it otherwise draws from the global RNG at every `iter()`
+        (so a validation pass would shift the training stream)."""
+        return torch.Generator().manual_seed(self.seed)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Runs once per batch the trainer actually uses (after prefetching): count training batches per epoch.
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and self._train_sampler is not None:
+            epoch = self._train_sampler.epoch
+            if epoch != self._consumed[0]:
+                self._consumed = (epoch, 0)
+            self._consumed = (epoch, self._consumed[1] + 1)
+        return batch
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: where in which epoch the training data stopped."""
+        return {"epoch": self._consumed[0], "batches": self._consumed[1]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        epoch, batches = int(state_dict.get("epoch", 0)), int(state_dict.get("batches", 0))
+        self._consumed = (epoch, batches)
+        self._resume_from = (epoch, batches)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -109,13 +109,14 @@ class LMWindowDataModule(TextDataModule):
         self.save_tokenizer()
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          drop_last=len(self.train_set) >= self.batch_size,
-                          generator=g, num_workers=self.num_workers)
+        sampler = self.batch_sampler(len(self.train_set), True, drop_last=len(self.train_set) >= self.batch_size)
+        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
+                          generator=self.loader_generator())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        sampler = self.batch_sampler(len(self.val_set), False, drop_last=False)
+        return DataLoader(self.val_set, batch_sampler=sampler, num_workers=self.num_workers,
+                          generator=self.loader_generator())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

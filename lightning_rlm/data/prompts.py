@@ -29,7 +29,7 @@ class PromptDataModule(TextDataModule):
         prompt_tokens: keep the first k tokens of each document (None: the whole text); shorter documents
             are dropped.
         prompt_template: optional string with `{text}` wrapping each prompt.
-        batch_size: prompts per step per process (each is sampled `num_generations` times by the method).
+        batch_size: prompts per step over all processes (each is sampled `num_generations` times by the method).
     """
 
     drop_last_train = True

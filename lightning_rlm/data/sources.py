@@ -77,7 +77,11 @@ class TextSource:
         return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(suffix, "text")
 
     def describe(self) -> str:
-        return self.preset or self.hf_name or str(self.path)
+        if self.hf_name:
+            return self.hf_name
+        if self.preset and self.path != PRESETS.get(self.preset, {}).get("path", self.path):
+            return f"{self.preset} ({self.path})"  # a preset whose file was overridden: name the file
+        return self.preset or str(self.path)
 
     def read(self) -> list[str]:
         """Read and return the documents. Raises a clear error for a missing file or an empty corpus."""

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from lightning_rlm.adapters.dual_lora import ADAPTER_MODES, DualLoRAModel, add_dual_lora
+from lightning_rlm.callbacks.checkpointing import own_rank_state, rank_states
 from lightning_rlm.losses import group_advantages, policy_loss
 from lightning_rlm.methods.grpo import GRPO, RewardFn, default_rewards
 from lightning_rlm.rewards import KeywordCount
@@ -400,11 +401,12 @@ class GradientRouting(GRPO):
         super().on_save_checkpoint(checkpoint)
         gen = self.detector_generator
         checkpoint["gradient_routing_state"] = {
-            "detector_generator": gen.get_state() if gen is not None else None}
+            "detector_generators": rank_states(gen.get_state() if gen is not None else None)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get("gradient_routing_state", {}).get("detector_generator")
+        saved = checkpoint.get("gradient_routing_state", {})
+        state = own_rank_state(saved["detector_generators"]) if "detector_generators" in saved else None
         if state is not None:
             self.detector_generator = torch.Generator()
             self.detector_generator.set_state(state)

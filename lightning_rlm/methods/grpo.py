@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from lightning_rlm.adapters import add_lora, frozen_copy, reference_logprobs
+from lightning_rlm.callbacks.checkpointing import own_rank_state, rank_states
 from lightning_rlm.losses import group_advantages, policy_loss
 from lightning_rlm.metrics.text import DegenerateFlag, GroupJaccard, UniqueFirstSentences, first_sentence
 from lightning_rlm.models.hf import load_policy
@@ -328,17 +329,18 @@ class GRPO(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         elapsed = self._elapsed_before_resume + (time.perf_counter() - (self._fit_start_time or time.perf_counter()))
-        checkpoint["grpo_state"] = {
-            "generator": self.generator.get_state() if self.generator is not None else None,
+        checkpoint["grpo_state"] = {  # the sampling generator of every rank (each samples its own stream)
+            "generators": rank_states(self.generator.get_state() if self.generator is not None else None),
             "recent_rewards": list(self.recent_rewards), "threshold_hits": dict(self.threshold_hits),
             "elapsed_s": elapsed,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("grpo_state", {})
-        if state.get("generator") is not None:
+        generator = own_rank_state(state["generators"]) if state.get("generators") else state.get("generator")
+        if generator is not None:
             self.generator = torch.Generator(self.device)
-            self.generator.set_state(state["generator"])
+            self.generator.set_state(generator)
         self.recent_rewards = deque(state.get("recent_rewards", []), maxlen=10)
         self.threshold_hits = dict(state.get("threshold_hits", {}))
         self._elapsed_before_resume = float(state.get("elapsed_s", 0.0))

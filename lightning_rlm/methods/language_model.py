@@ -91,7 +91,7 @@ class LanguageModel(VocabFromData, L.LightningModule):
     # ----- training ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.nll(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch mean under DDP
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 

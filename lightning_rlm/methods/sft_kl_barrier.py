@@ -52,6 +52,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_rlm.adapters import add_lora, frozen_copy, reference_mode
+from lightning_rlm.callbacks.rollout import all_gather_objects
 from lightning_rlm.data.pairs import keyword_pattern
 from lightning_rlm.losses.kl import KL_AGGREGATES, KL_DIRECTIONS, aggregate_kl, kl_barrier, per_position_kl
 from lightning_rlm.metrics.text import RepeatedNgramLoop
@@ -253,7 +254,9 @@ class SFTKLBarrier(L.LightningModule):
             dm = getattr(self.trainer, "datamodule", None)
             if dm is None or not hasattr(dm, "val_dataloader"):
                 raise ValueError("SFTKLBarrier takes its held-out prompts from a DataModule's val_dataloader")
-            batches, left = [], self.hparams.eval_prompts
+            world = self.trainer.world_size
+            # this rank's share of eval_prompts (the val loader is sharded over ranks)
+            batches, left = [], -(-self.hparams.eval_prompts // world)
             for batch in dm.val_dataloader():
                 n = min(left, len(batch["prompt"]))
                 # left padding survives dropping rows (every row still ends in a real token)
@@ -298,6 +301,11 @@ class SFTKLBarrier(L.LightningModule):
     def run_round(self, k: int) -> float:
         """Generate, save `generations_round_<k>.jsonl`, log the round's scores; returns its coherence."""
         prompts, completions = self.generate_round()
+        # Each rank sampled its shard of the held-out prompts: score the union, so every rank takes the same
+        # early-stopping decision (one rank stopping alone would leave the others waiting in a collective).
+        parts = all_gather_objects((prompts, completions))
+        prompts = [p for part_prompts, _ in parts for p in part_prompts]
+        completions = [c for _, part_completions in parts for c in part_completions]
         s = self.score_round(completions)
         self.history.append({"round": k, "step": self.global_step, "trait": s["trait"],
                              "coherence": s["coherence"]})
@@ -305,11 +313,12 @@ class SFTKLBarrier(L.LightningModule):
                            "round/log_incoherence": s["log_incoherence"], "round/index": float(k)})
         rank_zero_info(f"round {k} (step {self.global_step}): trait {s['trait']:.3f}, "
                        f"coherence {s['coherence']:.3f}")
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # broadcasts: read on every rank
         if self.trainer.is_global_zero:
             rows = [{"round": k, "step": self.global_step, "prompt": p, "completion": c, "trait": t,
                      "loop": lp}
                     for p, c, t, lp in zip(prompts, completions, s["trait_flags"], s["loop_flags"])]
-            out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            out = Path(log_dir)
             out.mkdir(parents=True, exist_ok=True)
             with (out / f"generations_round_{k}.jsonl").open("w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
