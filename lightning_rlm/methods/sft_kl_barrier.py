@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -320,8 +321,11 @@ class SFTKLBarrier(L.LightningModule):
                     for p, c, t, lp in zip(prompts, completions, s["trait_flags"], s["loop_flags"])]
             out = Path(log_dir)
             out.mkdir(parents=True, exist_ok=True)
-            with (out / f"generations_round_{k}.jsonl").open("w", encoding="utf-8") as f:
+            path = out / f"generations_round_{k}.jsonl"
+            tmp = path.with_suffix(".jsonl.tmp")  # written whole, then renamed: a kill never leaves half a file
+            with tmp.open("w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            os.replace(tmp, path)
             self._log_table(k, rows)
         return s["coherence"]
 
