@@ -43,11 +43,13 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_rlm.adapters.wrapping import LinearWrappingModel, WrappedLinear, wrap_linears
 
 __all__ = ["ADAPTER_MODES", "AdapterMode", "DualLoRALinear", "DualLoRAModel", "LoRABranch", "add_dual_lora"]
 
@@ -91,38 +93,20 @@ class LoRABranch(nn.Module):
         return f"rank={self.rank}, scale={self.scale:g}"
 
 
-class DualLoRALinear(nn.Module):
+class DualLoRALinear(WrappedLinear):
     """A frozen ``nn.Linear`` plus a retain and a forget :class:`LoRABranch`, switched by a shared state."""
 
     def __init__(
         self, base: nn.Linear, retain_rank: int, forget_rank: int, retain_alpha: float, forget_alpha: float,
         use_rslora: bool, state: _AdapterState,
     ) -> None:
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         # fp32 adapters on a low-precision base (as PEFT does): the updates are small and Adam needs the range
         dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
         d_in, d_out, kw = base.in_features, base.out_features, dict(device=base.weight.device, dtype=dtype)
         self.retain = LoRABranch(d_in, d_out, retain_rank, retain_alpha, use_rslora, **kw)
         self.forget = LoRABranch(d_in, d_out, forget_rank, forget_alpha, use_rslora, **kw)
         self._state = state
-
-    # some HF code reads projection weights directly (dtype checks, fused kernels)
-    @property
-    def weight(self) -> Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def _branch(self, branch: LoRABranch, x: Tensor, on: bool, flagged: Optional[Tensor]) -> Optional[Tensor]:
         if not on:
@@ -150,7 +134,7 @@ class DualLoRALinear(nn.Module):
         return y
 
 
-class DualLoRAModel(nn.Module):
+class DualLoRAModel(LinearWrappingModel):
     """A causal LM whose targeted linear layers carry a retain and a forget LoRA adapter.
 
     Calls are forwarded to the wrapped model, so it drops into
@@ -183,34 +167,11 @@ class DualLoRAModel(nn.Module):
         model.requires_grad_(False)
         self.model = model
         self._state = _AdapterState()
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        targets = [
-            name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module is not head
-            and (target_modules is None or any(name == t or name.endswith("." + t) for t in target_modules))
-        ]
-        if not targets:
-            raise ValueError(f"no nn.Linear module matches target_modules={target_modules!r}")
-        for name in targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            wrapped = DualLoRALinear(
-                getattr(parent, child), retain_rank, forget_rank,
-                float(retain_rank if retain_alpha is None else retain_alpha),
-                float(forget_rank if forget_alpha is None else forget_alpha), use_rslora, self._state,
-            )
-            setattr(parent, child, wrapped)
-        self.target_names = targets
-
-    # Read by the static-cache sampler: this wrapper only forwards, its adapters live in the wrapped Linears.
-    forwards_to_wrapped = True
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-    @property
-    def config(self) -> Any:
-        return getattr(self.model, "config", None)
+        self.target_names = wrap_linears(model, target_modules, lambda name, base: DualLoRALinear(
+            base, retain_rank, forget_rank,
+            float(retain_rank if retain_alpha is None else retain_alpha),
+            float(forget_rank if forget_alpha is None else forget_alpha), use_rslora, self._state,
+        ))
 
     # ----- parameters -----------------------------------------------------------------------------------
     def dual_layers(self) -> Iterator[DualLoRALinear]:

@@ -60,12 +60,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_rlm.adapters.wrapping import LinearWrappingModel, WrappedLinear, wrap_linears
 from lightning_rlm.rollout.generate import completion_logprobs
 
 __all__ = [
@@ -170,13 +171,12 @@ class _SVDState:
     hack_on: bool = True
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(WrappedLinear):
     """A frozen ``nn.Linear`` plus ``U diag(δS + δS_hack) Vᵀ``, switched by a shared state."""
 
     def __init__(self, base: nn.Linear, U: Tensor, S: Tensor, Vh: Tensor, state: _SVDState,
                  weight_sha: str = "") -> None:
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         dev = base.weight.device
         # fp32 factors and knobs on a 16-bit base (as PEFT does for LoRA): small updates need the range
         dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -192,23 +192,6 @@ class SVDLinear(nn.Module):
         self.rank = r
         self.weight_sha = weight_sha
         self._state = state
-
-    # some HF code reads projection weights directly (dtype checks, fused kernels)
-    @property
-    def weight(self) -> Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def _scale(self) -> Optional[Tensor]:
         """``δS·[main on] + δS_hack·[hack on]`` [r]; an off vector that trains joins as ``0·v`` (DDP keeps
@@ -237,7 +220,7 @@ class SVDLinear(nn.Module):
         return f"rank={self.rank}"
 
 
-class SVDAdapterModel(nn.Module):
+class SVDAdapterModel(LinearWrappingModel):
     """A causal LM whose targeted linear layers carry ``δS`` / ``δS_hack`` knobs in their SVD basis.
 
     Calls are forwarded to the wrapped model, so it drops into
@@ -258,34 +241,14 @@ class SVDAdapterModel(nn.Module):
         model.requires_grad_(False)
         self.model = model
         self._state = _SVDState()
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        targets = [
-            name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module is not head
-            and (target_modules is None or any(name == t or name.endswith("." + t) for t in target_modules))
-        ]
-        if not targets:
-            raise ValueError(f"no nn.Linear module matches target_modules={target_modules!r}")
-        for name in targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            base = getattr(parent, child)
+        def make(name: str, base: nn.Linear) -> SVDLinear:
             sha = weight_sha256(base.weight)
             U, S, Vh = cached_svd(base.weight, name, cache_dir, sha=sha)
-            setattr(parent, child, SVDLinear(base, U, S, Vh, self._state, weight_sha=sha))
-        self.target_names = targets
+            return SVDLinear(base, U, S, Vh, self._state, weight_sha=sha)
+
+        self.target_names = wrap_linears(model, target_modules, make)
         for p in self.hack_parameters():
             p.requires_grad_(train_hack)
-
-    # Read by the static-cache sampler: this wrapper only forwards, its knobs live in the wrapped Linears.
-    forwards_to_wrapped = True
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-    @property
-    def config(self) -> Any:
-        return getattr(self.model, "config", None)
 
     # ----- layers and parameters ------------------------------------------------------------------------
     def svd_layers(self) -> dict[str, SVDLinear]:
