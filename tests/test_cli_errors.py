@@ -19,6 +19,7 @@ GRU = str(ROOT / "configs/lm/gru_shakespeare.yaml")
 QSTAR = str(ROOT / "configs/quiet_star_gru/reasoner_32.yaml")
 GRPO = str(ROOT / "configs/grpo/sentence_length_10_smooth.yaml")
 SFT = str(ROOT / "configs/sft_kl_barrier/kl_rev_rmse.yaml")
+QSTAR_HF = str(ROOT / "configs/quiet_star/qwen2_shakespeare_char.yaml")
 
 # (id, config, overrides; "{tiny}" is the tiny Llama folder and "{tmp}" the test folder, expected message)
 ROWS = [
@@ -44,6 +45,10 @@ ROWS = [
      "--model.init_args.tau=-1"], "tau must be >= 0"),
     ("weight_groups that cannot share", QSTAR, ["--model.init_args.weight_groups=AAAA",
      "--model.init_args.reasoner_hidden_dim=128"], "weight_groups='AAAA' shares one GRU"),
+    # Quiet-STaR's thought markers start from the embedding of thought_init_text: a tokenizer that cannot
+    # encode it (here a char vocabulary without '€') has no thought tokens to start from
+    ("a tokenizer without the thought tokens", QSTAR_HF, ["--model.init_args.thought_init_text=€€€"],
+     "thought_init_text '€€€' cannot be encoded by the DataModule's tokenizer"),
     ("model path that does not exist", GRPO, ["--model.init_args.model_name_or_path={tmp}/no_model",
      "--data.init_args.tokenizer={tiny}"], "no_model' does not exist"),
     ("fp16 on the CPU", GRU, ["--trainer.accelerator=cpu", "--trainer.precision=16-mixed"],

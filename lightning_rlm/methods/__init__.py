@@ -13,3 +13,6 @@ __all__ += ["ProjectedGRPO"]
 from lightning_rlm.methods.gan_rl import GANRL  # noqa: E402
 
 __all__ += ["GANRL"]
+from lightning_rlm.methods.quiet_star import QuietStar  # noqa: E402
+
+__all__ += ["QuietStar"]

@@ -111,12 +111,16 @@ class StaticCacheDecoder:
         return out.reshape(n, self.n_heads, 1, self.head_dim)
 
     @torch.no_grad()
-    def step(self, input_ids: Tensor, position_ids: Tensor, key_mask: Tensor) -> Tensor:
-        n, t = input_ids.shape
+    def step(self, input_ids: Tensor | None, position_ids: Tensor, key_mask: Tensor,
+             inputs_embeds: Tensor | None = None, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``inputs_embeds [N, T, D]`` replaces ``input_ids`` (e.g. learned thought markers); with
+        ``return_hidden`` also the last position's final-norm hidden state ``[N, D]``. Slots past
+        ``key_mask``'s length are free: a shorter mask next time rolls the cache back."""
+        h = self.core.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [N, T, D]
+        n, t = h.shape[:2]
         s = key_mask.shape[1]
         if s > self.max_len:
             raise ValueError(f"sequence of {s} tokens exceeds the cache's {self.max_len} slots")
-        h = self.core.embed_tokens(input_ids)  # [N, T, D]
         cos, sin = self.core.rotary_emb(h, position_ids)  # [N, T, Dh]
         cos, sin = cos[:, None], sin[:, None]  # [N, 1, T, Dh]
         keys_ok = key_mask.bool()[:, None, None, :]  # [N, 1, 1, S]
@@ -147,4 +151,6 @@ class StaticCacheDecoder:
                 )  # [N, H, T, Dh]
             h = h + attn.o_proj(out.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim))
             h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
-        return self.lm.lm_head(_rms_norm(self.core.norm, h[:, -1]))  # [N, V]
+        hidden = _rms_norm(self.core.norm, h[:, -1])  # [N, D]
+        logits = self.lm.lm_head(hidden)  # [N, V]
+        return (logits, hidden) if return_hidden else logits

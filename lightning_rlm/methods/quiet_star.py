@@ -1,0 +1,393 @@
+"""Quiet-STaR on any Hugging Face causal LM: think before every token, learn which thoughts help.
+
+Zelikman et al. (2024). For windows x[0..L-1] and thinking positions t (every position, a stride, or a
+random sample), `QuietStarLM.think` samples P thoughts z of n_ahead - 2 tokens between learned
+<sot>/<eot> markers, then predicts the next J = n_talk true tokens after each thought and mixes those
+logits with the base model's through the mixing head. Objective, per position t and thought k:
+
+    talk_nll  = mean_{k, j <= J, t + j < L} -log p_mix(x_{t+1+j} | x_{<=t}, z_k, x_{t+1..t+j})
+    r_k       = sum_j log p_mix(x_{t+1+j} | ...)                        (reward, detached)
+    b_k       = mean_{i != k} r_i       (leave-one-out; with null_thought_baseline the empty thought's
+                                          reward joins the others: b_k = (sum_{i != k} r_i + r_null) / P)
+    A_k       = r_k - b_k    (clamped at 0 with clamp_negative_advantage)
+    loss      = base_loss_beta * NLL_base + talk_loss_beta * talk_nll
+                - policy_loss_beta * mean(A_k * log pi(z_k))
+
+Departures from the paper: the mixing head's last layer starts at zero weights, so training starts as (or,
+with `sigmoid`, within 1% of) the base model; the baseline is leave-one-out (the paper averages over all
+thoughts, itself included, which scales the advantage by (P-1)/P); talk tokens after the end marker run as
+one forward per position instead of one per token; <sot>/<eot> are learned vectors outside the vocabulary
+instead of added tokens, so nothing needs masking when sampling; the optional empty-thought baseline is the
+seed's "always including the null prompt baseline". Attention: `engine: dense` is the paper's mask over
+every position's thought, `diagonal` the context block + own-thought band (see
+`lightning_rlm/models/thought_attention.py`); both give the same loss and gradients.
+
+Logs (train/ and val/): `nll` (the model's next-token NLL: mixed at thinking positions, base elsewhere;
+comparable with the LM baselines' `loss`), `nll_base` (the base path alone, all positions),
+`nll_thought` and `nll_base_at_thought` (next token at thinking positions with and without the thought),
+`gap` (their difference; < 0 means thoughts help) and `gap_easy|medium|hard` (by the base NLL of that
+token, edges `gap_buckets`), `talk_nll`, `reward`, `advantage_std`, `policy_loss`, `mix_weight`,
+`thought_entropy`; TensorBoard text `thoughts` (context → thought → prediction) and `samples` (a thinking
+generation with its thoughts shown).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lightning_rlm.callbacks.checkpointing import own_rank_state, rank_states
+from lightning_rlm.logging_utils import log_text
+from lightning_rlm.models.quiet_star_lm import MixingHead, QuietStarLM, ThinkOutput
+from lightning_rlm.models.thought_attention import Engine
+from lightning_rlm.optim import adamw_warmup_cosine
+
+
+def marker_init(lm: torch.nn.Module, ids: list[int], text: str, unk_id: Optional[int] = None) -> torch.Tensor:
+    """Mean input embedding of `text`'s tokens: the start value of <sot>/<eot>. A tokenizer that cannot
+    encode the text (nothing, or only its unknown token) is a clear error naming it."""
+    if not ids or (unk_id is not None and all(i == unk_id for i in ids)):
+        raise ValueError(f"thought_init_text {text!r} encodes to no known token with this tokenizer "
+                         f"(ids {ids}); set model.init_args.thought_init_text to a text it can encode")
+    weight = lm.get_input_embeddings().weight
+    if max(ids) >= weight.shape[0]:
+        raise ValueError(f"thought_init_text {text!r} has token id {max(ids)} outside the model's vocab "
+                         f"{weight.shape[0]}: the tokenizer does not belong to this model")
+    return weight[torch.tensor(ids)].detach().float().mean(0)
+
+
+def loo_baseline(rewards: torch.Tensor, null: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Baseline of each of the P thoughts along dim 1 of rewards [B, P, Lq]: the mean of the others, with
+    the empty thought's reward [B, 1, Lq] counted among them when given. P = 1 and no null: 0."""
+    P = rewards.shape[1]
+    others = rewards.sum(1, keepdim=True) - rewards  # [B, P, Lq]
+    if null is not None:
+        return (others + null) / P
+    if P == 1:
+        return torch.zeros_like(rewards)
+    return others / (P - 1)
+
+
+class QuietStar(L.LightningModule):
+    """Quiet-STaR around an HF causal LM.
+
+    Model (one of):
+        model_name_or_path: a pretrained model folder / hub name (`lrlm:tiny-llama-tinystories` is the
+            base model built here); its tokenizer must be the DataModule's.
+        model_config: a config dict with `model_type` (llama, qwen2, gpt2, ...) for a random model whose
+            vocab is the DataModule tokenizer's (`vocab_size` is filled in and saved with checkpoints).
+    Thoughts:
+        engine: `diagonal` (context block + own-thought band) or `dense` (the paper's mask).
+        n_ahead: thought length counting <sot> and <eot> (n_ahead - 2 sampled tokens; 2 = empty thoughts).
+        n_talk: true tokens predicted after each thought (the reward's horizon).
+        n_passes: thoughts per position (>= 2 for the leave-one-out baseline, unless null_thought_baseline).
+        think_every: think at positions 0, k, 2k, ... (1: every position).
+        think_positions: think at this many positions sampled per batch among those (None: all of them).
+        thought_temperature: sampling temperature of thoughts (log-probs are of the tempered policy).
+        thought_init_text: text whose mean embedding starts <sot> and <eot> (the paper's "---").
+        embedding_grad_scale: <sot>/<eot> gradient and step multiplier (the paper's 100).
+        mixing_head: the weight mixing base and post-thought logits: `sigmoid` (in (0, 1), starts at 0.01),
+            `linear` (unbounded, starts at exactly 0), `off` (post-thought logits alone).
+    Objective:
+        base_loss_beta, talk_loss_beta, policy_loss_beta: weights of base NLL, talk NLL, REINFORCE.
+        clamp_negative_advantage: only thoughts better than their baseline are reinforced.
+        null_thought_baseline: count the empty thought's reward in every baseline (seed 001).
+        gap_buckets: base-NLL edges (nats) of the easy / medium / hard buckets of the logged gap.
+    Optimisation: AdamW (no decay on vectors), warmup then constant or cosine.
+    Samples: every `sample_every_n_steps` the thoughts at `sample_positions` positions of the batch; at each
+        validation a thinking generation of `sample_tokens` tokens from `sample_prompt` (0 / None: off).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: Optional[str] = None,
+        model_config: Optional[dict[str, Any]] = None,
+        vocab_size: Optional[int] = None,
+        engine: Engine = "diagonal",
+        n_ahead: int = 8,
+        n_talk: int = 4,
+        n_passes: int = 2,
+        think_every: int = 1,
+        think_positions: Optional[int] = None,
+        thought_temperature: float = 1.0,
+        thought_init_text: str = "---",
+        embedding_grad_scale: float = 100.0,
+        mixing_head: MixingHead = "sigmoid",
+        base_loss_beta: float = 1.0,
+        talk_loss_beta: float = 1.0,
+        policy_loss_beta: float = 1.0,
+        clamp_negative_advantage: bool = False,
+        null_thought_baseline: bool = False,
+        gap_buckets: tuple[float, float] = (1.0, 3.0),
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        min_lr_ratio: float = 0.1,
+        sample_every_n_steps: int = 100,
+        sample_positions: int = 4,
+        sample_prompt: Optional[str] = "Once upon a time",
+        sample_tokens: int = 24,
+    ) -> None:
+        super().__init__()
+        if (model_name_or_path is None) == (model_config is None):
+            raise ValueError("QuietStar needs exactly one of model_name_or_path or model_config")
+        if engine not in ("dense", "diagonal"):
+            raise ValueError(f"engine must be 'dense' or 'diagonal', got {engine!r}")
+        if n_ahead < 2 or n_talk < 1 or n_passes < 1 or think_every < 1:
+            raise ValueError(f"need n_ahead >= 2 (it counts <sot> and <eot>), n_talk >= 1, n_passes >= 1, "
+                             f"think_every >= 1; got {n_ahead}, {n_talk}, {n_passes}, {think_every}")
+        if think_positions is not None and think_positions < 1:
+            raise ValueError(f"think_positions must be None (all) or >= 1, got {think_positions}")
+        if thought_temperature <= 0 or lr <= 0:
+            raise ValueError(f"thought_temperature and lr must be > 0, got {thought_temperature}, {lr}")
+        if not gap_buckets[0] < gap_buckets[1]:
+            raise ValueError(f"gap_buckets must be two increasing edges, got {gap_buckets}")
+        self.save_hyperparameters()
+        self.net: Optional[QuietStarLM] = None
+        self.hf_tokenizer = None
+        if model_name_or_path is not None:
+            from lightning_rlm.models.hf import load_policy
+
+            lm, self.hf_tokenizer, _ = load_policy(model_name_or_path)
+            self._build(lm, self.hf_tokenizer.encode(thought_init_text, add_special_tokens=False),
+                        self.hf_tokenizer.unk_token_id)
+        elif vocab_size is not None:  # a checkpoint: the markers' start value is overwritten by its weights
+            self._build(self._lm_from_config(vocab_size), None, None)
+        else:
+            from lightning_rlm.models.hf import config_from_dict
+
+            config_from_dict(model_config)  # a bad config fails now, not after the data is read
+        self.generator: Optional[torch.Generator] = None
+        self._last_step_time: Optional[float] = None
+
+    # ----- model --------------------------------------------------------------------------------------------
+    def _lm_from_config(self, vocab_size: int) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        from lightning_rlm.models.hf import config_from_dict
+
+        return AutoModelForCausalLM.from_config(config_from_dict(self.hparams.model_config, vocab_size))
+
+    def _build(self, lm: torch.nn.Module, init_ids: Optional[list[int]], unk_id: Optional[int]) -> None:
+        h = self.hparams
+        init = marker_init(lm, init_ids, h.thought_init_text, unk_id) if init_ids is not None else None
+        lm.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
+        self.net = QuietStarLM(lm, init, h.embedding_grad_scale, h.mixing_head)
+
+    @property
+    def tokenizer(self):
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return getattr(dm, "tokenizer", None)
+
+    def setup(self, stage: str) -> None:
+        tok = self.tokenizer
+        if self.net is None:
+            if tok is None:
+                raise ValueError("QuietStar with model_config needs vocab_size or a DataModule with a tokenizer")
+            self.hparams.vocab_size = tok.vocab_size
+            text = self.hparams.thought_init_text
+            try:
+                ids = tok.encode(text)
+            except ValueError as e:  # e.g. a char vocabulary without '-'
+                raise ValueError(f"thought_init_text {text!r} cannot be encoded by the DataModule's tokenizer "
+                                 f"({e}); set model.init_args.thought_init_text to a text it can encode") from None
+            self._build(self._lm_from_config(tok.vocab_size), ids, getattr(getattr(tok, "hf", None), "unk_token_id", None))
+        elif tok is not None and tok.vocab_size > self.net.lm.config.vocab_size:
+            raise ValueError(f"the DataModule's tokenizer has {tok.vocab_size} tokens but the model's vocab is "
+                             f"{self.net.lm.config.vocab_size}: use the model's own tokenizer")
+
+    def _generator(self) -> torch.Generator:
+        if self.generator is None or self.generator.device != self.device:
+            seed = (torch.initial_seed() + self.global_rank) % 2**63  # seed_everything's seed + rank
+            self.generator = torch.Generator(self.device).manual_seed(seed)
+        return self.generator
+
+    def thought_positions(self, length: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """[Lq] positions to think at in a window of `length` tokens."""
+        h = self.hparams
+        pos = torch.arange(0, length, h.think_every)
+        if h.think_positions is not None and h.think_positions < pos.numel():
+            pick = torch.randperm(pos.numel(), generator=generator, device=generator.device if generator else None)
+            pos = pos[pick[: h.think_positions].cpu()].sort().values
+        return pos.to(self.device)
+
+    # ----- objective ------------------------------------------------------------------------------------------
+    def compute_losses(self, batch: dict[str, torch.Tensor], generator: Optional[torch.Generator],
+                       thought_tokens: Optional[torch.Tensor] = None) -> tuple[dict[str, torch.Tensor], ThinkOutput]:
+        """Loss and detached statistics for windows {"input_ids", "labels"} [B, L]; `thought_tokens`
+        [B * n_passes, Lq, n_ahead - 2] replaces sampling (tests run both engines on the same thoughts)."""
+        h = self.hparams
+        ids, labels = batch["input_ids"], batch["labels"]  # [B, L]
+        B, L_ = ids.shape
+        P, J = h.n_passes, h.n_talk
+        positions = self.thought_positions(L_, generator)
+        out = self.net.think(ids, positions, h.n_ahead, J, P, h.engine, h.thought_temperature, generator,
+                             thought_tokens=thought_tokens, null_thought=h.null_thought_baseline)
+        V = out.base_logits.shape[-1]
+        Lq = positions.numel()
+        base_tok_nll = F.cross_entropy(out.base_logits.float().reshape(-1, V), labels.reshape(-1),
+                                       reduction="none").view(B, L_)  # [B, L]
+        targets = labels[:, out.talk_index]  # [B, Lq, J]
+        valid = out.talk_valid.to(out.talk_logits.dtype)  # [Lq, J]
+
+        def talk_logp(logits: torch.Tensor, rows: int) -> torch.Tensor:  # logits [B*rows, Lq, J, V]
+            tgt = targets.repeat_interleave(rows, 0)
+            return -F.cross_entropy(logits.float().reshape(-1, V), tgt.reshape(-1),
+                                    reduction="none").view(B, rows, Lq, J)
+
+        logp = talk_logp(out.talk_logits, P)  # [B, P, Lq, J]
+        talk_nll = -(logp * valid).sum() / (valid.sum() * B * P)
+        reward = (logp * valid).sum(-1).detach()  # [B, P, Lq]
+        null_reward = None
+        if out.null_talk_logits is not None:
+            null_logp = talk_logp(out.null_talk_logits, 1)  # [B, 1, Lq, J]
+            null_reward = (null_logp * valid).sum(-1)
+        advantage = reward - loo_baseline(reward, null_reward)
+        if h.clamp_negative_advantage:
+            advantage = advantage.clamp(min=0)
+        thought_logp = out.thought_logprob.view(B, P, Lq, -1).sum(-1)  # [B, P, Lq]
+        policy_loss = -(advantage * thought_logp).mean()
+        base_nll = base_tok_nll.mean()
+        loss = h.base_loss_beta * base_nll + h.talk_loss_beta * talk_nll
+        if h.n_ahead > 2 and h.policy_loss_beta != 0:
+            loss = loss + h.policy_loss_beta * policy_loss
+
+        with torch.no_grad():
+            nll_thought = -logp[..., 0].mean(1)  # [B, Lq] next token after the thought, mean over passes
+            nll_base_at = base_tok_nll[:, positions]  # [B, Lq]
+            gap = nll_thought - nll_base_at
+            # the model's own next-token NLL: mixed where it thinks, base elsewhere
+            nll = (base_tok_nll.sum() - nll_base_at.sum() + nll_thought.sum()) / base_tok_nll.numel()
+            stats = {
+                "loss": loss, "nll": nll, "nll_base": base_nll.detach(), "nll_thought": nll_thought.mean(),
+                "nll_base_at_thought": nll_base_at.mean(), "gap": gap.mean(), "talk_nll": talk_nll.detach(),
+                "reward": reward.mean(), "advantage_std": advantage.std() if advantage.numel() > 1 else advantage.sum(),
+                "policy_loss": policy_loss.detach(), "thought_entropy": out.thought_entropy.mean()
+                if out.thought_entropy.numel() else torch.zeros((), device=self.device),
+            }
+            lo, hi = h.gap_buckets
+            for name, sel in (("easy", nll_base_at < lo), ("medium", (nll_base_at >= lo) & (nll_base_at < hi)),
+                              ("hard", nll_base_at >= hi)):
+                if bool(sel.any()):
+                    stats[f"gap_{name}"] = gap[sel].mean()
+            if out.mix_weight is not None:
+                stats["mix_weight"] = out.mix_weight.mean()
+            if null_reward is not None:
+                stats["null_reward"] = null_reward.mean()
+        return stats, out
+
+    # ----- training ---------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        stats, out = self.compute_losses(batch, self._generator())
+        for name, value in stats.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name in ("loss", "gap"))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        every = self.hparams.sample_every_n_steps
+        if every and self.global_step % every == 0:
+            self.log_thoughts(batch, out)
+        return stats["loss"]
+
+    def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:  # whole-loop time between steps
+            tokens = batch["input_ids"].numel() * self.trainer.world_size
+            self.log("train/tokens_per_s", tokens / (now - self._last_step_time), prog_bar=True)
+        self._last_step_time = now
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_time = None
+
+    def on_validation_epoch_start(self) -> None:
+        # the same thoughts for the same weights at every validation (and the training stream untouched)
+        self._eval_generator = torch.Generator(self.device).manual_seed(1234 + self.global_rank)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        stats, _ = self.compute_losses(batch, self._eval_generator)
+        stats["loss"] = stats["nll"]  # evaluation `loss` is the NLL, comparable across methods
+        for name, value in stats.items():
+            self.log(f"{split}/{name}", value, prog_bar=name in ("nll", "gap"), sync_dist=True)
+        self._last_step_time = None
+        return stats["nll"]
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.log_sample()
+
+    def configure_optimizers(self):
+        h = self.hparams
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        return adamw_warmup_cosine(self, total, h.lr, h.weight_decay, h.betas, h.warmup_steps, h.min_lr_ratio,
+                                   h.lr_schedule)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["quiet_star_state"] = {  # each rank samples its own thoughts
+            "generators": rank_states(self.generator.get_state() if self.generator is not None else None)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("quiet_star_state", {}).get("generators")
+        state = own_rank_state(states) if states else None
+        if state is not None:
+            self.generator = torch.Generator(self.device)
+            self.generator.set_state(state)
+
+    # ----- samples ----------------------------------------------------------------------------------------
+    def _decode(self, ids: list[int]) -> str:
+        tok = self.tokenizer if self.tokenizer is not None else self.hf_tokenizer
+        return tok.decode(ids).replace("\n", "⏎").replace("`", "'")
+
+    @torch.no_grad()
+    def thought_lines(self, batch: dict[str, torch.Tensor], out: ThinkOutput, n: int,
+                      context_tokens: int = 12) -> list[str]:
+        """`context → ⟨thought⟩ → prediction (true, p base → p mixed)` for n thinking positions of row 0."""
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        positions = out.talk_index[:, 0].tolist()
+        picks = torch.linspace(0, len(positions) - 1, min(n, len(positions))).long().unique().tolist()
+        lines = []
+        for q in picks:
+            t = positions[q]
+            true = int(labels[t])
+            p_base = out.base_logits[0, t].float().softmax(-1)[true].item()
+            mixed = out.talk_logits[0, q, 0].float().softmax(-1)  # pass 0 of row 0
+            thought = self._decode(out.thought_tokens[0, q].tolist())
+            lines.append(f"`{self._decode(ids[max(0, t + 1 - context_tokens): t + 1].tolist())}` → ⟨t⟩`{thought}`⟨/t⟩"
+                         f" → **`{self._decode([int(mixed.argmax())])}`** (true `{self._decode([true])}`, "
+                         f"p {p_base:.2f} → {mixed[true].item():.2f})")
+        return lines
+
+    def log_thoughts(self, batch: dict[str, torch.Tensor], out: ThinkOutput) -> None:
+        if self.trainer.is_global_zero and self.hparams.sample_positions:
+            log_text(self, "thoughts", "  \n".join(self.thought_lines(batch, out, self.hparams.sample_positions)))
+
+    @torch.no_grad()
+    def sample_text(self, prompt: str, max_new_tokens: int) -> str:
+        """A thinking generation from `prompt`, each token preceded by its thought as ⟨…⟩."""
+        tok = self.tokenizer if self.tokenizer is not None else self.hf_tokenizer
+        ids = torch.tensor([tok.encode(prompt)], device=self.device)
+        gen = torch.Generator(self.device).manual_seed(0)
+        res = self.net.generate(ids, max_new_tokens=max_new_tokens, n_ahead=self.hparams.n_ahead,
+                                thought_temperature=self.hparams.thought_temperature, generator=gen,
+                                return_thoughts=True)
+        parts = [f"**{self._decode(ids[0].tolist())}**"]
+        for i, t in enumerate(res.tokens[0].tolist()):
+            parts.append(f"⟨{self._decode(res.thoughts[0, i].tolist())}⟩{self._decode([t])}")
+        return "".join(parts)
+
+    def log_sample(self) -> None:
+        h = self.hparams
+        if self.trainer.is_global_zero and h.sample_prompt and h.sample_tokens:
+            log_text(self, "samples", self.sample_text(h.sample_prompt, h.sample_tokens))

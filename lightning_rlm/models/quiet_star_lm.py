@@ -1,0 +1,361 @@
+"""Quiet-STaR around any Hugging Face causal LM: parallel thoughts for training, thinking generation.
+
+`QuietStarLM` wraps an `AutoModelForCausalLM` without touching its modeling code. It owns three things:
+learned start/end-of-thought embeddings (initialised from the embedding of a text such as "---", with a
+gradient/step multiplier) and a mixing head. The markers are not vocabulary entries, so they can never be
+sampled as thought tokens or generated as text.
+
+Training (`think`), for thinking positions t (rows of `positions`) and P thoughts per position:
+
+    inputs per thought:  <sot> z_1 .. z_M <eot> x_{t+1} .. x_{t+J-1}      at positions t+1, t+2, ...
+    outputs used:        z_1 .. z_M sampled (tempered),  then predictions of x_{t+1} .. x_{t+J}
+
+M = n_ahead - 2 sampled tokens (n_ahead counts both markers, as in the paper), J = n_talk teacher-forced
+talk tokens. Sampling steps run one forward each over all positions; the end marker and the talk tokens
+are known once the last thought token is, so they run as one forward of J + 1 steps per position. All of
+it attends through `thought_attention` (`dense` or `diagonal`, same numbers).
+
+Mixing: talk logits = base + w * (post - base) with w from an MLP over [h_base(t+j), h_post(t, j)] whose
+last layer starts at zero weights, so training starts as the base model: `linear` w is the raw output
+(exactly 0 at first, unbounded: w < 0 extrapolates away from the thought), `sigmoid` w = sigmoid(raw),
+kept in (0, 1), with the bias starting at logit(0.01) (1% thought at first). Mixing logits linearly equals
+mixing log-probabilities (they differ by a per-row constant).
+
+Generation (`generate`): per new token, with a KV cache, fork at the current length, decode the thought
+(start marker, M sampled tokens, end marker), mix the post-thought logits with the base logits, sample the
+token, roll the cache back to the fork and append the token. Llama/Mistral/Qwen2 use the preallocated
+`StaticCacheDecoder` (roll back = reuse the slots), others HF's `DynamicCache` (`crop`); `use_cache=False`
+recomputes the whole prefix for every forward (the benchmark's baseline).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_rlm.models.thought_attention import Engine, ThoughtAttentionState, use_thought_attention
+from lightning_rlm.rollout.generate import position_ids_from_mask, sample_categorical
+from lightning_rlm.rollout.static_cache import StaticCacheDecoder
+
+__all__ = ["MixingHead", "QuietStarLM", "ThinkOutput", "ThinkingGeneration"]
+
+MixingHead = Literal["sigmoid", "linear", "off"]
+
+
+@dataclass
+class ThinkOutput:
+    """What `QuietStarLM.think` returns. B windows of L tokens, Lq thinking positions, N = B * P rows."""
+
+    base_logits: Tensor  # [B, L, V] the base model's next-token logits
+    talk_logits: Tensor  # [N, Lq, J, V] mixed logits predicting x_{t+1+j} after the thought
+    post_logits: Tensor  # [N, Lq, J, V] post-thought logits before mixing
+    mix_weight: Optional[Tensor]  # [N, Lq, J, 1] (None without mixing head)
+    talk_index: Tensor  # [Lq, J] long, t + j: the base position predicting the same token (clamped)
+    talk_valid: Tensor  # [Lq, J] bool, t + j < L: the target exists in the window
+    thought_tokens: Tensor  # [N, Lq, M] long
+    thought_logprob: Tensor  # [N, Lq, M] log pi(z_i | ...) of the tempered policy, with graph
+    thought_entropy: Tensor  # [N, Lq, M] entropy of each sampling step (no graph)
+    null_talk_logits: Optional[Tensor] = None  # [B, Lq, J, V] after an empty thought (no graph)
+
+
+@dataclass
+class ThinkingGeneration:
+    tokens: Tensor  # [B, new] generated ids (pad after EOS)
+    thoughts: Optional[Tensor] = None  # [B, new, M] the thought before each token
+    logits: Optional[Tensor] = None  # [B, new, V] the mixed logits each token was sampled from
+
+
+class QuietStarLM(nn.Module):
+    """A causal LM plus learned thought markers and a mixing head.
+
+    Args:
+        lm: any HF causal LM (`AutoModelForCausalLM`); its attention must go through the transformers
+            attention interface (Llama, Qwen2, Mistral, GPT-2 and most current models do).
+        init_embedding: [D] initial value of both markers (e.g. the mean embedding of "---").
+        embedding_grad_scale: the markers are stored divided by this and used multiplied by it, so their
+            gradient, and their Adam step, is this many times larger (the paper's x100).
+        mixing_head: the mixing weight: `sigmoid` (in (0, 1), starts at 0.01), `linear` (raw, starts at
+            exactly 0), or `off` (the post-thought logits alone).
+    """
+
+    def __init__(self, lm: nn.Module, init_embedding: Optional[Tensor] = None, embedding_grad_scale: float = 100.0,
+                 mixing_head: MixingHead = "sigmoid") -> None:
+        super().__init__()
+        if embedding_grad_scale <= 0:
+            raise ValueError(f"embedding_grad_scale must be > 0, got {embedding_grad_scale}")
+        self.lm = lm
+        d = lm.get_input_embeddings().weight.shape[1]
+        init = torch.zeros(d) if init_embedding is None else init_embedding.detach().float().reshape(d)
+        self.embedding_grad_scale = embedding_grad_scale
+        self.start_param = nn.Parameter(init / embedding_grad_scale)
+        self.end_param = nn.Parameter(init.clone() / embedding_grad_scale)
+        if mixing_head not in ("sigmoid", "linear", "off"):
+            raise ValueError(f"mixing_head must be 'sigmoid', 'linear' or 'off', got {mixing_head!r}")
+        self.mixing = mixing_head
+        self.mixing_head: Optional[nn.Sequential] = None
+        if mixing_head != "off":
+            self.mixing_head = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(), nn.Linear(d, 1))
+            nn.init.zeros_(self.mixing_head[-1].weight)  # the same weight for every token at first
+            start = math.log(0.01 / 0.99) if mixing_head == "sigmoid" else 0.0  # w = 0.01 or exactly 0
+            nn.init.constant_(self.mixing_head[-1].bias, start)
+
+    # ----- pieces ---------------------------------------------------------------------------------------
+    def marker(self, which: Literal["start", "end"]) -> Tensor:
+        p = self.start_param if which == "start" else self.end_param
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        return (p * self.embedding_grad_scale).to(dtype)  # [D]
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def _forward(self, embeds: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The LM over embeddings [N, T, D] → logits [N, T, V], final hidden states [N, T, D]."""
+        out = self.lm(inputs_embeds=embeds, position_ids=position_ids, output_hidden_states=True, use_cache=False)
+        return out.logits, out.hidden_states[-1]
+
+    def mix(self, base_logits: Tensor, base_hidden: Tensor, post_logits: Tensor, post_hidden: Tensor,
+            ) -> tuple[Tensor, Optional[Tensor]]:
+        """Mixed logits and the weight; base tensors broadcast against the post ones ([..., V], [..., D])."""
+        if self.mixing_head is None:
+            return post_logits, None
+        w = self.mixing_head(torch.cat([base_hidden.expand_as(post_hidden), post_hidden], dim=-1))  # [..., 1]
+        if self.mixing == "sigmoid":
+            w = torch.sigmoid(w)
+        return base_logits + w * (post_logits - base_logits), w
+
+    def check_positions(self, length: int) -> None:
+        """Absolute position embeddings (GPT-2) end at the model's size: say so before any forward."""
+        limit = getattr(self.lm.config, "n_positions", None)
+        if getattr(self.lm.config, "model_type", None) == "gpt2" and limit is not None and length > limit:
+            raise ValueError(f"window + thought needs {length} positions but the model has n_positions={limit}; "
+                             "shorten block_size, n_ahead or n_talk")
+
+    # ----- training forward -----------------------------------------------------------------------------
+    def think(self, input_ids: Tensor, positions: Tensor, n_ahead: int, n_talk: int, passes: int = 1,
+              engine: Engine = "diagonal", temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+              thought_tokens: Optional[Tensor] = None, null_thought: bool = False) -> ThinkOutput:
+        """Thoughts at `positions` [Lq] of windows `input_ids` [B, L]; see the module docstring.
+
+        `thought_tokens` [B * passes, Lq, n_ahead - 2] replaces sampling (tests use it to run both engines
+        on the same thoughts). `null_thought` also scores an empty thought (<sot><eot>) without a graph.
+        """
+        if n_ahead < 2 or n_talk < 1 or passes < 1:
+            raise ValueError(f"need n_ahead >= 2 (it counts both markers), n_talk >= 1, passes >= 1; "
+                             f"got {n_ahead}, {n_talk}, {passes}")
+        B, L = input_ids.shape
+        M, J, P = n_ahead - 2, n_talk, passes
+        N, Lq = B * P, positions.numel()
+        self.check_positions(L + n_ahead + n_talk)
+        dev = input_ids.device
+        positions = positions.to(dev)
+        state = ThoughtAttentionState(engine, positions, P)
+        with use_thought_attention(self.lm, state):
+            base_logits, base_hidden = self._forward(self.embed(input_ids),
+                                                     torch.arange(L, device=dev)[None].expand(B, L))
+            state.mode = "thought"
+            cur = self.marker("start").expand(N, Lq, -1)  # [N, Lq, D] the next input of every thought
+            toks, logps, ents = [], [], []
+            for i in range(M):
+                logits, _ = self._forward(cur, (positions + 1 + i)[None].expand(N, Lq))  # [N, Lq, V]
+                logp = (logits.float() / temperature).log_softmax(-1)
+                if thought_tokens is None:
+                    tok = sample_categorical(logp.detach().exp().reshape(N * Lq, -1), generator).view(N, Lq)
+                else:
+                    tok = thought_tokens[:, :, i].to(dev)
+                toks.append(tok)
+                logps.append(logp.gather(-1, tok[..., None]).squeeze(-1))  # [N, Lq]
+                with torch.no_grad():
+                    ents.append(-(logp.exp() * logp).sum(-1))
+                cur = self.embed(tok)
+            post_logits, post_hidden = self._final_block(input_ids, positions, cur, M, J, P)
+            null_logits = None
+            if null_thought:
+                with torch.no_grad(), use_thought_attention(self.lm, state.fork(passes=1)):
+                    start = self.marker("start").expand(B, Lq, -1)
+                    null_post, null_hidden = self._final_block(input_ids, positions, start, 0, J, 1)
+        # the base prediction of x_{t+1+j} comes from position t + j
+        talk_index = positions[:, None] + torch.arange(J, device=dev)  # [Lq, J]
+        talk_valid = talk_index < L
+        talk_index = talk_index.clamp(max=L - 1)
+        base_l = base_logits[:, talk_index][:, None]  # [B, 1, Lq, J, V]
+        base_h = base_hidden[:, talk_index][:, None]
+        V = post_logits.shape[-1]
+        talk, w = self.mix(base_l, base_h, post_logits.view(B, P, Lq, J, V), post_hidden.view(B, P, Lq, J, -1))
+        if null_thought:
+            null_logits, _ = self.mix(base_l[:, 0], base_h[:, 0], null_post, null_hidden)
+            null_logits = null_logits.detach()
+        empty = input_ids.new_zeros(N, Lq, 0)
+        return ThinkOutput(
+            base_logits=base_logits, talk_logits=talk.reshape(N, Lq, J, V), post_logits=post_logits,
+            mix_weight=None if w is None else w.reshape(N, Lq, J, 1), talk_index=talk_index,
+            talk_valid=talk_valid,
+            thought_tokens=torch.stack(toks, -1) if toks else empty,
+            thought_logprob=torch.stack(logps, -1) if logps else empty.float(),
+            thought_entropy=torch.stack(ents, -1) if ents else empty.float(),
+            null_talk_logits=null_logits,
+        )
+
+    def _final_block(self, input_ids: Tensor, positions: Tensor, last: Tensor, M: int, J: int, P: int,
+                     ) -> tuple[Tensor, Tensor]:
+        """One forward of [last thought input, <eot>, x_{t+1} .. x_{t+J-1}] per position; returns the outputs
+        at <eot> and the talk tokens: logits [N, Lq, J, V], hidden [N, Lq, J, D]."""
+        B, L = input_ids.shape
+        N, Lq, D = last.shape
+        dev = input_ids.device
+        talk_ids = input_ids[:, (positions[:, None] + torch.arange(1, J, device=dev)).clamp(max=L - 1)]  # [B, Lq, J-1]
+        talk = self.embed(talk_ids).repeat_interleave(P, dim=0)  # [N, Lq, J-1, D]
+        end = self.marker("end").expand(N, Lq, 1, D)
+        block = torch.cat([last[:, :, None], end, talk], dim=2)  # [N, Lq, J+1, D]
+        pos = positions[:, None] + 1 + M + torch.arange(J + 1, device=dev)  # [Lq, J+1]
+        logits, hidden = self._forward(block.reshape(N, Lq * (J + 1), D), pos.reshape(1, -1).expand(N, -1))
+        logits = logits.view(N, Lq, J + 1, -1)[:, :, 1:]
+        hidden = hidden.view(N, Lq, J + 1, -1)[:, :, 1:]
+        return logits, hidden
+
+    # ----- thinking generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 32,
+                 n_ahead: int = 8, temperature: float = 1.0, thought_temperature: float = 1.0,
+                 generator: Optional[torch.Generator] = None, eos_token_id: Optional[int] = None,
+                 pad_token_id: int = 0, return_thoughts: bool = False, output_logits: bool = False,
+                 use_cache: bool = True, static_cache: bool = True) -> ThinkingGeneration:
+        """Think before every token. `input_ids` [B, T0] left-padded (`attention_mask` marks real tokens).
+
+        temperature 0 picks the most likely token (thoughts are still sampled at `thought_temperature`).
+        Thoughts are hidden unless `return_thoughts`; rows stop at `eos_token_id` (pad after it).
+        """
+        if n_ahead < 2 or max_new_tokens < 1 or temperature < 0 or thought_temperature <= 0:
+            raise ValueError(f"need n_ahead >= 2, max_new_tokens >= 1, temperature >= 0, thought_temperature > 0; "
+                             f"got {n_ahead}, {max_new_tokens}, {temperature}, {thought_temperature}")
+        B, T0 = input_ids.shape
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        if not bool(mask[:, -1].all()):
+            raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 for every row")
+        M = n_ahead - 2
+        self.check_positions(T0 + max_new_tokens + n_ahead)
+        decoder = _make_decoder(self, B, T0 + max_new_tokens + n_ahead + 1, use_cache, static_cache)
+        pos = position_ids_from_mask(mask)  # [B, T0]
+        base_l, base_h = decoder.prefill(input_ids, pos, mask)
+        next_pos = pos[:, -1] + 1  # [B]
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        start, end = self.marker("start"), self.marker("end")
+        tokens, thoughts, all_logits = [], [], []
+        for _ in range(max_new_tokens):
+            fork = decoder.length
+            e = start.expand(B, 1, -1)  # [B, 1, D]
+            zs = []
+            for i in range(M):
+                logits, _ = decoder.extend(e, (next_pos + i)[:, None])
+                z = sample_categorical((logits.float() / thought_temperature).softmax(-1), generator)  # [B]
+                zs.append(z)
+                e = self.embed(z)[:, None]
+            block = torch.cat([e, end.expand(B, 1, -1)], dim=1)  # [B, 2, D]
+            post_l, post_h = decoder.extend(block, next_pos[:, None] + M + torch.arange(2, device=e.device))
+            decoder.rollback(fork)
+            mixed, _ = self.mix(base_l, base_h, post_l, post_h)  # [B, V]
+            mixed = mixed.float()
+            if temperature == 0:
+                tok = mixed.argmax(-1)
+            else:
+                tok = sample_categorical((mixed / temperature).softmax(-1), generator)
+            tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+            tokens.append(tok)
+            thoughts.append(torch.stack(zs, -1) if zs else tok.new_zeros(B, 0))
+            all_logits.append(mixed)
+            if eos_token_id is not None:
+                finished = finished | (tok == eos_token_id)
+                if bool(finished.all()):
+                    break
+            base_l, base_h = decoder.extend(self.embed(tok)[:, None], next_pos[:, None])
+            next_pos = next_pos + 1
+        return ThinkingGeneration(
+            tokens=torch.stack(tokens, 1),
+            thoughts=torch.stack(thoughts, 1) if return_thoughts else None,
+            logits=torch.stack(all_logits, 1) if output_logits else None,
+        )
+
+
+# ----- decoders for generation: prefill, extend by embeddings, roll back -------------------------------------
+class _StaticDecoder:
+    """`StaticCacheDecoder` slots: rolling back is forgetting slots (the next write reuses them)."""
+
+    def __init__(self, static: StaticCacheDecoder) -> None:
+        self.static = static
+        self.mask: Optional[Tensor] = None  # [B, S] real-token mask of the slots in use
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def prefill(self, ids: Tensor, pos: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        self.mask = mask
+        return self.static.step(ids, pos, mask, return_hidden=True)
+
+    def extend(self, embeds: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(embeds.shape[0], embeds.shape[1])], dim=1)
+        return self.static.step(None, pos, self.mask, inputs_embeds=embeds, return_hidden=True)
+
+    def rollback(self, length: int) -> None:
+        self.mask = self.mask[:, :length]
+
+
+class _HFDecoder:
+    """HF `DynamicCache` (any model) with `crop` for roll back; or, without a cache, the whole sequence
+    recomputed on every call (the baseline that `generate(use_cache=False)` measures)."""
+
+    def __init__(self, lm: nn.Module, use_cache: bool) -> None:
+        self.lm = lm
+        self.use_cache = use_cache
+        self.cache = None
+        self.embeds: Optional[Tensor] = None  # without a cache: every input so far [B, S, D]
+        self.pos: Optional[Tensor] = None
+        self.mask: Optional[Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def _run(self, embeds: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.lm(inputs_embeds=embeds, position_ids=pos, attention_mask=self.mask, past_key_values=self.cache,
+                      use_cache=self.use_cache, output_hidden_states=True, logits_to_keep=1)
+        return out.logits[:, -1], out.hidden_states[-1][:, -1]
+
+    def prefill(self, ids: Tensor, pos: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        from transformers import DynamicCache
+
+        embeds = self.lm.get_input_embeddings()(ids)
+        self.mask = mask
+        if self.use_cache:
+            self.cache = DynamicCache(config=self.lm.config)
+            return self._run(embeds, pos)
+        self.embeds, self.pos = embeds, pos
+        return self._run(embeds, pos)
+
+    def extend(self, embeds: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(embeds.shape[0], embeds.shape[1])], dim=1)
+        if self.use_cache:
+            return self._run(embeds, pos)
+        self.embeds = torch.cat([self.embeds, embeds], dim=1)
+        self.pos = torch.cat([self.pos, pos], dim=1)
+        return self._run(self.embeds, self.pos)
+
+    def rollback(self, length: int) -> None:
+        self.mask = self.mask[:, :length]
+        if self.use_cache:
+            remove = self.cache.get_seq_length() - length
+            if remove:
+                self.cache.crop(-remove)  # a negative count removes that many (every transformers version)
+        else:
+            self.embeds, self.pos = self.embeds[:, :length], self.pos[:, :length]
+
+
+def _make_decoder(model: QuietStarLM, rows: int, max_len: int, use_cache: bool, static_cache: bool):
+    if use_cache and static_cache:
+        static = StaticCacheDecoder.build(model.lm, rows, max_len)
+        if static is not None:
+            return _StaticDecoder(static)
+    return _HFDecoder(model.lm, use_cache)

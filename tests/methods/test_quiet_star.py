@@ -1,0 +1,161 @@
+"""QuietStar (HF models): the loss by hand, engine equivalence of the method's loss, CLI runs with both engines."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_rlm.cli import RLMCLI
+from lightning_rlm.methods import QuietStar
+from lightning_rlm.methods.quiet_star import loo_baseline
+from lightning_rlm.models.quiet_star_lm import ThinkOutput
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TINY_QWEN2 = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+
+
+def test_leave_one_out_baseline_by_hand():
+    r = torch.tensor([[[1.0], [2.0], [3.0]]])  # [B=1, P=3, Lq=1]
+    assert loo_baseline(r).flatten().tolist() == [2.5, 2.0, 1.5]
+    # the empty thought's reward (0) joins the other thoughts: (others + null) / P
+    torch.testing.assert_close(loo_baseline(r, torch.zeros(1, 1, 1)).flatten(), torch.tensor([5 / 3, 4 / 3, 1.0]))
+    assert loo_baseline(r[:, :1]).flatten().tolist() == [0.0]  # one thought, no null: plain REINFORCE
+    assert loo_baseline(r[:, :1], torch.tensor([[[0.5]]])).flatten().tolist() == [0.5]
+
+
+def scripted_output() -> ThinkOutput:
+    """B=1, L=2, one thinking position (t=0), P=2 thoughts of M=1 token, J=1, V=2; target x_1 = 1."""
+    talk = torch.tensor([[0.0, math.log(3)], [0.0, 0.0]]).view(2, 1, 1, 2)  # p(1) = 3/4 and 1/2
+    return ThinkOutput(
+        base_logits=torch.zeros(1, 2, 2), talk_logits=talk, post_logits=talk, mix_weight=torch.full((2, 1, 1, 1), 0.5),
+        talk_index=torch.tensor([[0]]), talk_valid=torch.tensor([[True]]),
+        thought_tokens=torch.zeros(2, 1, 1, dtype=torch.long), thought_logprob=torch.tensor([-1.0, -2.0]).view(2, 1, 1),
+        thought_entropy=torch.zeros(2, 1, 1))
+
+
+@pytest.mark.parametrize("clamp", [False, True])
+def test_losses_by_hand(clamp, tiny_llama_dir, monkeypatch):
+    m = QuietStar(model_name_or_path=str(tiny_llama_dir), n_ahead=3, n_talk=1, n_passes=2, think_positions=1,
+                  clamp_negative_advantage=clamp, base_loss_beta=1.0, talk_loss_beta=1.0, policy_loss_beta=1.0)
+    monkeypatch.setattr(m.net, "think", lambda *a, **k: scripted_output())
+    monkeypatch.setattr(m, "thought_positions", lambda length, g: torch.tensor([0]))
+    batch = {"input_ids": torch.tensor([[5, 1]]), "labels": torch.tensor([[1, 0]])}
+    stats, _ = m.compute_losses(batch, None)
+    r0, r1 = math.log(3 / 4), math.log(1 / 2)
+    a0, a1 = r0 - r1, r1 - r0  # leave-one-out with two thoughts
+    if clamp:
+        a1 = 0.0
+    policy = -(a0 * -1.0 + a1 * -2.0) / 2
+    talk_nll = -(r0 + r1) / 2
+    assert stats["talk_nll"].item() == pytest.approx(talk_nll)
+    assert stats["policy_loss"].item() == pytest.approx(policy)
+    assert stats["loss"].item() == pytest.approx(math.log(2) + talk_nll + policy)
+    assert stats["nll_base"].item() == pytest.approx(math.log(2))
+    assert stats["nll_thought"].item() == pytest.approx(talk_nll)
+    assert stats["gap"].item() == pytest.approx(talk_nll - math.log(2))
+    assert stats["nll"].item() == pytest.approx((math.log(2) + talk_nll) / 2)  # mixed at t=0, base at t=1
+    assert stats["mix_weight"].item() == pytest.approx(0.5)
+    assert stats["reward"].item() == pytest.approx((r0 + r1) / 2)
+    assert "gap_easy" in stats and "gap_hard" not in stats  # ln 2 < 1 nat: an easy token
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_method_loss_and_gradients_match_across_engines(model_type, tiny_llama_dir):
+    from lightning_rlm.data import build_tokenizer
+
+    torch.manual_seed(0)
+    config = {**TINY_QWEN2, "model_type": model_type}
+    tok = build_tokenizer(str(tiny_llama_dir))
+    ids = torch.randint(0, tok.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    m = QuietStar(model_config=config, vocab_size=tok.vocab_size, n_ahead=5, n_talk=3, n_passes=2,
+                  null_thought_baseline=True)
+    torch.nn.init.normal_(m.net.mixing_head[-1].weight, std=0.3)  # let the thoughts reach the loss
+    _, first = m.compute_losses(batch, torch.Generator().manual_seed(1))
+    grads = {}
+    for engine in ("dense", "diagonal"):
+        m.hparams.engine = engine
+        m.zero_grad()
+        stats, _ = m.compute_losses(batch, None, thought_tokens=first.thought_tokens)
+        stats["loss"].backward()
+        grads[engine] = (stats["loss"].item(), {k: p.grad.clone() for k, p in m.named_parameters()})
+    assert grads["dense"][0] == pytest.approx(grads["diagonal"][0], abs=1e-5)
+
+    def per_embedding(k: str) -> float:  # markers are stored / 100: compare the gradient of the used vector
+        return m.hparams.embedding_grad_scale if k.endswith(("start_param", "end_param")) else 1.0
+
+    worst = max(((grads["dense"][1][k] - grads["diagonal"][1][k]) / per_embedding(k)).abs().max().item()
+                for k in grads["dense"][1])
+    assert worst <= 1e-5, worst
+    assert all(grads["dense"][1][k].abs().sum() > 0 for k in ("net.start_param", "net.end_param"))
+
+
+def cli(tmp_path: Path, tiny_llama_dir: Path, *extra: str) -> RLMCLI:
+    return RLMCLI(args=[
+        "fit", "--config", str(CONFIGS / "quiet_star/llama_tinystories.yaml"),
+        f"--model.init_args.model_name_or_path={tiny_llama_dir}", f"--data.init_args.tokenizer={tiny_llama_dir}",
+        "--data.init_args.block_size=24", "--data.init_args.batch_size=2", "--model.init_args.think_positions=8",
+        "--model.init_args.sample_every_n_steps=2", "--model.init_args.sample_tokens=4",
+        "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path), *extra,
+    ])
+
+
+@pytest.mark.parametrize("engine", ["dense", "diagonal"])
+def test_fast_dev_run_on_tinystories(engine, tmp_path, tiny_llama_dir):
+    c = cli(tmp_path, tiny_llama_dir, f"--model.init_args.engine={engine}", "--trainer.fast_dev_run=true")
+    assert c.trainer.global_step == 1
+    assert torch.isfinite(c.trainer.callback_metrics["train/loss"])
+
+
+def test_cli_fit_logs_base_and_post_thought_nll_mixing_weight_and_thoughts(tmp_path, tiny_llama_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    c = cli(tmp_path, tiny_llama_dir, "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+            "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1")
+    assert c.trainer.global_step == 3
+    events = EventAccumulator(c.trainer.logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("train/nll_base", "train/nll_thought", "train/gap", "train/mix_weight", "train/policy_loss",
+                "train/reward", "train/thought_entropy", "val/nll", "val/nll_base", "val/nll_thought", "val/gap",
+                "val/mix_weight", "val/loss"):
+        assert tag in scalars, (tag, sorted(scalars))
+    texts = events.Tags()["tensors"]
+    assert any("thoughts" in t for t in texts) and any("samples" in t for t in texts), texts
+    # the mixing head learns: its weight leaves 0 after a few steps
+    assert events.Scalars("train/mix_weight")[-1].value != 0.0
+    last = next(Path(tmp_path).rglob("last.ckpt"))
+    loaded = QuietStar.load_from_checkpoint(last)
+    for (name, p), q in zip(c.model.named_parameters(), loaded.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_random_model_from_config_on_shakespeare_chars(tmp_path):
+    c = RLMCLI(args=[
+        "fit", "--config", str(CONFIGS / "quiet_star/qwen2_shakespeare_char.yaml"), "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2", "--data.init_args.block_size=16",
+        "--data.init_args.batch_size=2", "--model.init_args.think_positions=4", "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+    ])
+    assert c.trainer.global_step == 2
+    assert c.model.hparams.vocab_size == c.datamodule.tokenizer.vocab_size
+    # the checkpoint rebuilds without the data (vocab size saved)
+    loaded = QuietStar.load_from_checkpoint(next(Path(tmp_path).rglob("last.ckpt")))
+    assert torch.equal(loaded.net.start_param, c.model.net.start_param)
+
+
+def test_bad_arguments_fail_at_construction(tiny_llama_dir):
+    with pytest.raises(ValueError, match="exactly one of"):
+        QuietStar()
+    with pytest.raises(ValueError, match="n_ahead >= 2"):
+        QuietStar(model_name_or_path=str(tiny_llama_dir), n_ahead=1)
+    with pytest.raises(ValueError, match="thought_init_text '' encodes to no known token"):
+        QuietStar(model_name_or_path=str(tiny_llama_dir), thought_init_text="")
+    with pytest.raises(ValueError, match="model_type"):
+        QuietStar(model_config={"hidden_size": 8})

@@ -1,0 +1,181 @@
+"""QuietStarLM on tiny random Llama / Qwen2 / GPT-2: thoughts against a plain forward, both engines, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_rlm.models.quiet_star_lm import QuietStarLM
+
+V, D = 48, 32
+
+
+def tiny_lm(kind: str) -> torch.nn.Module:
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, eos_token_id=0,
+                                            bos_token_id=0, pad_token_id=0))
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, eos_token_id=0,
+                                            bos_token_id=0, pad_token_id=0))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=D, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
+
+
+def wrapped(kind: str, mixing: str = "sigmoid") -> QuietStarLM:
+    m = QuietStarLM(tiny_lm(kind), torch.randn(D, generator=torch.Generator().manual_seed(1)), mixing_head=mixing)
+    if mixing != "off":  # a non-zero mixing weight, so the post-thought path matters in every check
+        torch.nn.init.normal_(m.mixing_head[-1].weight, std=0.2, generator=torch.Generator().manual_seed(2))
+    return m
+
+
+def windows(B: int = 2, L: int = 10) -> torch.Tensor:
+    return torch.randint(1, V, (B, L), generator=torch.Generator().manual_seed(3))
+
+
+KINDS = ["llama", "qwen2", "gpt2"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_thought_equals_a_plain_forward_of_context_thought_and_talk(kind):
+    """Position t's thought sees exactly x[0..t], its own thought and its talk tokens: the parallel result
+    equals the model run on that one sequence, for logits, thought log-probs and the empty thought."""
+    m = wrapped(kind)
+    x = windows()
+    P, M, J = 2, 3, 3
+    out = m.think(x, torch.arange(10), n_ahead=M + 2, n_talk=J, passes=P,
+                  generator=torch.Generator().manual_seed(0), null_thought=True)
+    emb = m.lm.get_input_embeddings()
+    sot, eot = m.marker("start")[None], m.marker("end")[None]
+    for b, p, t in [(0, 0, 0), (1, 1, 4), (1, 0, 9)]:
+        n = b * P + p
+        z = out.thought_tokens[n, t]
+        talk = emb(x[b, t + 1: t + J])  # the talk inputs that exist in the window
+        seq = torch.cat([emb(x[b, : t + 1]), sot, emb(z), eot, talk])[None]
+        ref = m.lm(inputs_embeds=seq).logits[0].float()
+        k = min(J, 10 - t)  # talk targets inside the window
+        torch.testing.assert_close(out.post_logits[n, t, :k].float(), ref[t + M + 2: t + M + 2 + k], atol=1e-5, rtol=0)
+        logp = ref[t + 1: t + 1 + M].log_softmax(-1).gather(-1, z[:, None]).squeeze(-1)
+        torch.testing.assert_close(out.thought_logprob[n, t], logp, atol=1e-5, rtol=0)
+        # the mixed logits use the base prediction of the same token (position t + j)
+        base = out.base_logits[b, t: t + k]
+        post = out.post_logits[n, t, :k]
+        w = out.mix_weight[n, t, :k]
+        torch.testing.assert_close(out.talk_logits[n, t, :k], base + w * (post - base), atol=1e-6, rtol=0)
+        null_seq = torch.cat([emb(x[b, : t + 1]), sot, eot, talk])[None]
+        null_ref = m.lm(inputs_embeds=null_seq, output_hidden_states=True)
+        null_post = null_ref.logits[0, t + 2: t + 2 + k]
+        hid = null_ref.hidden_states[-1][0, t + 2: t + 2 + k]
+        base_h = m.lm(input_ids=x[b: b + 1], output_hidden_states=True).hidden_states[-1][0, t: t + k]
+        expect, _ = m.mix(base, base_h, null_post, hid)
+        torch.testing.assert_close(out.null_talk_logits[b, t, :k], expect, atol=1e-5, rtol=0)
+    assert out.talk_valid[9].tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_dense_and_diagonal_engines_give_the_same_loss_and_gradients(kind):
+    m = wrapped(kind)
+    x = windows(B=2, L=12)
+    positions = torch.tensor([0, 3, 5, 6, 11])
+    first = m.think(x, positions, n_ahead=5, n_talk=3, passes=2, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for engine in ("dense", "diagonal"):
+        m.zero_grad()
+        out = m.think(x, positions, n_ahead=5, n_talk=3, passes=2, engine=engine,
+                      thought_tokens=first.thought_tokens)
+        loss = (out.talk_logits.float().log_softmax(-1)[..., 7].mean() + out.thought_logprob.sum() * 0.1
+                + out.base_logits.float().log_softmax(-1)[..., 5].mean())
+        loss.backward()
+        results[engine] = (loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+    (loss_d, grads_d), (loss_g, grads_g) = results["dense"], results["diagonal"]
+    assert abs(loss_d - loss_g) <= 1e-5
+    assert grads_d.keys() == grads_g.keys() and len(grads_d) == len(list(m.parameters()))
+    # the markers are stored divided by embedding_grad_scale: compare the gradient of the vector used
+    scale = {k: m.embedding_grad_scale if k in ("start_param", "end_param") else 1.0 for k in grads_d}
+    worst = max(((grads_d[k] - grads_g[k]) / scale[k]).abs().max().item() for k in grads_d)
+    assert worst <= 1e-5, worst
+    assert any(grads_d[k].abs().sum() > 0 for k in grads_d if "start_param" in k)
+
+
+def test_zero_initialised_mixing_head_starts_as_the_base_model():
+    x = windows()
+    m = QuietStarLM(tiny_lm("llama"), torch.randn(D), mixing_head="linear")
+    out = m.think(x, torch.arange(10), n_ahead=4, n_talk=2, generator=torch.Generator().manual_seed(0))
+    assert out.mix_weight.abs().max() == 0
+    base = out.base_logits[:, out.talk_index]  # [B, Lq, J, V]
+    torch.testing.assert_close(out.talk_logits, base, atol=0, rtol=0)
+    m = QuietStarLM(tiny_lm("llama"), torch.randn(D), mixing_head="sigmoid")
+    out = m.think(x, torch.arange(10), n_ahead=4, n_talk=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.mix_weight, torch.full_like(out.mix_weight, 0.01), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.talk_logits, base + 0.01 * (out.post_logits - base), atol=1e-5, rtol=0)
+    off = QuietStarLM(tiny_lm("llama"), torch.randn(D), mixing_head="off")
+    out = off.think(x, torch.arange(10), n_ahead=4, n_talk=2, generator=torch.Generator().manual_seed(0))
+    assert out.mix_weight is None and torch.equal(out.talk_logits, out.post_logits)
+
+
+def test_marker_gradient_is_scaled_and_markers_are_not_vocabulary():
+    x = windows()
+    grads = {}
+    for scale in (1.0, 100.0):
+        m = QuietStarLM(tiny_lm("llama"), torch.randn(D, generator=torch.Generator().manual_seed(1)),
+                        embedding_grad_scale=scale, mixing_head="off")
+        out = m.think(x, torch.arange(10), n_ahead=4, n_talk=2, generator=torch.Generator().manual_seed(0))
+        out.talk_logits.float().log_softmax(-1)[..., 3].mean().backward()
+        grads[scale] = m.start_param.grad
+        assert m.lm.get_input_embeddings().weight.shape[0] == V  # no token was added
+        assert int(out.thought_tokens.max()) < V
+    torch.testing.assert_close(grads[100.0], 100 * grads[1.0], rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_with_a_cache_equals_recomputing_the_prefix(kind):
+    m = wrapped(kind)
+    prompt = windows(B=2, L=5)
+    runs = [m.generate(prompt, max_new_tokens=6, n_ahead=5, generator=torch.Generator().manual_seed(7),
+                       return_thoughts=True, output_logits=True, **kw)
+            for kw in ({}, {"static_cache": False}, {"use_cache": False})]
+    for r in runs[1:]:
+        assert torch.equal(r.tokens, runs[0].tokens) and torch.equal(r.thoughts, runs[0].thoughts)
+        torch.testing.assert_close(r.logits, runs[0].logits, atol=1e-5, rtol=0)
+    assert runs[0].tokens.shape == (2, 6) and runs[0].thoughts.shape == (2, 6, 3)
+    assert m.generate(prompt, max_new_tokens=2, n_ahead=5).thoughts is None  # hidden by default
+    # the first token's mixed logits are what training computes at the prompt's last position
+    th = runs[0].thoughts[:, 0][:, None]  # [B, Lq=1, M]
+    out = m.think(prompt, torch.tensor([4]), n_ahead=5, n_talk=1, thought_tokens=th)
+    torch.testing.assert_close(out.talk_logits[:, 0, 0], runs[0].logits[:, 0], atol=1e-5, rtol=0)
+
+
+def test_generate_left_padding_and_eos():
+    m = wrapped("llama")
+    prompt = windows(B=2, L=5)
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    # n_ahead 2 (empty thoughts) and greedy tokens: no random draw, so the rows can be compared alone
+    padded = m.generate(prompt, mask, max_new_tokens=4, n_ahead=2, temperature=0, output_logits=True)
+    alone = m.generate(prompt[1:, 2:], max_new_tokens=4, n_ahead=2, temperature=0, output_logits=True)
+    torch.testing.assert_close(padded.logits[1], alone.logits[0], atol=1e-5, rtol=0)
+    assert torch.equal(padded.tokens[1], alone.tokens[0])
+    # an EOS ends its row: pad afterwards
+    first = int(padded.tokens[0, 0])
+    stopped = m.generate(prompt, mask, max_new_tokens=4, n_ahead=2, temperature=0, eos_token_id=first,
+                         pad_token_id=V - 1)
+    assert stopped.tokens[0, 0] == first and (stopped.tokens[0, 1:] == V - 1).all()
+    with pytest.raises(ValueError, match="left-padded"):
+        m.generate(prompt, mask.flip(1), max_new_tokens=2)
+
+
+def test_gpt2_positions_past_the_model_are_a_clear_error():
+    m = wrapped("gpt2")
+    with pytest.raises(ValueError, match="n_positions=64"):
+        m.think(windows(B=1, L=60), torch.arange(60), n_ahead=8, n_talk=2)
