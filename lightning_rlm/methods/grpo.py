@@ -28,11 +28,11 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from lightning_rlm.adapters import add_lora, frozen_copy, reference_logprobs
 from lightning_rlm.callbacks.checkpointing import own_rank_state, rank_states
+from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses import group_advantages, policy_loss
 from lightning_rlm.metrics.text import DegenerateFlag, GroupJaccard, UniqueFirstSentences, first_sentence
 from lightning_rlm.models.hf import load_policy
@@ -297,11 +297,7 @@ class GRPO(L.LightningModule):
         self.log(f"{split}/degenerate", degenerate(texts), sync_dist=True)
         if self.trainer.is_global_zero:
             rows = "\n".join(f"| {i} | {first_sentence(t)!r} | {t[:300]!r} |" for i, t in enumerate(texts[:8]))
-            for logger in self.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text(f"{split}/fixed_prompt_samples",
-                                               "| # | first sentence | text |\n|---|---|---|\n" + rows,
-                                               self.global_step)
+            log_text(self, f"{split}/fixed_prompt_samples", "| # | first sentence | text |\n|---|---|---|\n" + rows)
 
     # ----- generation for callbacks (e.g. MAUVE from fixed prompts) ---------------------------------------------------
     @torch.no_grad()

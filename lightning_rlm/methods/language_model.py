@@ -19,11 +19,11 @@ from typing import Literal, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_rlm.data.base import VocabFromData
+from lightning_rlm.logging_utils import log_text
 from lightning_rlm.models.gru_lm import GRULanguageModel
 from lightning_rlm.models.hf import HFCausalLM
 from lightning_rlm.optim import adamw_warmup_cosine
@@ -162,10 +162,7 @@ class LanguageModel(VocabFromData, L.LightningModule):
             return
         prompt, cont = self.sample_text()
         text = f"**{prompt}**{cont}"
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                # two trailing spaces keep line breaks in TensorBoard's markdown view
-                logger.experiment.add_text("samples", text.replace("\n", "  \n"), self.global_step)
+        log_text(self, "samples", text.replace("\n", "  \n"))  # two trailing spaces keep markdown line breaks
 
     def on_fit_end(self) -> None:
         self.log_sample()

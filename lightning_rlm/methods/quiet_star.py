@@ -6,12 +6,12 @@ random sample), `QuietStarLM.think` samples P thoughts z of n_ahead - 2 tokens b
 logits with the base model's through the mixing head. Objective, per position t and thought k:
 
     talk_nll  = mean_{k, j <= J, t + j < L} -log p_mix(x_{t+1+j} | x_{<=t}, z_k, x_{t+1..t+j})
-    r_k       = sum_j log p_mix(x_{t+1+j} | ...)                        (reward, detached)
+    r_k       = sum_j log p_mix(x_{t+1+j} | ...)    (reward, detached; p_post with reward_logits: post)
     b_k       = mean_{i != k} r_i       (leave-one-out; with null_thought_baseline the empty thought's
                                           reward joins the others: b_k = (sum_{i != k} r_i + r_null) / P)
     A_k       = r_k - b_k    (clamped at 0 with clamp_negative_advantage)
     loss      = base_loss_beta * NLL_base + talk_loss_beta * talk_nll
-                - policy_loss_beta * mean(A_k * log pi(z_k))
+                - policy_loss_beta * mean(A_k * log pi(z_k)) [+ post_loss_beta * talk NLL of p_post]
 
 Departures from the paper: the mixing head's last layer starts at zero weights, so training starts as (or,
 with `sigmoid`, within 1% of) the base model; the baseline is leave-one-out (the paper averages over all
@@ -25,6 +25,7 @@ every position's thought, `diagonal` the context block + own-thought band (see
 Logs (train/ and val/): `nll` (the model's next-token NLL: mixed at thinking positions, base elsewhere;
 comparable with the LM baselines' `loss`), `nll_base` (the base path alone, all positions),
 `nll_thought` and `nll_base_at_thought` (next token at thinking positions with and without the thought),
+`nll_post` (the post-thought prediction alone, before mixing),
 `gap` (their difference; < 0 means thoughts help) and `gap_easy|medium|hard` (by the base NLL of that
 token, edges `gap_buckets`), `talk_nll`, `reward`, `advantage_std`, `policy_loss`, `mix_weight`,
 `thought_entropy`; TensorBoard text `thoughts` (context → thought → prediction) and `samples` (a thinking
@@ -94,8 +95,12 @@ class QuietStar(L.LightningModule):
             `linear` (unbounded, starts at exactly 0), `off` (post-thought logits alone).
     Objective:
         base_loss_beta, talk_loss_beta, policy_loss_beta: weights of base NLL, talk NLL, REINFORCE.
+        post_loss_beta: weight of the talk NLL of the post-thought logits alone (0 in the paper; trains the
+            model to predict after thinking even while the mixing weight is small).
         clamp_negative_advantage: only thoughts better than their baseline are reinforced.
         null_thought_baseline: count the empty thought's reward in every baseline (seed 001).
+        reward_logits: score thoughts by the `mixed` prediction (the paper) or the `post`-thought one alone
+            (keeps a signal for the thoughts when the mixing weight is near 0).
         gap_buckets: base-NLL edges (nats) of the easy / medium / hard buckets of the logged gap.
     Optimisation: AdamW (no decay on vectors), warmup then constant or cosine.
     Samples: every `sample_every_n_steps` the thoughts at `sample_positions` positions of the batch; at each
@@ -120,8 +125,10 @@ class QuietStar(L.LightningModule):
         base_loss_beta: float = 1.0,
         talk_loss_beta: float = 1.0,
         policy_loss_beta: float = 1.0,
+        post_loss_beta: float = 0.0,
         clamp_negative_advantage: bool = False,
         null_thought_baseline: bool = False,
+        reward_logits: Literal["mixed", "post"] = "mixed",
         gap_buckets: tuple[float, float] = (1.0, 3.0),
         lr: float = 1e-4,
         weight_decay: float = 0.0,
@@ -137,6 +144,8 @@ class QuietStar(L.LightningModule):
         super().__init__()
         if (model_name_or_path is None) == (model_config is None):
             raise ValueError("QuietStar needs exactly one of model_name_or_path or model_config")
+        if reward_logits not in ("mixed", "post"):
+            raise ValueError(f"reward_logits must be 'mixed' or 'post', got {reward_logits!r}")
         if engine not in ("dense", "diagonal"):
             raise ValueError(f"engine must be 'dense' or 'diagonal', got {engine!r}")
         if n_ahead < 2 or n_talk < 1 or n_passes < 1 or think_every < 1:
@@ -243,10 +252,14 @@ class QuietStar(L.LightningModule):
 
         logp = talk_logp(out.talk_logits, P)  # [B, P, Lq, J]
         talk_nll = -(logp * valid).sum() / (valid.sum() * B * P)
-        reward = (logp * valid).sum(-1).detach()  # [B, P, Lq]
+        with torch.set_grad_enabled(h.post_loss_beta != 0 and torch.is_grad_enabled()):
+            post_logp = talk_logp(out.post_logits, P)  # the thought's own prediction, before mixing
+        mixed = h.reward_logits == "mixed"
+        reward = ((logp if mixed else post_logp) * valid).sum(-1).detach()  # [B, P, Lq]
+        post_nll = -(post_logp * valid).sum() / (valid.sum() * B * P)
         null_reward = None
         if out.null_talk_logits is not None:
-            null_logp = talk_logp(out.null_talk_logits, 1)  # [B, 1, Lq, J]
+            null_logp = talk_logp(out.null_talk_logits if mixed else out.null_post_logits, 1)  # [B, 1, Lq, J]
             null_reward = (null_logp * valid).sum(-1)
         advantage = reward - loo_baseline(reward, null_reward)
         if h.clamp_negative_advantage:
@@ -255,6 +268,8 @@ class QuietStar(L.LightningModule):
         policy_loss = -(advantage * thought_logp).mean()
         base_nll = base_tok_nll.mean()
         loss = h.base_loss_beta * base_nll + h.talk_loss_beta * talk_nll
+        if h.post_loss_beta != 0:
+            loss = loss + h.post_loss_beta * post_nll
         if h.n_ahead > 2 and h.policy_loss_beta != 0:
             loss = loss + h.policy_loss_beta * policy_loss
 
@@ -267,6 +282,7 @@ class QuietStar(L.LightningModule):
             stats = {
                 "loss": loss, "nll": nll, "nll_base": base_nll.detach(), "nll_thought": nll_thought.mean(),
                 "nll_base_at_thought": nll_base_at.mean(), "gap": gap.mean(), "talk_nll": talk_nll.detach(),
+                "nll_post": -post_logp[..., 0].mean(), "post_nll": post_nll.detach(),
                 "reward": reward.mean(), "advantage_std": advantage.std() if advantage.numel() > 1 else advantage.sum(),
                 "policy_loss": policy_loss.detach(), "thought_entropy": out.thought_entropy.mean()
                 if out.thought_entropy.numel() else torch.zeros((), device=self.device),

@@ -45,9 +45,9 @@ from typing import Literal, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_rlm.data.base import VocabFromData
+from lightning_rlm.logging_utils import log_text
 from lightning_rlm.models.quiet_star_gru import Combine, QuietStarGRUNet, QuietStarOutput
 from lightning_rlm.optim import adamw_warmup_cosine
 
@@ -318,7 +318,4 @@ class QuietStarGRU(VocabFromData, L.LightningModule):
             return
         n = self.hparams.sample_positions
         lines = self.thought_samples(batch["input_ids"][0], batch["labels"][0], n)
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                # two trailing spaces keep line breaks in TensorBoard's markdown view
-                logger.experiment.add_text("thoughts", "  \n".join(lines), self.global_step)
+        log_text(self, "thoughts", "  \n".join(lines))  # two trailing spaces keep markdown line breaks

@@ -48,13 +48,13 @@ from typing import Any, Literal, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_rlm.adapters import add_lora, frozen_copy, reference_mode
 from lightning_rlm.callbacks.rollout import all_gather_objects
 from lightning_rlm.data.pairs import keyword_pattern
+from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses.kl import KL_AGGREGATES, KL_DIRECTIONS, aggregate_kl, kl_barrier, per_position_kl
 from lightning_rlm.metrics.text import RepeatedNgramLoop
 from lightning_rlm.models.hf import load_policy
@@ -341,9 +341,7 @@ class SFTKLBarrier(L.LightningModule):
         lines = ["| # | trait | loop | prompt (end) | completion |", "|---|---|---|---|---|"]
         lines += [f"| {i} | {int(r['trait'])} | {int(r['loop'])} | {cell(r['prompt'], 80)} | "
                   f"{cell(r['completion'], 400)} |" for i, r in enumerate(rows[: self.hparams.table_rows])]
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("round/generations", "\n".join(lines), k)
+        log_text(self, "round/generations", "\n".join(lines), step=k)
 
     # ----- optimisation and state -------------------------------------------------------------------------
     def configure_optimizers(self):

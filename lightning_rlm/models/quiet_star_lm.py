@@ -23,7 +23,8 @@ mixing log-probabilities (they differ by a per-row constant).
 
 Generation (`generate`): per new token, with a KV cache, fork at the current length, decode the thought
 (start marker, M sampled tokens, end marker), mix the post-thought logits with the base logits, sample the
-token, roll the cache back to the fork and append the token. Llama/Mistral/Qwen2 use the preallocated
+token, roll the cache back to the fork and append the token. The appended token and the next thought's start
+marker share one forward, the last thought token and the end marker another: M + 1 forwards per token. Llama/Mistral/Qwen2 use the preallocated
 `StaticCacheDecoder` (roll back = reuse the slots), others HF's `DynamicCache` (`crop`); `use_cache=False`
 recomputes the whole prefix for every forward (the benchmark's baseline).
 """
@@ -59,7 +60,8 @@ class ThinkOutput:
     thought_tokens: Tensor  # [N, Lq, M] long
     thought_logprob: Tensor  # [N, Lq, M] log pi(z_i | ...) of the tempered policy, with graph
     thought_entropy: Tensor  # [N, Lq, M] entropy of each sampling step (no graph)
-    null_talk_logits: Optional[Tensor] = None  # [B, Lq, J, V] after an empty thought (no graph)
+    null_talk_logits: Optional[Tensor] = None  # [B, Lq, J, V] mixed, after an empty thought (no graph)
+    null_post_logits: Optional[Tensor] = None  # [B, Lq, J, V] the same before mixing
 
 
 @dataclass
@@ -196,7 +198,7 @@ class QuietStarLM(nn.Module):
             thought_tokens=torch.stack(toks, -1) if toks else empty,
             thought_logprob=torch.stack(logps, -1) if logps else empty.float(),
             thought_entropy=torch.stack(ents, -1) if ents else empty.float(),
-            null_talk_logits=null_logits,
+            null_talk_logits=null_logits, null_post_logits=null_post.detach() if null_thought else None,
         )
 
     def _final_block(self, input_ids: Tensor, positions: Tensor, last: Tensor, M: int, J: int, P: int,
@@ -240,21 +242,32 @@ class QuietStarLM(nn.Module):
         decoder = _make_decoder(self, B, T0 + max_new_tokens + n_ahead + 1, use_cache, static_cache)
         pos = position_ids_from_mask(mask)  # [B, T0]
         base_l, base_h = decoder.prefill(input_ids, pos, mask)
-        next_pos = pos[:, -1] + 1  # [B]
+        next_pos = pos[:, -1] + 1  # [B] position of the next token; its thought starts one later
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        start, end = self.marker("start"), self.marker("end")
+        start, end = self.marker("start").expand(B, 1, -1), self.marker("end").expand(B, 1, -1)  # [B, 1, D]
+        arange = torch.arange(3, device=input_ids.device)
         tokens, thoughts, all_logits = [], [], []
+        tok: Optional[Tensor] = None  # the token sampled last, not yet in the cache
         for _ in range(max_new_tokens):
-            fork = decoder.length
-            e = start.expand(B, 1, -1)  # [B, 1, D]
+            # <sot> goes in with the token just sampled (one forward for both), at the token's position + 1
+            if tok is None:
+                logits, _ = decoder.extend(start, next_pos[:, None])
+            else:
+                chunk = torch.cat([self.embed(tok)[:, None], start], dim=1)  # [B, 2, D]
+                out_l, out_h = decoder.extend(chunk, (next_pos - 1)[:, None] + arange[:2], n_last=2)
+                base_l, base_h, logits = out_l[:, 0], out_h[:, 0], out_l[:, 1]
+            fork = decoder.length - 1  # the thought's first slot: rolled back after the thought
             zs = []
             for i in range(M):
-                logits, _ = decoder.extend(e, (next_pos + i)[:, None])
                 z = sample_categorical((logits.float() / thought_temperature).softmax(-1), generator)  # [B]
                 zs.append(z)
-                e = self.embed(z)[:, None]
-            block = torch.cat([e, end.expand(B, 1, -1)], dim=1)  # [B, 2, D]
-            post_l, post_h = decoder.extend(block, next_pos[:, None] + M + torch.arange(2, device=e.device))
+                if i < M - 1:
+                    logits, _ = decoder.extend(self.embed(z)[:, None], (next_pos + 1 + i)[:, None])
+            if M:  # the last thought token and <eot> in one forward
+                block = torch.cat([self.embed(zs[-1])[:, None], end], dim=1)
+                post_l, post_h = decoder.extend(block, (next_pos + M)[:, None] + arange[:2])
+            else:
+                post_l, post_h = decoder.extend(end, (next_pos + 1)[:, None])
             decoder.rollback(fork)
             mixed, _ = self.mix(base_l, base_h, post_l, post_h)  # [B, V]
             mixed = mixed.float()
@@ -266,12 +279,11 @@ class QuietStarLM(nn.Module):
             tokens.append(tok)
             thoughts.append(torch.stack(zs, -1) if zs else tok.new_zeros(B, 0))
             all_logits.append(mixed)
+            next_pos = next_pos + 1
             if eos_token_id is not None:
                 finished = finished | (tok == eos_token_id)
                 if bool(finished.all()):
                     break
-            base_l, base_h = decoder.extend(self.embed(tok)[:, None], next_pos[:, None])
-            next_pos = next_pos + 1
         return ThinkingGeneration(
             tokens=torch.stack(tokens, 1),
             thoughts=torch.stack(thoughts, 1) if return_thoughts else None,
@@ -295,9 +307,9 @@ class _StaticDecoder:
         self.mask = mask
         return self.static.step(ids, pos, mask, return_hidden=True)
 
-    def extend(self, embeds: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    def extend(self, embeds: Tensor, pos: Tensor, n_last: int = 1) -> tuple[Tensor, Tensor]:
         self.mask = torch.cat([self.mask, self.mask.new_ones(embeds.shape[0], embeds.shape[1])], dim=1)
-        return self.static.step(None, pos, self.mask, inputs_embeds=embeds, return_hidden=True)
+        return self.static.step(None, pos, self.mask, inputs_embeds=embeds, return_hidden=True, n_last=n_last)
 
     def rollback(self, length: int) -> None:
         self.mask = self.mask[:, :length]
@@ -319,10 +331,12 @@ class _HFDecoder:
     def length(self) -> int:
         return self.mask.shape[1]
 
-    def _run(self, embeds: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    def _run(self, embeds: Tensor, pos: Tensor, n_last: int = 1) -> tuple[Tensor, Tensor]:
         out = self.lm(inputs_embeds=embeds, position_ids=pos, attention_mask=self.mask, past_key_values=self.cache,
-                      use_cache=self.use_cache, output_hidden_states=True, logits_to_keep=1)
-        return out.logits[:, -1], out.hidden_states[-1][:, -1]
+                      use_cache=self.use_cache, output_hidden_states=True, logits_to_keep=n_last)
+        if n_last == 1:
+            return out.logits[:, -1], out.hidden_states[-1][:, -1]
+        return out.logits[:, -n_last:], out.hidden_states[-1][:, -n_last:]
 
     def prefill(self, ids: Tensor, pos: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         from transformers import DynamicCache
@@ -335,13 +349,13 @@ class _HFDecoder:
         self.embeds, self.pos = embeds, pos
         return self._run(embeds, pos)
 
-    def extend(self, embeds: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    def extend(self, embeds: Tensor, pos: Tensor, n_last: int = 1) -> tuple[Tensor, Tensor]:
         self.mask = torch.cat([self.mask, self.mask.new_ones(embeds.shape[0], embeds.shape[1])], dim=1)
         if self.use_cache:
-            return self._run(embeds, pos)
+            return self._run(embeds, pos, n_last)
         self.embeds = torch.cat([self.embeds, embeds], dim=1)
         self.pos = torch.cat([self.pos, pos], dim=1)
-        return self._run(self.embeds, self.pos)
+        return self._run(self.embeds, self.pos, n_last)
 
     def rollback(self, length: int) -> None:
         self.mask = self.mask[:, :length]

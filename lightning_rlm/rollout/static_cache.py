@@ -112,10 +112,12 @@ class StaticCacheDecoder:
 
     @torch.no_grad()
     def step(self, input_ids: Tensor | None, position_ids: Tensor, key_mask: Tensor,
-             inputs_embeds: Tensor | None = None, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+             inputs_embeds: Tensor | None = None, return_hidden: bool = False,
+             n_last: int = 1) -> Tensor | tuple[Tensor, Tensor]:
         """``inputs_embeds [N, T, D]`` replaces ``input_ids`` (e.g. learned thought markers); with
-        ``return_hidden`` also the last position's final-norm hidden state ``[N, D]``. Slots past
-        ``key_mask``'s length are free: a shorter mask next time rolls the cache back."""
+        ``return_hidden`` also the final-norm hidden state ``[N, D]``; ``n_last > 1`` returns the last
+        ``n_last`` positions (``[N, n_last, V]``, ``[N, n_last, D]``). Slots past ``key_mask``'s length are
+        free: a shorter mask next time rolls the cache back."""
         h = self.core.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [N, T, D]
         n, t = h.shape[:2]
         s = key_mask.shape[1]
@@ -151,6 +153,6 @@ class StaticCacheDecoder:
                 )  # [N, H, T, Dh]
             h = h + attn.o_proj(out.transpose(1, 2).reshape(n, t, self.n_heads * self.head_dim))
             h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
-        hidden = _rms_norm(self.core.norm, h[:, -1])  # [N, D]
-        logits = self.lm.lm_head(hidden)  # [N, V]
+        hidden = _rms_norm(self.core.norm, h[:, -1] if n_last == 1 else h[:, -n_last:])  # [N, D] / [N, n, D]
+        logits = self.lm.lm_head(hidden)  # [N, V] / [N, n, V]
         return (logits, hidden) if return_hidden else logits

@@ -30,36 +30,43 @@ def test_leave_one_out_baseline_by_hand():
 def scripted_output() -> ThinkOutput:
     """B=1, L=2, one thinking position (t=0), P=2 thoughts of M=1 token, J=1, V=2; target x_1 = 1."""
     talk = torch.tensor([[0.0, math.log(3)], [0.0, 0.0]]).view(2, 1, 1, 2)  # p(1) = 3/4 and 1/2
+    post = torch.tensor([[0.0, 0.0], [0.0, math.log(3)]]).view(2, 1, 1, 2)  # before mixing: 1/2 and 3/4
     return ThinkOutput(
-        base_logits=torch.zeros(1, 2, 2), talk_logits=talk, post_logits=talk, mix_weight=torch.full((2, 1, 1, 1), 0.5),
+        base_logits=torch.zeros(1, 2, 2), talk_logits=talk, post_logits=post, mix_weight=torch.full((2, 1, 1, 1), 0.5),
         talk_index=torch.tensor([[0]]), talk_valid=torch.tensor([[True]]),
         thought_tokens=torch.zeros(2, 1, 1, dtype=torch.long), thought_logprob=torch.tensor([-1.0, -2.0]).view(2, 1, 1),
         thought_entropy=torch.zeros(2, 1, 1))
 
 
-@pytest.mark.parametrize("clamp", [False, True])
-def test_losses_by_hand(clamp, tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize(("clamp", "reward_logits", "post_beta"),
+                         [(False, "mixed", 0.0), (True, "mixed", 0.0), (False, "post", 0.5)])
+def test_losses_by_hand(clamp, reward_logits, post_beta, tiny_llama_dir, monkeypatch):
     m = QuietStar(model_name_or_path=str(tiny_llama_dir), n_ahead=3, n_talk=1, n_passes=2, think_positions=1,
-                  clamp_negative_advantage=clamp, base_loss_beta=1.0, talk_loss_beta=1.0, policy_loss_beta=1.0)
+                  clamp_negative_advantage=clamp, reward_logits=reward_logits, base_loss_beta=1.0,
+                  talk_loss_beta=1.0, policy_loss_beta=1.0, post_loss_beta=post_beta)
     monkeypatch.setattr(m.net, "think", lambda *a, **k: scripted_output())
     monkeypatch.setattr(m, "thought_positions", lambda length, g: torch.tensor([0]))
     batch = {"input_ids": torch.tensor([[5, 1]]), "labels": torch.tensor([[1, 0]])}
     stats, _ = m.compute_losses(batch, None)
-    r0, r1 = math.log(3 / 4), math.log(1 / 2)
+    r0, r1 = math.log(3 / 4), math.log(1 / 2)  # log p_mix of the target after thoughts 0 and 1
+    talk_nll = -(r0 + r1) / 2
+    if reward_logits == "post":  # the unmixed predictions score the thoughts the other way round
+        r0, r1 = r1, r0
     a0, a1 = r0 - r1, r1 - r0  # leave-one-out with two thoughts
     if clamp:
         a1 = 0.0
     policy = -(a0 * -1.0 + a1 * -2.0) / 2
-    talk_nll = -(r0 + r1) / 2
     assert stats["talk_nll"].item() == pytest.approx(talk_nll)
     assert stats["policy_loss"].item() == pytest.approx(policy)
-    assert stats["loss"].item() == pytest.approx(math.log(2) + talk_nll + policy)
+    post_nll = -(math.log(1 / 2) + math.log(3 / 4)) / 2
+    assert stats["loss"].item() == pytest.approx(math.log(2) + talk_nll + policy + post_beta * post_nll)
     assert stats["nll_base"].item() == pytest.approx(math.log(2))
     assert stats["nll_thought"].item() == pytest.approx(talk_nll)
     assert stats["gap"].item() == pytest.approx(talk_nll - math.log(2))
     assert stats["nll"].item() == pytest.approx((math.log(2) + talk_nll) / 2)  # mixed at t=0, base at t=1
     assert stats["mix_weight"].item() == pytest.approx(0.5)
     assert stats["reward"].item() == pytest.approx((r0 + r1) / 2)
+    assert stats["nll_post"].item() == pytest.approx(-(math.log(1 / 2) + math.log(3 / 4)) / 2)
     assert "gap_easy" in stats and "gap_hard" not in stats  # ln 2 < 1 nat: an easy token
 
 

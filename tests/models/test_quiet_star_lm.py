@@ -150,10 +150,12 @@ def test_generate_with_a_cache_equals_recomputing_the_prefix(kind):
         torch.testing.assert_close(r.logits, runs[0].logits, atol=1e-5, rtol=0)
     assert runs[0].tokens.shape == (2, 6) and runs[0].thoughts.shape == (2, 6, 3)
     assert m.generate(prompt, max_new_tokens=2, n_ahead=5).thoughts is None  # hidden by default
-    # the first token's mixed logits are what training computes at the prompt's last position
-    th = runs[0].thoughts[:, 0][:, None]  # [B, Lq=1, M]
-    out = m.think(prompt, torch.tensor([4]), n_ahead=5, n_talk=1, thought_tokens=th)
-    torch.testing.assert_close(out.talk_logits[:, 0, 0], runs[0].logits[:, 0], atol=1e-5, rtol=0)
+    # each token's mixed logits are what training computes at the last position of the text so far
+    for k in (0, 3):
+        text = torch.cat([prompt, runs[0].tokens[:, :k]], dim=1)
+        th = runs[0].thoughts[:, k][:, None]  # [B, Lq=1, M]
+        out = m.think(text, torch.tensor([text.shape[1] - 1]), n_ahead=5, n_talk=1, thought_tokens=th)
+        torch.testing.assert_close(out.talk_logits[:, 0, 0], runs[0].logits[:, k], atol=1e-5, rtol=0)
 
 
 def test_generate_left_padding_and_eos():
