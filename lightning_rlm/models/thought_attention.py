@@ -64,7 +64,9 @@ class ThoughtAttentionState:
     key_mask: Optional[Tensor] = None
     mode: Literal["context", "thought"] = "context"
     context: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> K, V [B, Hkv, L, Dh]
-    thought: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> [N, Hkv, Lq, T, Dh]
+    # layer -> the thought's keys/values, one chunk per call: [N, Hkv, Lq, S_c, Dh] each (kept as chunks, never
+    # concatenated, so backward holds each step's keys once instead of a growing copy per step)
+    thought: dict[int, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
 
     def fork(self, passes: Optional[int] = None) -> ThoughtAttentionState:
         """Same context, no thought yet (e.g. the empty-thought baseline after the sampled thoughts)."""
@@ -151,12 +153,10 @@ def _thought_attention(state: ThoughtAttentionState, layer: int, q: Tensor, k: T
     S = LS // Lq
     if S * Lq != LS or B * P != N:
         raise ValueError(f"thought inputs [{N}, {LS}] do not split into {P} passes x {Lq} positions x steps")
-    k, v = k.reshape(N, Hkv, Lq, S, Dh), v.reshape(N, Hkv, Lq, S, Dh)
-    if layer in state.thought:  # append this call's steps after the earlier ones
-        k = torch.cat([state.thought[layer][0], k], dim=3)
-        v = torch.cat([state.thought[layer][1], v], dim=3)
-    state.thought[layer] = (k, v)  # [N, Hkv, Lq, T, Dh]
-    T = k.shape[3]
+    chunks = state.thought.setdefault(layer, [])
+    # contiguous once here (HF's k/v are often transposed views), so every later reshape is a view
+    chunks.append((k.reshape(N, Hkv, Lq, S, Dh).contiguous(), v.reshape(N, Hkv, Lq, S, Dh).contiguous()))
+    T = sum(c[0].shape[3] for c in chunks)  # thought steps so far, this call's included
     ctx_k, ctx_v = state.context[layer]  # [B, Hkv, L, Dh]
     L = ctx_k.shape[2]
     ctx_ok = _context_ok(state, S, L, q.device)  # [B|1, Lq*S, L]
@@ -164,60 +164,78 @@ def _thought_attention(state: ThoughtAttentionState, layer: int, q: Tensor, k: T
     steps = torch.arange(T - S, T, device=q.device)  # [S]
     own_ok = torch.arange(T, device=q.device)[None, :] <= steps[:, None]  # [S, T]
     if state.engine == "dense":
-        return _dense(q, k, v, ctx_k, ctx_v, ctx_ok, own_ok, scale, B, P, Lq, S, T)
+        return _dense(q, chunks, ctx_k, ctx_v, ctx_ok, own_ok, scale, B, P, Lq, S)
     if state.engine == "diagonal":
-        return _diagonal(q, k, v, ctx_k, ctx_v, ctx_ok, own_ok, scale, B, P, Lq, S, T)
+        return _diagonal(q, chunks, ctx_k, ctx_v, ctx_ok, own_ok, scale, B, P, Lq, S, T)
     raise ValueError(f"unknown attention engine {state.engine!r}; expected 'dense' or 'diagonal'")
 
 
-def _dense(q: Tensor, k: Tensor, v: Tensor, ctx_k: Tensor, ctx_v: Tensor, ctx_ok: Tensor, own_ok: Tensor,
-           scale: float, B: int, P: int, Lq: int, S: int, T: int) -> Tensor:
-    """One key sequence [context ; every position's thought so far] and a dense [Lq*S, L + Lq*T] mask."""
+def _dense(q: Tensor, chunks: list[tuple[Tensor, Tensor]], ctx_k: Tensor, ctx_v: Tensor, ctx_ok: Tensor,
+           own_ok: Tensor, scale: float, B: int, P: int, Lq: int, S: int) -> Tensor:
+    """One key sequence [context ; every position's thought steps so far] and a dense mask over it, as the
+    paper appends each step's keys for all positions: [Lq*S, L + Lq*T]."""
     N, H, LS, Dh = q.shape
     Hkv, L = ctx_k.shape[1], ctx_k.shape[2]
     g = H // Hkv
     expand = (B, P, Hkv, L, Dh)
     keys = torch.cat([ctx_k[:, None].expand(expand).reshape(N, Hkv, L, Dh),
-                      k.reshape(N, Hkv, Lq * T, Dh)], dim=2)  # [N, Hkv, L + Lq*T, Dh]
+                      *[kc.reshape(N, Hkv, -1, Dh) for kc, _ in chunks]], dim=2)  # [N, Hkv, L + Lq*T, Dh]
     values = torch.cat([ctx_v[:, None].expand(expand).reshape(N, Hkv, L, Dh),
-                        v.reshape(N, Hkv, Lq * T, Dh)], dim=2)
+                        *[vc.reshape(N, Hkv, -1, Dh) for _, vc in chunks]], dim=2)
     # thought key (t', i) is visible to row (t, s) iff t' == t and i <= its step
     same = torch.eye(Lq, dtype=torch.bool, device=q.device)  # [Lq, Lq]
-    th_ok = same[:, None, :, None] & own_ok[None, :, None, :]  # [Lq, S, Lq, T]
-    th_ok = th_ok.reshape(1, LS, Lq * T).expand(ctx_ok.shape[0], LS, Lq * T)
-    mask = torch.cat([ctx_ok, th_ok], dim=-1)  # [B|1, Lq*S, L + Lq*T]
+    masks, off = [ctx_ok], 0
+    for kc, _ in chunks:
+        width = kc.shape[3]
+        own = own_ok[:, off: off + width]  # [S, S_c]
+        block = same[:, None, :, None] & own[None, :, None, :]  # [Lq, S, Lq, S_c]
+        masks.append(block.reshape(1, LS, Lq * width).expand(ctx_ok.shape[0], LS, Lq * width))
+        off += width
+    mask = torch.cat(masks, dim=-1)  # [B|1, Lq*S, L + Lq*T]
     qg = q.view(N, Hkv, g, LS, Dh)
     scores = torch.matmul(qg, keys[:, :, None].transpose(-1, -2)).float() * scale  # [N, Hkv, g, LS, L+Lq*T]
     scores = scores.view(B, P, Hkv, g, LS, -1).masked_fill(~mask[:, None, None, None], float("-inf"))
-    weights = scores.softmax(-1).to(v.dtype).view(N, Hkv, g, LS, -1)
+    weights = scores.softmax(-1).to(values.dtype).view(N, Hkv, g, LS, -1)
     out = torch.matmul(weights, values[:, :, None])  # [N, Hkv, g, LS, Dh]
     return out.reshape(N, H, LS, Dh)
 
 
-def _diagonal(q: Tensor, k: Tensor, v: Tensor, ctx_k: Tensor, ctx_v: Tensor, ctx_ok: Tensor, own_ok: Tensor,
-              scale: float, B: int, P: int, Lq: int, S: int, T: int) -> Tensor:
-    """Causal context block [Lq*S, L] + own-thought band [Lq, S, T], merged by log-sum-exp."""
-    N, H, LS, Dh = q.shape
-    Hkv = ctx_k.shape[1]
-    g = H // Hkv
-    # context part: the P thoughts of a row share its context keys (broadcast, no copy)
-    qc = q.view(B, P, Hkv, g, LS, Dh)
-    s_ctx = torch.matmul(qc, ctx_k[:, None, :, None].transpose(-1, -2)).float() * scale  # [B, P, Hkv, g, LS, L]
-    s_ctx = s_ctx.masked_fill(~ctx_ok[:, None, None, None], float("-inf"))
-    # own-thought band: per position t, its S queries against its T keys
-    qt = q.view(N, Hkv, g, Lq, S, Dh).permute(0, 1, 3, 2, 4, 5).reshape(N, Hkv, Lq, g * S, Dh)
-    s_th = torch.matmul(qt, k.transpose(-1, -2)).float() * scale  # [N, Hkv, Lq, g*S, T]
-    s_th = s_th.view(N, Hkv, Lq, g, S, T).masked_fill(~own_ok, float("-inf"))
-    # one softmax over both parts: a shared max, then the two partial sums
-    m_ctx = s_ctx.amax(-1).view(N, Hkv, g, Lq, S)  # [N, Hkv, g, Lq, S]
-    m_th = s_th.amax(-1).permute(0, 1, 3, 2, 4)  # [N, Hkv, g, Lq, S]
-    m = torch.maximum(m_ctx, m_th).detach()  # every row sees its own step, so m is finite
-    e_ctx = torch.exp(s_ctx - m.view(B, P, Hkv, g, LS, 1))  # [B, P, Hkv, g, LS, L]
-    e_th = torch.exp(s_th - m.permute(0, 1, 3, 2, 4)[..., None])  # [N, Hkv, Lq, g, S, T]
-    z = e_ctx.sum(-1).view(N, Hkv, g, Lq, S) + e_th.sum(-1).permute(0, 1, 3, 2, 4)  # [N, Hkv, g, Lq, S]
-    o_ctx = torch.matmul(e_ctx.to(v.dtype), ctx_v[:, None, :, None])  # [B, P, Hkv, g, LS, Dh]
-    o_th = torch.matmul(e_th.to(v.dtype).reshape(N, Hkv, Lq, g * S, T), v)  # [N, Hkv, Lq, g*S, Dh]
-    o_th = o_th.view(N, Hkv, Lq, g, S, Dh).permute(0, 1, 3, 2, 4, 5)  # [N, Hkv, g, Lq, S, Dh]
-    out = (o_ctx.view(N, Hkv, g, Lq, S, Dh) + o_th) / z[..., None].to(v.dtype)
-    return out.reshape(N, H, LS, Dh)
+def _diagonal(q: Tensor, chunks: list[tuple[Tensor, Tensor]], ctx_k: Tensor, ctx_v: Tensor, ctx_ok: Tensor,
+              own_ok: Tensor, scale: float, B: int, P: int, Lq: int, S: int, T: int) -> Tensor:
+    """Causal context block [Lq*S, L] + own-thought band [Lq, S, T], merged by log-sum-exp.
 
+    Every product is a plain batched matmul over views (no broadcast expansion), so backward keeps the
+    context and each thought chunk's keys/values once, not a copy per step."""
+    N, H, LS, Dh = q.shape
+    Hkv, L = ctx_k.shape[1], ctx_k.shape[2]
+    g = H // Hkv
+    R = N * Hkv * Lq  # one band per (row, KV head, position)
+    # context part: the P thoughts and g query heads of a (row, KV head) share its context keys
+    qc = q.view(B, P, Hkv, g, LS, Dh).transpose(1, 2).reshape(B, Hkv, P * g * LS, Dh)
+    s_ctx = (torch.matmul(qc, ctx_k.transpose(-1, -2)).float() * scale).view(B, Hkv, P, g, LS, L)
+    s_ctx = s_ctx.masked_fill(~ctx_ok[:, None, None, None], float("-inf"))
+    # own-thought band: per position t, its S queries against its T keys, chunk by chunk
+    qt = q.view(N, Hkv, g, Lq, S, Dh).permute(0, 1, 3, 2, 4, 5).reshape(R, g * S, Dh)
+    s_th = torch.cat([torch.bmm(qt, kc.reshape(R, -1, Dh).transpose(1, 2)) for kc, _ in chunks], dim=-1)
+    s_th = (s_th.float() * scale).view(N, Hkv, Lq, g, S, T).masked_fill(~own_ok, float("-inf"))
+
+    def band_to_ctx(x: Tensor) -> Tensor:  # [N, Hkv, Lq, g, S, ...] -> [B, Hkv, P, g, Lq*S, ...]
+        x = x.view(B, P, Hkv, Lq, g, S, *x.shape[5:]).permute(0, 2, 1, 4, 3, 5, *range(6, x.dim() + 1))
+        return x.reshape(B, Hkv, P, g, LS, *x.shape[6:])
+
+    # one softmax over both parts: a shared max, then the two partial sums
+    m = torch.maximum(s_ctx.amax(-1), band_to_ctx(s_th.amax(-1))).detach()  # [B, Hkv, P, g, LS], finite
+    m_band = m.view(B, Hkv, P, g, Lq, S).permute(0, 2, 1, 4, 3, 5).reshape(N, Hkv, Lq, g, S)
+    e_ctx = torch.exp(s_ctx - m[..., None])  # [B, Hkv, P, g, LS, L]
+    e_th = torch.exp(s_th - m_band[..., None])  # [N, Hkv, Lq, g, S, T]
+    z = e_ctx.sum(-1) + band_to_ctx(e_th.sum(-1))  # [B, Hkv, P, g, LS]
+    o_ctx = torch.matmul(e_ctx.to(ctx_v.dtype).view(B, Hkv, P * g * LS, L), ctx_v)  # [B, Hkv, P*g*LS, Dh]
+    e_th = e_th.to(ctx_v.dtype).view(R, g * S, T)
+    o_th, off = 0, 0
+    for _, vc in chunks:
+        width = vc.shape[3]
+        o_th = o_th + torch.bmm(e_th[:, :, off: off + width], vc.reshape(R, width, Dh))  # [R, g*S, Dh]
+        off += width
+    o_th = band_to_ctx(o_th.view(N, Hkv, Lq, g, S, Dh))  # [B, Hkv, P, g, LS, Dh]
+    out = (o_ctx.view(B, Hkv, P, g, LS, Dh) + o_th) / z[..., None].to(ctx_v.dtype)
+    return out.transpose(1, 2).reshape(N, H, LS, Dh)
