@@ -224,7 +224,8 @@ def _diagonal(q: Tensor, chunks: list[tuple[Tensor, Tensor]], ctx_k: Tensor, ctx
         return x.reshape(B, Hkv, P, g, LS, *x.shape[6:])
 
     # one softmax over both parts: a shared max, then the two partial sums
-    m = torch.maximum(s_ctx.amax(-1), band_to_ctx(s_th.amax(-1))).detach()  # [B, Hkv, P, g, LS], finite
+    with torch.no_grad():  # any constant works; no graph, so amax keeps no copy of the scores
+        m = torch.maximum(s_ctx.amax(-1), band_to_ctx(s_th.amax(-1)))  # [B, Hkv, P, g, LS], finite
     m_band = m.view(B, Hkv, P, g, Lq, S).permute(0, 2, 1, 4, 3, 5).reshape(N, Hkv, Lq, g, S)
     e_ctx = torch.exp(s_ctx - m[..., None])  # [B, Hkv, P, g, LS, L]
     e_th = torch.exp(s_th - m_band[..., None])  # [N, Hkv, Lq, g, S, T]
