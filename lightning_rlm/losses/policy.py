@@ -79,6 +79,23 @@ def group_advantages(
     return centred.reshape(-1)  # [N]
 
 
+def leave_one_out_baseline(rewards: Tensor, null: Tensor | None = None) -> Tensor:
+    """Each sample's baseline along the last dim of rewards [..., K]: the mean of the other K-1 rewards
+    (TRICE's control variate). `null` [..., 1], e.g. an empty thought's reward, counts as one more other:
+    (sum of others + null) / K. K = 1 and no null: 0 (plain REINFORCE).
+
+    >>> leave_one_out_baseline(torch.tensor([1.0, 2.0, 3.0])).tolist()
+    [2.5, 2.0, 1.5]
+    """
+    k = rewards.size(-1)
+    others = rewards.sum(-1, keepdim=True) - rewards
+    if null is not None:
+        return (others + null) / k
+    if k == 1:
+        return torch.zeros_like(rewards)
+    return others / (k - 1)
+
+
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k3") -> Tensor:
     """Per-token estimate of KL(policy || reference) from log-probs of the sampled tokens. ``[N, T] -> [N, T]``.
 

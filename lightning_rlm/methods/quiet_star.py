@@ -42,7 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_rlm.callbacks.checkpointing import own_rank_state, rank_states
+from lightning_rlm.data.base import VocabFromData
 from lightning_rlm.logging_utils import log_text
+from lightning_rlm.losses import leave_one_out_baseline
 from lightning_rlm.models.quiet_star_lm import MixingHead, QuietStarLM, ThinkOutput
 from lightning_rlm.models.thought_attention import Engine
 from lightning_rlm.optim import adamw_warmup_cosine
@@ -61,19 +63,7 @@ def marker_init(lm: torch.nn.Module, ids: list[int], text: str, unk_id: Optional
     return weight[torch.tensor(ids)].detach().float().mean(0)
 
 
-def loo_baseline(rewards: torch.Tensor, null: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Baseline of each of the P thoughts along dim 1 of rewards [B, P, Lq]: the mean of the others, with
-    the empty thought's reward [B, 1, Lq] counted among them when given. P = 1 and no null: 0."""
-    P = rewards.shape[1]
-    others = rewards.sum(1, keepdim=True) - rewards  # [B, P, Lq]
-    if null is not None:
-        return (others + null) / P
-    if P == 1:
-        return torch.zeros_like(rewards)
-    return others / (P - 1)
-
-
-class QuietStar(L.LightningModule):
+class QuietStar(VocabFromData, L.LightningModule):
     """Quiet-STaR around an HF causal LM.
 
     Model (one of):
@@ -164,10 +154,11 @@ class QuietStar(L.LightningModule):
             from lightning_rlm.models.hf import load_policy
 
             lm, self.hf_tokenizer, _ = load_policy(model_name_or_path)
-            self._build(lm, self.hf_tokenizer.encode(thought_init_text, add_special_tokens=False),
-                        self.hf_tokenizer.unk_token_id)
+            self.net = self._wrap(lm, self.hf_tokenizer.encode(thought_init_text, add_special_tokens=False),
+                                  self.hf_tokenizer.unk_token_id)
+            self.hparams.vocab_size = lm.config.vocab_size  # the DataModule's tokenizer must fit in it
         elif vocab_size is not None:  # a checkpoint: the markers' start value is overwritten by its weights
-            self._build(self._lm_from_config(vocab_size), None, None)
+            self._build(vocab_size)
         else:
             from lightning_rlm.models.hf import config_from_dict
 
@@ -176,40 +167,32 @@ class QuietStar(L.LightningModule):
         self._last_step_time: Optional[float] = None
 
     # ----- model --------------------------------------------------------------------------------------------
-    def _lm_from_config(self, vocab_size: int) -> torch.nn.Module:
+    def make_net(self, vocab_size: int) -> QuietStarLM:
+        """A random model from `model_config`; its markers start from the DataModule tokenizer's encoding of
+        thought_init_text (zeros without a tokenizer: a checkpoint's weights replace them)."""
         from transformers import AutoModelForCausalLM
 
         from lightning_rlm.models.hf import config_from_dict
 
-        return AutoModelForCausalLM.from_config(config_from_dict(self.hparams.model_config, vocab_size))
+        lm = AutoModelForCausalLM.from_config(config_from_dict(self.hparams.model_config, vocab_size))
+        tok, text = self.tokenizer, self.hparams.thought_init_text
+        if tok is None:
+            return self._wrap(lm, None, None)
+        try:
+            ids = tok.encode(text)
+        except ValueError as e:  # e.g. a char vocabulary without '-'
+            raise ValueError(f"thought_init_text {text!r} cannot be encoded by the DataModule's tokenizer "
+                             f"({e}); set model.init_args.thought_init_text to a text it can encode") from None
+        return self._wrap(lm, ids, getattr(getattr(tok, "hf", None), "unk_token_id", None))
 
-    def _build(self, lm: torch.nn.Module, init_ids: Optional[list[int]], unk_id: Optional[int]) -> None:
+    def _wrap(self, lm: torch.nn.Module, init_ids: Optional[list[int]], unk_id: Optional[int]) -> QuietStarLM:
         h = self.hparams
         init = marker_init(lm, init_ids, h.thought_init_text, unk_id) if init_ids is not None else None
         lm.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
-        self.net = QuietStarLM(lm, init, h.embedding_grad_scale, h.mixing_head)
-
-    @property
-    def tokenizer(self):
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        return getattr(dm, "tokenizer", None)
+        return QuietStarLM(lm, init, h.embedding_grad_scale, h.mixing_head)
 
     def setup(self, stage: str) -> None:
-        tok = self.tokenizer
-        if self.net is None:
-            if tok is None:
-                raise ValueError("QuietStar with model_config needs vocab_size or a DataModule with a tokenizer")
-            self.hparams.vocab_size = tok.vocab_size
-            text = self.hparams.thought_init_text
-            try:
-                ids = tok.encode(text)
-            except ValueError as e:  # e.g. a char vocabulary without '-'
-                raise ValueError(f"thought_init_text {text!r} cannot be encoded by the DataModule's tokenizer "
-                                 f"({e}); set model.init_args.thought_init_text to a text it can encode") from None
-            self._build(self._lm_from_config(tok.vocab_size), ids, getattr(getattr(tok, "hf", None), "unk_token_id", None))
-        elif tok is not None and tok.vocab_size > self.net.lm.config.vocab_size:
-            raise ValueError(f"the DataModule's tokenizer has {tok.vocab_size} tokens but the model's vocab is "
-                             f"{self.net.lm.config.vocab_size}: use the model's own tokenizer")
+        self.build_from_data()  # a random model gets the tokenizer's vocab; a built one is checked against it
 
     def _generator(self) -> torch.Generator:
         if self.generator is None or self.generator.device != self.device:
@@ -257,11 +240,12 @@ class QuietStar(L.LightningModule):
         mixed = h.reward_logits == "mixed"
         reward = ((logp if mixed else post_logp) * valid).sum(-1).detach()  # [B, P, Lq]
         post_nll = -(post_logp * valid).sum() / (valid.sum() * B * P)
-        null_reward = None
+        null_reward = None  # [B, Lq, 1]
         if out.null_talk_logits is not None:
             null_logp = talk_logp(out.null_talk_logits if mixed else out.null_post_logits, 1)  # [B, 1, Lq, J]
-            null_reward = (null_logp * valid).sum(-1)
-        advantage = reward - loo_baseline(reward, null_reward)
+            null_reward = (null_logp * valid).sum(-1).transpose(1, 2)
+        # the baseline compares the P thoughts of one position: put them on the last dim
+        advantage = reward - leave_one_out_baseline(reward.transpose(1, 2), null_reward).transpose(1, 2)
         if h.clamp_negative_advantage:
             advantage = advantage.clamp(min=0)
         thought_logp = out.thought_logprob.view(B, P, Lq, -1).sum(-1)  # [B, P, Lq]

@@ -48,19 +48,9 @@ import torch.nn.functional as F
 
 from lightning_rlm.data.base import VocabFromData
 from lightning_rlm.logging_utils import log_text
+from lightning_rlm.losses import leave_one_out_baseline
 from lightning_rlm.models.quiet_star_gru import Combine, QuietStarGRUNet, QuietStarOutput
 from lightning_rlm.optim import adamw_warmup_cosine
-
-
-def leave_one_out_baseline(rewards: torch.Tensor) -> torch.Tensor:
-    """Mean of the other samples' rewards along the last dim (TRICE's control variate). rewards [..., K].
-
-    With K = 1 there are no other samples: the baseline is 0 (plain REINFORCE).
-    """
-    k = rewards.size(-1)
-    if k == 1:
-        return torch.zeros_like(rewards)
-    return (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
 
 
 class QuietStarGRU(VocabFromData, L.LightningModule):

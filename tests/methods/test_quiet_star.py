@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lightning_rlm.cli import RLMCLI
+from lightning_rlm.losses import leave_one_out_baseline
 from lightning_rlm.methods import QuietStar
-from lightning_rlm.methods.quiet_star import loo_baseline
 from lightning_rlm.models.quiet_star_lm import ThinkOutput
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -19,12 +19,12 @@ TINY_QWEN2 = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
 
 
 def test_leave_one_out_baseline_by_hand():
-    r = torch.tensor([[[1.0], [2.0], [3.0]]])  # [B=1, P=3, Lq=1]
-    assert loo_baseline(r).flatten().tolist() == [2.5, 2.0, 1.5]
+    r = torch.tensor([[1.0, 2.0, 3.0]])  # [positions=1, thoughts=3]
+    assert leave_one_out_baseline(r).flatten().tolist() == [2.5, 2.0, 1.5]
     # the empty thought's reward (0) joins the other thoughts: (others + null) / P
-    torch.testing.assert_close(loo_baseline(r, torch.zeros(1, 1, 1)).flatten(), torch.tensor([5 / 3, 4 / 3, 1.0]))
-    assert loo_baseline(r[:, :1]).flatten().tolist() == [0.0]  # one thought, no null: plain REINFORCE
-    assert loo_baseline(r[:, :1], torch.tensor([[[0.5]]])).flatten().tolist() == [0.5]
+    torch.testing.assert_close(leave_one_out_baseline(r, torch.zeros(1, 1)).flatten(), torch.tensor([5 / 3, 4 / 3, 1.0]))
+    assert leave_one_out_baseline(r[:, :1]).flatten().tolist() == [0.0]  # one thought, no null: plain REINFORCE
+    assert leave_one_out_baseline(r[:, :1], torch.tensor([[0.5]])).flatten().tolist() == [0.5]
 
 
 def scripted_output() -> ThinkOutput:

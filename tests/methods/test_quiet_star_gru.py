@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lightning_rlm.cli import RLMCLI
+from lightning_rlm.losses import leave_one_out_baseline
 from lightning_rlm.methods import LanguageModel, QuietStarGRU
-from lightning_rlm.methods.quiet_star_gru import leave_one_out_baseline
 from lightning_rlm.models import GRULanguageModel
 from lightning_rlm.models.quiet_star_gru import QuietStarGRUNet
 from lightning_rlm.rollout import sample_categorical
