@@ -22,12 +22,12 @@ from itertools import cycle, islice
 import numpy as np
 import torch
 
-from lightning_rlm.data.paths import data_root
+from lightning_rlm.data.paths import resolve_data_path
 from lightning_rlm.metrics import MiniLMFeaturizer, compute_mauve_from_features
 
 
 def paragraphs() -> list[str]:
-    text = (data_root() / "tinystories" / "tinystories_val_head.txt").read_text()
+    text = resolve_data_path("tinystories/tinystories_val_head.txt").read_text()
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 

@@ -7,7 +7,7 @@ from importlib import import_module
 from typing import Optional
 
 WORKFLOW = {"base-model": "lightning_rlm.models.base_model", "sweep": "lightning_rlm.workflow.sweep",
-            "report": "lightning_rlm.workflow.report"}
+            "report": "lightning_rlm.workflow.report", "data": "lightning_rlm.workflow.data"}
 
 
 def main(args: Optional[list[str]] = None) -> None:

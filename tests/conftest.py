@@ -1,4 +1,9 @@
-"""Shared fixtures: real text from the data root, small threads, an isolated cache."""
+"""Shared fixtures: real text from the data roots, small threads, an isolated cache.
+
+`LRLM_TEST_BARE=1` (set by `.ci/run` for its run from a bare clone) marks a run without `shared/data`: a
+test that needs a file that is neither bundled nor fetched is then skipped, naming the fetch command;
+in every other run a missing file fails the test.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import os
 import pytest
 import torch
 
-from lightning_rlm.data.paths import data_root
+from lightning_rlm.data.paths import find_data_path
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -19,12 +24,39 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+def _need_data(relpath: str):
+    """The path of a data file from the data roots; skipped (bare run) or failed when it is missing."""
+    found = find_data_path(relpath)
+    if found is None:
+        from lightning_rlm.data.catalog import dataset_of_file
+
+        why = f"needs {relpath} (lightning-rlm data fetch {dataset_of_file(relpath)})"
+        if os.environ.get("LRLM_TEST_BARE") == "1":
+            pytest.skip(why)
+        pytest.fail(f"{why}; set LRLM_DATA_DIR to the folder that holds it")
+    return found[1]
+
+
 @pytest.fixture(scope="session")
 def shared_data():
-    root = data_root()
-    if not (root / "tinyshakespeare" / "input.txt").exists():
-        pytest.fail(f"the real text samples are missing: expected them under {root} (set LRLM_DATA_DIR)")
-    return root
+    """The data root holding the real text samples that travel with the package (Shakespeare, TinyStories)."""
+    return _need_data("tinyshakespeare/input.txt").parents[1]
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_file():
+    return _need_data("gpt2-tokenizer/gpt2_tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def pile_file():
+    return _need_data("pile/pile_sample_pearl.jsonl")
+
+
+@pytest.fixture
+def need_data():
+    """`need_data(relpath)`: the file from the data roots, or a skip (bare run) / failure naming the fetch."""
+    return _need_data
 
 
 @pytest.fixture(scope="session")

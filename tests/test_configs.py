@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from lightning_rlm.cli import RLMCLI
+from lightning_rlm.data.sources import PRESETS as PRESET_FILES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 METHOD_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "presets")
@@ -19,7 +20,10 @@ def parse(*configs: Path):
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_method_config_parses(config, shared_data, tiny_llama_dir, tmp_path):
+def test_method_config_parses(config, shared_data, tiny_llama_dir, tmp_path, need_data):
+    for dataset in ("pile", "fineweb"):  # samples that do not travel with the package
+        if f"preset: {dataset}" in config.read_text():
+            need_data(PRESET_FILES[dataset]["path"])
     extra = []
     if "lrlm:" in config.read_text():
         # configs on the pretrained base model are instantiated on a tiny random one (no minutes-long build)

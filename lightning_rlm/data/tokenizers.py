@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from lightning_rlm.data.paths import cache_dir, data_root, resolve_data_path
+from lightning_rlm.data.paths import cache_dir, resolve_data_path
 
 EOS = "<|endoftext|>"
 BUILTIN = ("char", "gpt2", "bpe")
@@ -157,7 +157,7 @@ def build_tokenizer(spec: str, texts: Optional[list[str]] = None, vocab_size: in
             raise ValueError("the char tokenizer is built from the corpus: pass texts")
         return CharTokenizer.from_texts(texts)
     if spec == "gpt2":
-        return HFTokenizer(_fast_from_file(resolve_data_path(data_root() / "gpt2-tokenizer/gpt2_tokenizer.json")))
+        return HFTokenizer(_fast_from_file(resolve_data_path("gpt2-tokenizer/gpt2_tokenizer.json")))
     if spec == "bpe":
         if texts is None:
             raise ValueError("the bpe tokenizer is trained on the corpus: pass texts")

@@ -18,7 +18,7 @@ def test_lm_windows_are_contiguous_and_shifted(shared_data):
     assert batch["input_ids"].shape == (4, 32)
 
 
-def test_split_by_document_is_deterministic_by_seed(shared_data):
+def test_split_by_document_is_deterministic_by_seed(shared_data, gpt2_tokenizer_file):
     a = LMWindowDataModule(TextSource(preset="tinystories"), tokenizer="gpt2", seed=1)
     b = LMWindowDataModule(TextSource(preset="tinystories"), tokenizer="gpt2", seed=1)
     c = LMWindowDataModule(TextSource(preset="tinystories"), tokenizer="gpt2", seed=2)
@@ -29,7 +29,7 @@ def test_split_by_document_is_deterministic_by_seed(shared_data):
     assert len(a.train_docs) + len(a.val_docs) == n and len(a.val_docs) == round(0.1 * n)
 
 
-def test_block_size_larger_than_every_document(shared_data):
+def test_block_size_larger_than_every_document(shared_data, gpt2_tokenizer_file, pile_file):
     dm = LMWindowDataModule(TextSource(preset="pile", max_documents=30), tokenizer="gpt2", block_size=100_000,
                             cross_documents=False)
     with pytest.raises(ValueError, match=r"block_size=100000 is larger than every train document"):
@@ -52,7 +52,7 @@ def test_unknown_tokenizer_fails_at_construction(shared_data):
         LMWindowDataModule(TextSource(preset="shakespeare"), tokenizer="bpe2")
 
 
-def test_prefix_completion_windows_are_exact(shared_data):
+def test_prefix_completion_windows_are_exact(shared_data, gpt2_tokenizer_file, pile_file):
     dm = PrefixCompletionDataModule(TextSource(preset="pile", max_documents=60), tokenizer="gpt2",
                                     completion_tokens=16, prefix_tokens=40, batch_size=3)
     dm.setup("fit")
@@ -69,7 +69,7 @@ def test_prefix_completion_windows_are_exact(shared_data):
     assert batch["prompt_mask"][:, -1].all()  # left padded: prompts end at the last column
 
 
-def test_prefix_completion_drops_short_documents(tmp_path):
+def test_prefix_completion_drops_short_documents(tmp_path, gpt2_tokenizer_file):
     docs = ["a b c", "word " * 40, "x y", "word " * 100]
     (tmp_path / "d.txt").write_text("\n\n".join(docs))
     dm = PrefixCompletionDataModule(TextSource(path=str(tmp_path / "d.txt"), separator="\n\n"),
@@ -86,7 +86,7 @@ def _contains(seq: list[int], sub: list[int]) -> bool:
     return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
 
 
-def test_prefix_completion_template(shared_data):
+def test_prefix_completion_template(shared_data, gpt2_tokenizer_file):
     dm = PrefixCompletionDataModule(TextSource(preset="tinystories", max_documents=40), tokenizer="gpt2",
                                     completion_tokens=8, prompt_template="<prefix>\n{text}\n</prefix>")
     dm.setup("fit")
@@ -96,7 +96,7 @@ def test_prefix_completion_template(shared_data):
         PrefixCompletionDataModule(TextSource(preset="tinystories"), prompt_template="no slot")
 
 
-def test_prompts_first_k_tokens_and_extra_fields(tmp_path):
+def test_prompts_first_k_tokens_and_extra_fields(tmp_path, gpt2_tokenizer_file):
     rows = ['{"text": "Once upon a time there was a cat who liked milk.", "eligible": true}',
             '{"text": "One day a dog ran to the park and found a ball.", "eligible": false}',
             '{"text": "Tiny.", "eligible": true}']
@@ -112,7 +112,7 @@ def test_prompts_first_k_tokens_and_extra_fields(tmp_path):
     assert batch["prompt_ids"].shape == (1, 4) and isinstance(batch["eligible"], list)
 
 
-def test_fixed_prompt_list(shared_data):
+def test_fixed_prompt_list(shared_data, gpt2_tokenizer_file):
     dm = PromptDataModule(prompts=["Once upon a time", "One day"], tokenizer="gpt2", prompt_tokens=None)
     dm.setup("fit")
     assert {dm.train_set[0]["prompt"], dm.val_set[0]["prompt"]} == {"Once upon a time", "One day"}

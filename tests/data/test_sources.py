@@ -22,7 +22,8 @@ def test_plain_text_with_endoftext(shared_data):
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_presets_read_real_files(preset, shared_data):
+def test_presets_read_real_files(preset, shared_data, need_data):
+    need_data(PRESETS[preset]["path"])
     docs = TextSource(preset=preset).read()
     assert docs and all(isinstance(d, str) and d.strip() for d in docs)
     if preset == "shakespeare":
@@ -31,7 +32,7 @@ def test_presets_read_real_files(preset, shared_data):
         assert len(docs) == 1000
 
 
-def test_explicit_field_overrides_preset(shared_data):
+def test_explicit_field_overrides_preset(shared_data, pile_file):
     src = TextSource(preset="pile", max_documents=7)
     assert src.path == PRESETS["pile"]["path"] and len(src.read()) == 7
 

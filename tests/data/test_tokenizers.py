@@ -17,7 +17,7 @@ def test_char_round_trip_and_save(tmp_path, shared_data):
         tok.encode("ü")
 
 
-def test_gpt2_round_trip(shared_data):
+def test_gpt2_round_trip(shared_data, gpt2_tokenizer_file):
     tok = build_tokenizer("gpt2")
     assert tok.vocab_size == 50257 and tok.eos_token_id == 50256
     s = "Once upon a time, there was a little girl named Lily."
@@ -38,7 +38,7 @@ def test_bpe_trained_here_is_cached(shared_data):
     assert bpe_cache_path(docs, 500) != path and bpe_cache_path(docs[:-1], 400) != path
 
 
-def test_autotokenizer_path(tmp_path, shared_data):
+def test_autotokenizer_path(tmp_path, shared_data, gpt2_tokenizer_file):
     build_tokenizer("gpt2").save(tmp_path / "saved")
     tok = build_tokenizer(str(tmp_path / "saved"))
     assert tok.encode("Hello world") == [15496, 995]

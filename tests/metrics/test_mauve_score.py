@@ -152,11 +152,11 @@ def test_compute_mauve_with_texts(minilm: MiniLMFeaturizer, shared_data: Path) -
 
 # ------------------------------------------------------------------------ HF and policy featurizers
 @pytest.fixture(scope="module")
-def tiny_gpt2(shared_data: Path) -> tuple[torch.nn.Module, object]:
+def tiny_gpt2(gpt2_tokenizer_file: Path) -> tuple[torch.nn.Module, object]:
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(shared_data / "gpt2-tokenizer" / "gpt2_tokenizer.json"), eos_token="<|endoftext|>"
+        tokenizer_file=str(gpt2_tokenizer_file), eos_token="<|endoftext|>"
     )
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2)

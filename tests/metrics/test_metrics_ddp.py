@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_rlm.callbacks.rollout import all_gather_objects
-from lightning_rlm.data.paths import data_root
+from lightning_rlm.data.paths import resolve_data_path
 from lightning_rlm.metrics import (
     DegenerateFlag,
     DistinctN,
@@ -32,7 +32,7 @@ GROUP = 4
 
 def _texts() -> list[str]:
     """24 real paragraphs plus repeats and a loop, so the two halves share n-grams and first sentences."""
-    text = (data_root() / "tinystories" / "tinystories_val_head.txt").read_text()
+    text = resolve_data_path("tinystories/tinystories_val_head.txt").read_text()
     paras = [p.strip() for p in text.split("\n\n") if p.strip()][:24]
     loop = "the dog ran and ran and ran and ran and ran and ran and ran."
     return paras[:12] + [paras[0], paras[1], loop, loop] + paras[12:] + [paras[0], paras[2], loop, paras[3]]

@@ -18,18 +18,14 @@ from lightning_rlm.rewards import (
     split_sentences,
 )
 
-TOKENIZER_FILE = Path("/work/shared/data/gpt2-tokenizer/gpt2_tokenizer.json")
-
 TEN_WORDS = "one two three four five six seven eight nine ten."
 EIGHT_WORDS = "one two three four five six seven eight!"
 
 
 @pytest.fixture(scope="module")
-def gpt2_tokenizer() -> Any:
-    if not TOKENIZER_FILE.exists():
-        pytest.fail(f"the shared GPT-2 tokenizer is missing: {TOKENIZER_FILE} (set LRLM_DATA_DIR)")
+def gpt2_tokenizer(gpt2_tokenizer_file: Path) -> Any:
     transformers = pytest.importorskip("transformers")
-    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE))
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(gpt2_tokenizer_file))
 
 
 def test_doctests_pass() -> None:
