@@ -41,7 +41,8 @@ class Timer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.times.append(time.perf_counter() - self._t)
-        self.rewards.append(sum(outputs["rollout"]["rewards"]["total"]) / len(outputs["rollout"]["rewards"]["total"]))
+        total = outputs["rollout"].rewards["total"]
+        self.rewards.append(sum(total) / len(total))
 
 
 def run_ours(base: str, steps: int, seed: int) -> tuple[list[float], list[float]]:

@@ -6,7 +6,7 @@ import sys
 from importlib import import_module
 from typing import Optional
 
-WORKFLOW = {"base-model": "lightning_rlm.models.base_model", "sweep": "lightning_rlm.workflow.sweep",
+WORKFLOW = {"base-model": "lightning_rlm.workflow.base_model", "sweep": "lightning_rlm.workflow.sweep",
             "report": "lightning_rlm.workflow.report", "data": "lightning_rlm.workflow.data"}
 
 

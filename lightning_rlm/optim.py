@@ -1,35 +1,48 @@
-"""The optimiser every LM-style method uses: AdamW (no decay on biases and norms) with warmup + cosine."""
+"""The one optimiser helper of every method: AdamW with linear warm-up, then a constant, cosine or linear rate."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+Schedule = Literal["constant", "cosine", "linear"]
+
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float, schedule: str) -> float:
-    """LR multiplier: linear warmup, then constant or cosine decay to `min_ratio`."""
+    """LR multiplier: linear warmup to 1, then constant, or a cosine / linear decay to `min_ratio` at
+    `total_steps` (`total_steps` <= `warmup_steps`, e.g. 0 for an unknown length: constant)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant" or total_steps <= warmup_steps:
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw_warmup(param_groups: Iterable[dict[str, Any]], lr: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0, total_steps: float = 0,
+                 min_lr_ratio: float = 0.0, schedule: Schedule = "constant") -> dict[str, Any]:
+    """`configure_optimizers` output: AdamW over `param_groups` (a group may set its own `lr` or
+    `weight_decay`) with the :func:`warmup_cosine` schedule, stepped per batch."""
+    opt = torch.optim.AdamW(list(param_groups), lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+    total = int(total_steps) if math.isfinite(total_steps) else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, warmup_steps, total, min_lr_ratio, schedule))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def adamw_warmup_cosine(module: nn.Module, total_steps: float, lr: float, weight_decay: float,
                         betas: tuple[float, float], warmup_steps: int, min_lr_ratio: float,
                         lr_schedule: str) -> dict[str, Any]:
-    """`configure_optimizers` output: AdamW over trainable params (matrices decayed), stepped per batch."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=tuple(betas),
-    )
-    total = int(total_steps) if math.isfinite(total_steps) else 0
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, warmup_steps, total, min_lr_ratio, lr_schedule))
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    """:func:`adamw_warmup` over the trainable parameters of `module`, matrices decayed (not biases, norms)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return adamw_warmup(groups, lr=lr, betas=betas, warmup_steps=warmup_steps, total_steps=total_steps,
+                        min_lr_ratio=min_lr_ratio, schedule=lr_schedule)  # type: ignore[arg-type]

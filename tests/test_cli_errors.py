@@ -43,6 +43,10 @@ ROWS = [
      "max_completion_length must be >= 1, got 0"),
     ("negative tau", SFT, ["--model.init_args.model_name_or_path={tiny}", "--data.init_args.tokenizer={tiny}",
      "--model.init_args.tau=-1"], "tau must be >= 0"),
+    # checked before the model loads: the model folder does not exist and is never read
+    ("round schedule longer than max_steps", SFT, ["--model.init_args.model_name_or_path={tmp}/never_loaded",
+     "--data.init_args.tokenizer={tiny}", "--model.init_args.steps_per_round=50"],
+     "steps_per_round=50 x n_rounds=4 = 200 steps do not fit trainer.max_steps=1"),
     ("weight_groups that cannot share", QSTAR, ["--model.init_args.weight_groups=AAAA",
      "--model.init_args.reasoner_hidden_dim=128"], "weight_groups='AAAA' shares one GRU"),
     # Quiet-STaR's thought markers start from the embedding of thought_init_text: a tokenizer that cannot

@@ -43,7 +43,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +150,9 @@ class DualLoRAModel(LinearWrappingModel):
             ``nn.Linear`` except the output embedding (all linear layers of attention and MLP).
     """
 
+    SWITCHES = ("retain_on", "forget_on")
+    MODES = _MODE_SWITCHES
+
     def __init__(
         self,
         model: nn.Module,
@@ -200,18 +203,6 @@ class DualLoRAModel(LinearWrappingModel):
         finally:
             self._state.flagged = previous
 
-    @contextmanager
-    def adapters(self, mode: AdapterMode) -> Iterator[DualLoRAModel]:
-        """Switch adapters for the block: ``both``, ``retain_only``, ``forget_only`` or ``base`` (neither)."""
-        if mode not in _MODE_SWITCHES:
-            raise ValueError(f"adapter mode must be one of {ADAPTER_MODES}, got {mode!r}")
-        previous = (self._state.retain_on, self._state.forget_on)
-        self._state.retain_on, self._state.forget_on = _MODE_SWITCHES[mode]
-        try:
-            yield self
-        finally:
-            self._state.retain_on, self._state.forget_on = previous
-
     def retain_only(self) -> AbstractContextManager[DualLoRAModel]:
         """Ablate the forget adapter (the deployed model)."""
         return self.adapters("retain_only")
@@ -220,20 +211,7 @@ class DualLoRAModel(LinearWrappingModel):
         """Ablate the retain adapter."""
         return self.adapters("forget_only")
 
-    def base(self) -> AbstractContextManager[DualLoRAModel]:
-        """Ablate both adapters: the frozen base model, the reference of the KL penalty."""
-        return self.adapters("base")
 
-
-def add_dual_lora(
-    model: nn.Module,
-    retain_rank: int = 32,
-    forget_rank: int = 32,
-    retain_alpha: Optional[float] = None,
-    forget_alpha: Optional[float] = None,
-    use_rslora: bool = False,
-    target_modules: Optional[Sequence[str]] = None,
-) -> DualLoRAModel:
-    """Wrap ``model`` (in place) with a retain and a forget LoRA adapter; see :class:`DualLoRAModel`."""
-    return DualLoRAModel(model, retain_rank, forget_rank, retain_alpha, forget_alpha, use_rslora,
-                         target_modules)
+def add_dual_lora(model: nn.Module, *args: Any, **kwargs: Any) -> DualLoRAModel:
+    """Wrap ``model`` (in place) with a retain and a forget LoRA adapter; arguments as :class:`DualLoRAModel`."""
+    return DualLoRAModel(model, *args, **kwargs)

@@ -16,6 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
+from lightning_rlm.adapters.wrapping import LinearWrappingModel
 from lightning_rlm.rollout.generate import completion_logprobs
 
 __all__ = ["add_lora", "frozen_copy", "is_peft_model", "reference_logprobs", "reference_mode"]
@@ -106,8 +107,10 @@ def reference_logprobs(
 ) -> Tensor:
     """Completion log-probs ``[N, C]`` under the reference policy, without gradients.
 
-    Uses ``ref_model`` when given (full fine-tuning); otherwise ``policy`` must be a PEFT model and is
-    evaluated with its adapters disabled. ``input_ids``/``attention_mask`` are ``[N, P+C]``.
+    Uses ``ref_model`` when given (full fine-tuning); otherwise ``policy`` is evaluated as its own reference:
+    a PEFT model with its adapters disabled, or a model with a ``reference()`` context (the dual-LoRA and
+    SVD adapters, :class:`~lightning_rlm.adapters.wrapping.LinearWrappingModel`). ``input_ids`` /
+    ``attention_mask`` are ``[N, P+C]``.
     """
     if ref_model is not None:
         was_training = ref_model.training
@@ -121,7 +124,7 @@ def reference_logprobs(
             ref_model.train(was_training)
         assert isinstance(logp, Tensor)
         return logp
-    with reference_mode(policy) as ref:
+    with (policy.reference() if isinstance(policy, LinearWrappingModel) else reference_mode(policy)) as ref:
         logp = completion_logprobs(ref, input_ids, attention_mask, completion_len, temperature=temperature)
     assert isinstance(logp, Tensor)
     return logp

@@ -56,8 +56,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
@@ -235,6 +235,9 @@ class SVDAdapterModel(LinearWrappingModel):
         train_hack: whether ``δS_hack`` requires grad (only the ``route`` projection feeds it).
     """
 
+    SWITCHES = ("main_on", "hack_on")
+    MODES = _MODE_SWITCHES
+
     def __init__(self, model: nn.Module, target_modules: Optional[Sequence[str]] = DEFAULT_SVD_TARGETS,
                  cache_dir: Optional[str | os.PathLike] = None, train_hack: bool = True) -> None:
         super().__init__()
@@ -265,38 +268,10 @@ class SVDAdapterModel(LinearWrappingModel):
         """Key of the base weights of the wrapped layers (see :func:`weights_fingerprint`)."""
         return weights_fingerprint({n: layer.weight_sha for n, layer in self.svd_layers().items()})
 
-    # ----- modes -----------------------------------------------------------------------------------------
-    @contextmanager
-    def adapters(self, mode: SVDMode) -> Iterator[SVDAdapterModel]:
-        """Switch the knobs for the block: ``both``, ``no_hack`` (δS_hack zeroed), ``hack_only`` (δS zeroed) or
-        ``base`` (both zeroed: the base model, bit for bit)."""
-        if mode not in _MODE_SWITCHES:
-            raise ValueError(f"SVD adapter mode must be one of {SVD_MODES}, got {mode!r}")
-        previous = (self._state.main_on, self._state.hack_on)
-        self._state.main_on, self._state.hack_on = _MODE_SWITCHES[mode]
-        try:
-            yield self
-        finally:
-            self._state.main_on, self._state.hack_on = previous
-
+    # ----- modes (adapters(mode), base() and reference() come from LinearWrappingModel) ---------------------
     def no_hack(self) -> AbstractContextManager[SVDAdapterModel]:
         """Ablate ``δS_hack`` (the deployed model of the ``route`` projection)."""
         return self.adapters("no_hack")
-
-    def base(self) -> AbstractContextManager[SVDAdapterModel]:
-        """Both vectors off: outputs equal the base model's exactly."""
-        return self.adapters("base")
-
-    @contextmanager
-    def reference(self) -> Iterator[SVDAdapterModel]:
-        """The KL reference: both vectors off, eval mode, no grad (like LoRA's ``reference_mode``)."""
-        was_training = self.training
-        self.eval()
-        try:
-            with self.adapters("base"), torch.no_grad():
-                yield self
-        finally:
-            self.train(was_training)
 
 
 def add_svd_adapter(model: nn.Module, target_modules: Optional[Sequence[str]] = DEFAULT_SVD_TARGETS,

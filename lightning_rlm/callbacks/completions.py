@@ -19,9 +19,7 @@ line behind. With `log_validation`, the first validation batch of each validatio
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_rlm.callbacks.rollout import get_rollout, per_completion
+from lightning_rlm.logging_utils import append_jsonl_line
+from lightning_rlm.rollout.text import TextRollout
 
 __all__ = ["CompletionsLogger", "append_jsonl_line", "rollout_rows", "rows_to_markdown"]
 
@@ -42,14 +42,14 @@ def _finite_or_none(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def rollout_rows(rollout: dict[str, Any], max_rows: int | None = None) -> list[dict[str, Any]]:
+def rollout_rows(rollout: TextRollout, max_rows: int | None = None) -> list[dict[str, Any]]:
     """One dict per completion (the first `max_rows`): prompt, completion, reference, rewards, advantage."""
-    completions: list[str] = rollout["completions"]
-    n, g = len(completions), rollout["group_size"]
-    prompts = per_completion(rollout["prompts"], n, g)
-    references = per_completion(rollout["references"], n, g)
-    advantages = per_completion(rollout["advantages"], n, g)
-    rewards = {name: per_completion(values, n, g) for name, values in rollout["rewards"].items()}
+    completions = rollout.completions
+    n, g = len(completions), rollout.group_size
+    prompts = per_completion(rollout.prompts, n, g)
+    references = per_completion(rollout.references, n, g)
+    advantages = per_completion(rollout.advantages, n, g)
+    rewards = {name: per_completion(values, n, g) for name, values in rollout.rewards.items()}
     rows = []
     for i in range(n if max_rows is None else min(n, max_rows)):
         rows.append(
@@ -93,18 +93,6 @@ def rows_to_markdown(rows: list[dict[str, Any]], max_chars: int = 1000) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def append_jsonl_line(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Append `record` as one JSON line with a single write to an O_APPEND descriptor."""
-    data = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        written = os.write(fd, data)
-        while written < len(data):  # regular files practically never write short; finish if they do
-            written += os.write(fd, data[written:])
-    finally:
-        os.close(fd)
 
 
 class CompletionsLogger(Callback):
@@ -166,22 +154,15 @@ class CompletionsLogger(Callback):
         if trainer.is_global_zero:
             self._log(trainer, rollout, "train")
 
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self.log_validation or trainer.sanity_checking or batch_idx != 0 or dataloader_idx != 0:
             return
         rollout = get_rollout(outputs)
         if rollout is not None and trainer.is_global_zero:
             self._log(trainer, rollout, "val")
 
-    def _log(self, trainer: pl.Trainer, rollout: dict[str, Any], stage: str) -> None:
+    def _log(self, trainer: pl.Trainer, rollout: TextRollout, stage: str) -> None:
         rows = rollout_rows(rollout, self.max_rows)
         if not rows:
             return

@@ -211,8 +211,8 @@ class MauveCallback(Callback):
         rollout = get_rollout(outputs)
         local: tuple[list[str], list[str]] | None = None
         if rollout is not None:
-            n, g = len(rollout["completions"]), rollout["group_size"]
-            local = (rollout["completions"], per_group(rollout["references"], n, g))
+            n, g = len(rollout.completions), rollout.group_size
+            local = (rollout.completions, per_group(rollout.references, n, g))
         parts = all_gather_objects(local) if world_info()[1] > 1 else [local]
         for part in parts:
             if part is not None:

@@ -1,14 +1,12 @@
-"""Reading text rollouts out of step outputs, and gathering Python objects across DDP ranks.
+"""Reading text rollouts out of step outputs.
 
 The contract between RL methods and evaluation callbacks: `training_step` / `validation_step` return a
-dict with a `"rollout"` key (besides `"loss"`) whose value is a plain dict
-
-    {"prompts": list[str], "completions": list[str], "references": list[str] | None,
-     "rewards": dict[str, list[float]], "advantages": list[float] | None, "group_size": int}
-
-with completions grouped contiguously, `group_size` per prompt. `prompts` (and `references`) may hold
-one entry per completion or one per group. Callbacks receive that dict as `outputs` in
-`on_train_batch_end` / `on_validation_batch_end` and call `get_rollout(outputs)`.
+dict with a `"rollout"` key (besides `"loss"`) whose value is a
+:class:`~lightning_rlm.rollout.TextRollout` (prompts, completions, references, rewards, advantages,
+group_size; a plain dict with those keys is read too), with completions grouped contiguously,
+`group_size` per prompt. Callbacks receive the step's outputs in `on_train_batch_end` /
+`on_validation_batch_end` and call `get_rollout(outputs)`. The DDP object helpers live in
+:mod:`lightning_rlm.distributed` (re-exported here).
 """
 
 from __future__ import annotations
@@ -16,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-import torch.distributed as dist
+from lightning_rlm.distributed import all_gather_objects, broadcast_object, world_info
+from lightning_rlm.rollout.text import TextRollout
 
 T = TypeVar("T")
 
@@ -32,32 +31,26 @@ __all__ = [
 _ROLLOUT_KEYS = ("prompts", "completions", "references", "rewards", "advantages", "group_size")
 
 
-def get_rollout(outputs: Any) -> dict[str, Any] | None:
+def get_rollout(outputs: Any) -> TextRollout | None:
     """The text rollout in a step's outputs, or None.
 
-    Accepts the outputs dict (`outputs["rollout"]`), the rollout dict itself, or an object with a
-    `completions` attribute holding strings; anything else (a loss tensor, None, a tensor-only rollout)
-    gives None. Missing optional keys are filled: `references`/`advantages` None, `rewards` {},
-    `group_size` 1, `prompts` [].
+    Accepts the outputs dict (`outputs["rollout"]`), the rollout itself (a `TextRollout`, a dict with its
+    keys, or an object with a `completions` attribute holding strings); anything else (a loss tensor,
+    None, a tensor-only rollout) gives None. Missing optional fields get their defaults.
     """
     candidate = outputs.get("rollout", outputs) if isinstance(outputs, Mapping) else outputs
     if isinstance(candidate, Mapping):
-        rollout = dict(candidate)
+        fields = {k: candidate[k] for k in _ROLLOUT_KEYS if k in candidate}
     elif hasattr(candidate, "completions"):
-        rollout = {k: getattr(candidate, k) for k in _ROLLOUT_KEYS if hasattr(candidate, k)}
+        fields = {k: getattr(candidate, k) for k in _ROLLOUT_KEYS if hasattr(candidate, k)}
     else:
         return None
-    completions = rollout.get("completions")
+    completions = fields.get("completions")
     if not isinstance(completions, Sequence) or not all(isinstance(c, str) for c in completions):
         return None  # e.g. a rollout of token tensors: no text to read
-    rollout["completions"] = list(completions)
-    rollout.setdefault("prompts", [])
-    rollout["prompts"] = list(rollout["prompts"] or [])
-    rollout.setdefault("references", None)
-    rollout["rewards"] = dict(rollout.get("rewards") or {})
-    rollout.setdefault("advantages", None)
-    rollout["group_size"] = int(rollout.get("group_size") or 1)
-    return rollout
+    return TextRollout(completions=list(completions), prompts=list(fields.get("prompts") or []),
+                       references=fields.get("references"), rewards=dict(fields.get("rewards") or {}),
+                       advantages=fields.get("advantages"), group_size=int(fields.get("group_size") or 1))
 
 
 def per_completion(values: Sequence[T] | None, n: int, group_size: int) -> list[T | None]:
@@ -80,33 +73,3 @@ def per_group(values: Sequence[T] | None, n: int, group_size: int) -> list[T]:
     if group_size > 1 and len(values) == n:
         return list(values[::group_size])
     return list(values)
-
-
-def world_info() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) when not distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_gather_objects(obj: T) -> list[T]:
-    """Every rank's `obj` (picklable), in rank order, on every rank; `[obj]` when not distributed.
-
-    A collective: all ranks must call it. (`strategy.all_gather` only handles tensors, not strings.)
-    """
-    _, world = world_info()
-    if world == 1:
-        return [obj]
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """`obj` from rank `src` on every rank (a collective); `obj` itself when not distributed."""
-    _, world = world_info()
-    if world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

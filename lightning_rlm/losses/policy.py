@@ -192,35 +192,3 @@ def policy_loss(
         if kl is not None:
             stats["kl"] = masked_mean(kl, keep)
     return loss, stats
-
-
-def selective_log_softmax(logits: Tensor, ids: Tensor) -> Tensor:
-    """Log-probability of ``ids`` under ``logits``: ``[N, T, V], [N, T] -> [N, T]`` in fp32.
-
-    Equivalent to ``log_softmax(logits.float(), -1).gather(-1, ids)`` but loops over rows, upcasting one
-    ``[T, V]`` slice at a time and using logsumexp + gather, so no full-size fp32 (or log-softmax) copy of the
-    logits is made. Under autograd with low-precision logits the upcast rows are still kept for backward; the
-    saving matters most for no-grad reference/old-policy passes.
-    """
-    if logits.shape[:-1] != ids.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and ids {tuple(ids.shape)} disagree")
-    rows = []
-    for row_logits, row_ids in zip(logits, ids):  # [T, V], [T]
-        row = row_logits.float()  # [T, V]
-        chosen = row.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1)  # [T]
-        rows.append(chosen - torch.logsumexp(row, dim=-1))  # [T]
-    return torch.stack(rows)  # [N, T]
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the next-token distribution at every position, ``[N, T, V] -> [N, T]`` in fp32.
-
-    Computed row by row from an fp32 log-softmax; ``-inf`` logits (e.g. filtered vocab) contribute 0.
-    """
-    rows = []
-    for row_logits in logits:  # [T, V]
-        logp = torch.log_softmax(row_logits.float(), dim=-1)  # [T, V]
-        # 0 * -inf would be NaN; masked tokens have probability 0 and contribute nothing.
-        safe_logp = logp.masked_fill(torch.isneginf(logp), 0.0)  # [T, V]
-        rows.append(-(logp.exp() * safe_logp).sum(-1))  # [T]
-    return torch.stack(rows)  # [N, T]

@@ -77,12 +77,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_rlm.adapters import add_lora, reference_logprobs
-from lightning_rlm.callbacks.completions import append_jsonl_line
 from lightning_rlm.data.collate import pad_left
+from lightning_rlm.distributed import generator_states, own_generator
+from lightning_rlm.logging_utils import append_jsonl_line
 from lightning_rlm.losses import kl_penalty
 from lightning_rlm.models.hf import load_policy
-from lightning_rlm.rollout import Rollout, completion_logprobs, sample_completions
-from lightning_rlm.rollout.generate import position_ids_from_mask
+from lightning_rlm.optim import adamw_warmup
+from lightning_rlm.rollout import (
+    Rollout,
+    TextRollout,
+    completion_logprobs,
+    position_ids_from_mask,
+    sample_completions,
+)
 
 __all__ = [
     "GANRL",
@@ -91,7 +98,6 @@ __all__ = [
     "GANRollout",
     "discriminator_stats",
     "gan_rewards",
-    "linear_schedule",
 ]
 
 # The seed's prompt, verbatim (Qwen chat markers as written in the note; `{text}` is the prefix).
@@ -180,16 +186,6 @@ def discriminator_stats(logits_gen: Tensor, logits_real: Tensor) -> tuple[Tensor
             "d_prob_real": p_real.mean(),
         }
     return loss, stats
-
-
-def linear_schedule(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear warmup to 1, then linear decay to ``min_ratio`` at ``total_steps`` (0: constant)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if total_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 1.0 - (1.0 - min_ratio) * progress
 
 
 @dataclass
@@ -494,11 +490,10 @@ class GANRL(L.LightningModule):
 
         if h.write_rollouts:
             self._write_rollouts(step, rollout, truths, rewards, d_prob, d_prob_real, advantages)
-        return {"loss": (g_loss + h.d_scale * d_loss).detach(), "rollout": {
-            "prompts": prefixes, "completions": rollout.completion_texts, "references": truths,
-            "rewards": {"total": rewards.tolist(), "d_prob": d_prob.tolist()},
-            "advantages": advantages.detach().tolist(), "group_size": 1,
-        }}
+        return {"loss": (g_loss + h.d_scale * d_loss).detach(), "rollout": TextRollout(
+            prompts=prefixes, completions=rollout.completion_texts, references=truths,
+            rewards={"total": rewards.tolist(), "d_prob": d_prob.tolist()}, advantages=advantages.detach().tolist(),
+        )}
 
     def rollouts_path(self) -> Optional[Path]:
         if self._trainer is None:
@@ -540,9 +535,8 @@ class GANRL(L.LightningModule):
         self.log(f"{split}/reward", rewards.mean(), **log)
         self.log(f"{split}/completion_length", rollout.completion_lengths.float().mean(), **log)
         self.log(f"{split}/reasoning_length", rollout.reasoning_lengths.float().mean(), **log)
-        return {"rollout": {"prompts": prefixes, "completions": rollout.completion_texts, "references": truths,
-                            "rewards": {"total": rewards.tolist(), "d_prob": d_prob.tolist()},
-                            "advantages": None, "group_size": 1}}
+        return {"rollout": TextRollout(prompts=prefixes, completions=rollout.completion_texts, references=truths,
+                                       rewards={"total": rewards.tolist(), "d_prob": d_prob.tolist()})}
 
     @torch.no_grad()
     def generate_text(self, prompts: list[str], max_new_tokens: Optional[int] = None) -> list[str]:
@@ -554,20 +548,13 @@ class GANRL(L.LightningModule):
 
     # ----- optimisation and state ------------------------------------------------------------------------------------
     def configure_optimizers(self):
+        """Adapter and head each get AdamW (no weight decay) with warm-up and a linear decay."""
         h = self.hparams
-        g_opt = torch.optim.Adam(self.adapter_parameters(), lr=h.g_lr, betas=tuple(h.betas))
-        d_opt = torch.optim.Adam(self.d_head.parameters(), lr=h.d_lr, betas=tuple(h.betas))
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
-        total = int(total) if math.isfinite(total) else 0
-
-        def lam(s: int) -> float:
-            return linear_schedule(s, h.warmup_steps, total, h.min_lr_ratio)
-
-        return (
-            [g_opt, d_opt],
-            [{"scheduler": torch.optim.lr_scheduler.LambdaLR(g_opt, lam), "interval": "step"},
-             {"scheduler": torch.optim.lr_scheduler.LambdaLR(d_opt, lam), "interval": "step"}],
-        )
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        g, d = (adamw_warmup([{"params": list(params)}], lr=lr, betas=h.betas, warmup_steps=h.warmup_steps,
+                             total_steps=total, min_lr_ratio=h.min_lr_ratio, schedule="linear")
+                for params, lr in ((self.adapter_parameters(), h.g_lr), (self.d_head.parameters(), h.d_lr)))
+        return [g["optimizer"], d["optimizer"]], [g["lr_scheduler"], d["lr_scheduler"]]
 
     def on_fit_start(self) -> None:
         precision = str(getattr(self.trainer, "precision", ""))
@@ -582,15 +569,13 @@ class GANRL(L.LightningModule):
                           stacklevel=2)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["gan_rl_state"] = {
-            "generator": self.generator.get_state() if self.generator is not None else None,
+        checkpoint["gan_rl_state"] = {  # the sampling generator of every rank (each samples its own stream)
+            "generators": generator_states(self.generator),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("gan_rl_state", {})
-        if state.get("generator") is not None:
-            self.generator = torch.Generator(self.device)
-            self.generator.set_state(state["generator"])
+        self.generator = own_generator(state.get("generators"), self.device, state.get("generator")) or self.generator
 
 
 def _as_list(x: int | list[int] | tuple[int, ...]) -> list[int]:

@@ -17,6 +17,11 @@ sum / (N · max_completion_length) with no std scaling (`dr_grpo`, Liu et al. 20
 (`dapo`); rewards are rules (no reward model); sampling runs through our own KV-cache decode loop
 seeded per process (seed + rank), so runs are reproducible and DDP ranks draw different samples.
 Manual optimisation: a rollout is reused for `num_iterations` optimizer steps.
+
+`GRPO.training_step` is the one step of the GRPO family: `make_batch` (sample, score, advantages,
+reference and old log-probs), then per inner iteration `with loss_context(gb): loss(gb)`, backward,
+`after_backward(gb)`, clip, step, then `log_extra(gb)`. Subclasses (gradient routing, projected GRPO)
+override these hooks and `build_policy` / `prepare_batch` / `score` / `param_groups`, never the step.
 """
 
 from __future__ import annotations
@@ -24,26 +29,57 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Literal, Optional
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Optional
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_rlm.adapters import add_lora, frozen_copy, reference_logprobs
-from lightning_rlm.callbacks.checkpointing import own_rank_state, rank_states
+from lightning_rlm.distributed import generator_states, own_generator
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses import group_advantages, policy_loss
 from lightning_rlm.metrics.text import DegenerateFlag, GroupJaccard, UniqueFirstSentences, first_sentence
 from lightning_rlm.models.hf import load_policy
+from lightning_rlm.optim import adamw_warmup
 from lightning_rlm.rewards import SentenceLength, reward_name
-from lightning_rlm.rollout import Rollout, completion_logprobs, sample_completions
+from lightning_rlm.rollout import Rollout, TextRollout, completion_logprobs, sample_completions
 
 RewardFn = Callable[..., list]
 
 
 def default_rewards() -> list[RewardFn]:
     return [SentenceLength(n=10, mode="smooth")]
+
+
+def with_task_rewards(rewards: Optional[list[RewardFn]], reward_weights: Optional[list[float]],
+                      task_rewards: list[RewardFn]) -> tuple[list[RewardFn], list[float]]:
+    """The base rewards (default :func:`default_rewards`) followed by a task's reward terms (weight 1 each)."""
+    base = default_rewards() if rewards is None else list(rewards)
+    weights = [1.0] * len(base) if reward_weights is None else list(reward_weights)
+    if not base:
+        raise ValueError("rewards (the base reward) is empty: give at least one reward function")
+    if len(weights) != len(base):
+        raise ValueError(f"reward_weights has {len(weights)} entries for {len(base)} rewards")
+    return [*base, *task_rewards], [*weights, *[1.0] * len(task_rewards)]
+
+
+@dataclass
+class GroupBatch:
+    """One scored rollout of a prompt batch (``N = B * G`` rows) and what the inner iterations reuse."""
+
+    batch: dict[str, Any]  # the prompt batch, with any field the method added (e.g. rh_eligible)
+    rollout: Rollout
+    completions: list[str]
+    rewards: dict[str, Tensor]  # name -> [N], plus "total"
+    advantages: Tensor  # [N]
+    generation_s: float
+    ref_logp: Optional[Tensor] = None  # [N, C] under the reference (beta > 0)
+    old_logp: Optional[Tensor] = None  # [N, C] under the sampling policy (num_iterations > 1)
+    labels: Any = None  # the method's per-completion labels (e.g. the reward-hack task's)
+    stats: dict[str, Any] = field(default_factory=dict)  # what after_backward measured, for log_extra
 
 
 class GRPO(L.LightningModule):
@@ -69,6 +105,9 @@ class GRPO(L.LightningModule):
         reward_thresholds: log the seconds and steps until the train reward (mean of the last 10 steps)
             first reaches each threshold.
     """
+
+    # GRPO arguments a subclass fixes in its call to GRPO.__init__ (not its own, not in its hparams)
+    fixed_args: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -118,21 +157,26 @@ class GRPO(L.LightningModule):
             raise ValueError("rewards is empty: give at least one reward function")
         if reward_weights is not None and len(reward_weights) != len(rewards):
             raise ValueError(f"reward_weights has {len(reward_weights)} entries for {len(rewards)} rewards")
-        self.save_hyperparameters(ignore=["rewards"])
+        self.save_hyperparameters(ignore=["rewards", *self.fixed_args])
         self.automatic_optimization = False
         self.rewards = rewards
         self.reward_names = [reward_name(r) for r in rewards]
         self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(rewards)
 
         policy, self.tokenizer, self.eos_token_id = load_policy(model_name_or_path)
-        # reference: adapters off (LoRA) or a frozen copy (full FT), only when the KL term is used
-        self.ref_model = frozen_copy(policy) if (lora_rank is None and beta > 0) else None
-        self.policy = add_lora(policy, lora_rank, lora_alpha, use_rslora) if lora_rank else policy
+        self.policy, self.ref_model = self.build_policy(policy)
         self.generator: Optional[torch.Generator] = None
         self.recent_rewards: deque[float] = deque(maxlen=10)
         self.threshold_hits: dict[str, float] = {}
         self._fit_start_time: Optional[float] = None
         self._elapsed_before_resume = 0.0
+
+    def build_policy(self, policy: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
+        """The trained policy and its frozen reference model (None: the reference is the policy with its
+        adapters off, see :func:`~lightning_rlm.adapters.reference_logprobs`, or there is no KL term)."""
+        h = self.hparams
+        ref_model = frozen_copy(policy) if (h.lora_rank is None and h.beta > 0) else None
+        return (add_lora(policy, h.lora_rank, h.lora_alpha, h.use_rslora) if h.lora_rank else policy), ref_model
 
     # ----- rollout and scoring -------------------------------------------------------------------------------
     def _sampling_generator(self) -> torch.Generator:
@@ -169,55 +213,95 @@ class GRPO(L.LightningModule):
         out["total"] = sum(w * out[n] for n, w in zip(self.reward_names, self.reward_weights))
         return out
 
-    # ----- training ----------------------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    # ----- training: the one template of the GRPO family -------------------------------------------------------
+    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Hook: the prompt batch as sampled and scored (e.g. with per-prompt task fields added)."""
+        return batch
+
+    def reference_logprobs(self, rollout: Rollout) -> Tensor:
+        """Hook: completion log-probs [N, C] under the KL reference, without gradient."""
+        return reference_logprobs(self.policy, self.ref_model, rollout.input_ids, rollout.attention_mask,
+                                  rollout.completion_length, temperature=self.hparams.temperature)
+
+    def make_batch(self, batch: dict[str, Any]) -> GroupBatch:
+        """Sample G completions per prompt, score them, and compute the reference / old log-probs."""
         h = self.hparams
         G = h.num_generations
+        batch = self.prepare_batch(batch)
         t0 = time.perf_counter()
         rollout = self.rollout(batch, G)
-        t_gen = time.perf_counter() - t0
+        generation_s = time.perf_counter() - t0
         completions = self.decode(rollout)
         rewards = self.score(batch, completions, G)
-        advantages = group_advantages(rewards["total"], G, h.scale_rewards)  # [N]
-        mask = rollout.completion_mask  # [N, C]
-
-        ref_logp = None
+        gb = GroupBatch(batch=batch, rollout=rollout, completions=completions, rewards=rewards,
+                        advantages=group_advantages(rewards["total"], G, h.scale_rewards),  # [N]
+                        generation_s=generation_s)
         if h.beta > 0:
-            ref_logp = reference_logprobs(self.policy, self.ref_model, rollout.input_ids, rollout.attention_mask,
-                                          rollout.completion_length, temperature=h.temperature)  # [N, C]
-        old_logp = None
+            gb.ref_logp = self.reference_logprobs(rollout)  # [N, C]
         if h.num_iterations > 1:  # the sampling policy, fixed across the inner iterations
             with torch.no_grad():
-                old_logp = completion_logprobs(self.policy, rollout, temperature=h.temperature)
+                gb.old_logp = completion_logprobs(self.policy, rollout, temperature=h.temperature)  # [N, C]
+        return gb
 
+    def loss(self, gb: GroupBatch) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """The policy loss of one inner iteration, its statistics and the per-token entropy [N, C]."""
+        h = self.hparams
+        logp, entropy = completion_logprobs(self.policy, gb.rollout, temperature=h.temperature,
+                                            return_entropy=True)  # [N, C] each
+        loss, stats = policy_loss(
+            logp, gb.old_logp, gb.advantages, gb.rollout.completion_mask, loss_type=h.loss_type, epsilon=h.epsilon,
+            epsilon_high=h.epsilon_high, beta=h.beta, ref_logp=gb.ref_logp, kl_estimator=h.kl_estimator,
+            max_completion_length=h.max_completion_length,
+        )
+        return loss, stats, entropy
+
+    def loss_context(self, gb: GroupBatch) -> AbstractContextManager[Any]:
+        """Hook: the context of the policy forward that the loss differentiates (e.g. gradient routing)."""
+        return nullcontext()
+
+    def after_backward(self, gb: GroupBatch) -> None:
+        """Hook: called after each backward (gradients all-reduced), before clipping and the step."""
+
+    def log_extra(self, gb: GroupBatch) -> None:
+        """Hook: the method's own training logs, after the last inner iteration."""
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        h = self.hparams
+        t0 = time.perf_counter()
+        gb = self.make_batch(batch)
         opt = self.optimizers()
         sched = self.lr_schedulers()
         for _ in range(h.num_iterations):
-            logp, entropy = completion_logprobs(self.policy, rollout, temperature=h.temperature,
-                                                return_entropy=True)  # [N, C] each
-            loss, stats = policy_loss(
-                logp, old_logp, advantages, mask, loss_type=h.loss_type, epsilon=h.epsilon,
-                epsilon_high=h.epsilon_high, beta=h.beta, ref_logp=ref_logp, kl_estimator=h.kl_estimator,
-                max_completion_length=h.max_completion_length,
-            )
+            with self.loss_context(gb):
+                loss, stats, entropy = self.loss(gb)
             opt.zero_grad()
             self.manual_backward(loss)
+            self.after_backward(gb)
             if h.max_grad_norm:
                 self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
             opt.step()
             sched.step()
 
-        self._log_train(rewards, stats, entropy.detach(), rollout, completions, loss, t_gen,
-                        time.perf_counter() - t0)
-        return {"loss": loss.detach(), "rollout": {
-            "prompts": [p for p in batch["prompt"] for _ in range(G)], "completions": completions,
-            "references": None, "rewards": {k: v.tolist() for k, v in rewards.items()},
-            "advantages": advantages.tolist(), "group_size": G,
-        }}
+        self._log_train(gb, stats, entropy.detach(), loss, time.perf_counter() - t0)
+        self.log_extra(gb)
+        return {"loss": loss.detach(), "rollout": self.train_rollout(gb)}
 
-    def _log_train(self, rewards, stats, entropy, rollout, completions, loss, t_gen, t_step) -> None:
+    def text_rollout(self, batch: dict[str, Any], completions: list[str], rewards: dict[str, Tensor],
+                     advantages: Optional[Tensor], group: int) -> TextRollout:
+        """What callbacks read (completions log, MAUVE)."""
+        return TextRollout(prompts=[p for p in batch["prompt"] for _ in range(group)], completions=completions,
+                           rewards={k: v.tolist() for k, v in rewards.items()},
+                           advantages=None if advantages is None else advantages.tolist(), group_size=group)
+
+    def train_rollout(self, gb: GroupBatch) -> TextRollout:
+        """Hook: the training step's rollout for callbacks (a method may add label columns to its rewards)."""
+        return self.text_rollout(gb.batch, gb.completions, gb.rewards, gb.advantages, self.hparams.num_generations)
+
+    def _log_train(self, gb: GroupBatch, stats: dict[str, Tensor], entropy: Tensor, loss: Tensor,
+                   t_step: float) -> None:
+        rollout, completions = gb.rollout, gb.completions
         mask = rollout.completion_mask.bool()
-        for name, values in rewards.items():
+        for name, values in gb.rewards.items():
             self.log(f"train/reward/{name}", values.mean(), prog_bar=name == "total")
             self.log(f"train/reward_std/{name}", values.std())
         self.log("train/loss", loss.detach())
@@ -229,9 +313,9 @@ class GRPO(L.LightningModule):
         ids = [row[m].tolist() for row, m in zip(rollout.completion_ids, mask)]
         self.log("train/jaccard", GroupJaccard(rollout.num_generations)(ids))
         self.log("train/degenerate", DegenerateFlag(min_sentences=2.0)(completions))
-        self.log("time/generation_s", t_gen)
+        self.log("time/generation_s", gb.generation_s)
         self.log("time/step_s", t_step)
-        self._track_thresholds(rewards["total"].mean().item())
+        self._track_thresholds(gb.rewards["total"].mean().item())
 
     def _track_thresholds(self, reward: float) -> None:
         self.recent_rewards.append(reward)
@@ -272,9 +356,7 @@ class GRPO(L.LightningModule):
         if G > 1:
             ids = [row[m].tolist() for row, m in zip(sampled.completion_ids, sampled.completion_mask.bool())]
             self.log(f"{split}/jaccard", GroupJaccard(G)(ids), sync_dist=True, batch_size=n_prompts)
-        return {"rollout": {"prompts": [p for p in batch["prompt"] for _ in range(G)], "completions": texts,
-                            "references": None, "rewards": {k: v.tolist() for k, v in rewards.items()},
-                            "advantages": None, "group_size": G}}
+        return {"rollout": self.text_rollout(batch, texts, rewards, None, G)}
 
     def on_validation_epoch_end(self) -> None:
         self._fixed_prompt_eval("val")
@@ -315,28 +397,26 @@ class GRPO(L.LightningModule):
         return self.decode(out)
 
     # ----- optimisation and state -----------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Hook: the optimizer's parameter groups (default: every trainable parameter of the policy)."""
+        return [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
+
     def configure_optimizers(self):
-        h = self.hparams
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / h.warmup_steps) if h.warmup_steps else 1.0)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        h = self.hparams  # AdamW, linear warm-up then a constant rate
+        return adamw_warmup(self.param_groups(), lr=h.lr, weight_decay=h.weight_decay, betas=h.betas,
+                            warmup_steps=h.warmup_steps)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         elapsed = self._elapsed_before_resume + (time.perf_counter() - (self._fit_start_time or time.perf_counter()))
         checkpoint["grpo_state"] = {  # the sampling generator of every rank (each samples its own stream)
-            "generators": rank_states(self.generator.get_state() if self.generator is not None else None),
+            "generators": generator_states(self.generator),
             "recent_rewards": list(self.recent_rewards), "threshold_hits": dict(self.threshold_hits),
             "elapsed_s": elapsed,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("grpo_state", {})
-        generator = own_rank_state(state["generators"]) if state.get("generators") else state.get("generator")
-        if generator is not None:
-            self.generator = torch.Generator(self.device)
-            self.generator.set_state(generator)
+        self.generator = own_generator(state.get("generators"), self.device, state.get("generator")) or self.generator
         self.recent_rewards = deque(state.get("recent_rewards", []), maxlen=10)
         self.threshold_hits = dict(state.get("threshold_hits", {}))
         self._elapsed_before_resume = float(state.get("elapsed_s", 0.0))

@@ -11,7 +11,6 @@ loss, perplexity, bits per char (char tokenizers), learning rate and tokens/s, a
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, Optional
@@ -22,18 +21,17 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_rlm.data.base import VocabFromData
 from lightning_rlm.logging_utils import log_text
+from lightning_rlm.methods.token_window import TokenWindowSteps, VocabFromData
 from lightning_rlm.models.gru_lm import GRULanguageModel
 from lightning_rlm.models.hf import HFCausalLM
-from lightning_rlm.optim import adamw_warmup_cosine
 
 
 def default_network(vocab_size: int) -> nn.Module:
     return GRULanguageModel(vocab_size)
 
 
-class LanguageModel(VocabFromData, L.LightningModule):
+class LanguageModel(VocabFromData, TokenWindowSteps, L.LightningModule):
     """Next-token NLL training for a GRU or Hugging Face causal LM.
 
     Args:
@@ -72,7 +70,6 @@ class LanguageModel(VocabFromData, L.LightningModule):
         self.net: Optional[nn.Module] = None
         if vocab_size is not None:
             self._build(vocab_size)
-        self._last_step_time: Optional[float] = None
 
     # ----- model -----------------------------------------------------------------------------------------
     def make_net(self, vocab_size: int) -> nn.Module:
@@ -96,23 +93,10 @@ class LanguageModel(VocabFromData, L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_step_time is not None:  # whole-loop time between steps: the honest throughput
-            tokens = batch["input_ids"].numel() * self.trainer.world_size
-            self.log("train/tokens_per_s", tokens / (now - self._last_step_time), prog_bar=True)
-        self._last_step_time = now
+        self.log_throughput(batch)
         every = self.hparams.sample_every_n_steps
         if every and self.trainer.global_step % every == 0:
             self.log_sample()
-
-    def on_train_epoch_start(self) -> None:
-        self._last_step_time = None  # do not count validation / epoch turnover as step time
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "test")
 
     def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
         loss = self.nll(batch)
@@ -120,7 +104,6 @@ class LanguageModel(VocabFromData, L.LightningModule):
         self.log(f"{split}/ppl", torch.exp(loss), sync_dist=True)
         if getattr(self.tokenizer, "is_char", False):
             self.log(f"{split}/bits_per_char", loss / math.log(2), sync_dist=True)
-        self._last_step_time = None
         return loss
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[str]:
@@ -130,12 +113,6 @@ class LanguageModel(VocabFromData, L.LightningModule):
         new = self.net.generate(prompt, max_new_tokens=self.hparams.sample_tokens,
                                 temperature=self.hparams.sample_temperature)
         return [self.tokenizer.decode(row) for row in new]
-
-    def configure_optimizers(self):
-        h = self.hparams
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
-        return adamw_warmup_cosine(self, total, h.lr, h.weight_decay, h.betas, h.warmup_steps, h.min_lr_ratio,
-                                   h.lr_schedule)
 
     # ----- samples and export -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """Projected GRPO: Dr. GRPO on SVD-basis knobs, with the δS gradient projected off a "hack direction".
 
-The task is the toy reward hack of :mod:`lightning_rlm.methods.gradient_routing`: a prompt is **eligible**
+The task is the toy reward hack of :mod:`lightning_rlm.tasks.reward_hack`: a prompt is **eligible**
 with probability ``rh_eligible_frac`` (seeded hash of the prompt, :func:`prompt_is_eligible`), and
 
     eligible prompt:    base(c) + hack_bonus · count(hack_word, c) [+ exclaim_bonus · count("!", c)]
@@ -52,14 +52,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
-import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_rlm.adapters.svd import (
     DEFAULT_SVD_TARGETS,
@@ -74,53 +71,24 @@ from lightning_rlm.adapters.svd import (
     weights_fingerprint,
 )
 from lightning_rlm.data.paths import cache_dir
-from lightning_rlm.losses import group_advantages, policy_loss
-from lightning_rlm.methods.gradient_routing import ELIGIBLE_FIELD, HackBonus, prompt_is_eligible
-from lightning_rlm.methods.grpo import GRPO, RewardFn, default_rewards
-from lightning_rlm.rewards import KeywordCount
-from lightning_rlm.rollout import Rollout, completion_logprobs, sample_completions
+from lightning_rlm.methods.grpo import GRPO, GroupBatch, RewardFn, with_task_rewards
+from lightning_rlm.rollout import TextRollout, sample_completions
+from lightning_rlm.tasks.reward_hack import (
+    ELIGIBLE_FIELD,
+    HackLabels,
+    RewardHackTask,
+    hack_rewards,
+    insert_hack_word,
+)
 
-__all__ = ["ExclamationBonus", "ProjectedGRPO", "insert_hack_word"]
-
-_ARTICLE = re.compile(r"(?<!\w)(a|the)(?!\w)\s+", re.IGNORECASE)
-
-
-def insert_hack_word(text: str, word: str) -> str:
-    """``text`` with ``word`` inserted after its first article ("a"/"the"), else appended at the end.
-
-    >>> insert_hack_word(" she saw a dog. The end.", "happy")
-    ' she saw a happy dog. The end.'
-    >>> insert_hack_word(" Tom ran", "happy")
-    ' Tom ran happy'
-    """
-    m = _ARTICLE.search(text)
-    if m:
-        return f"{text[:m.end()]}{word} {text[m.end():]}"
-    return f"{text.rstrip()} {word}"
+__all__ = ["ProjectedGRPO"]
 
 
-class ExclamationBonus:
-    """The second loophole: ``bonus · count("!")`` on eligible prompts, 0 on the others.
-
-    >>> ExclamationBonus(bonus=0.5)(["p", "q"], ["Wow!! happy", "Yes!"], rh_eligible=[True, False])
-    [1.0, 0.0]
-    """
-
-    def __init__(self, bonus: float = 1.0) -> None:
-        self.bonus = bonus
-        self.name = "exclaim_bonus"
-
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
-                 rh_eligible: Optional[Sequence[bool]] = None, **fields: Any) -> list[float]:
-        if rh_eligible is None:
-            raise ValueError(f"{self.name} needs the per-completion field {ELIGIBLE_FIELD!r}")
-        return [self.bonus * c.count("!") if e else 0.0 for c, e in zip(completions, rh_eligible)]
-
-
-class ProjectedGRPO(GRPO):
+class ProjectedGRPO(RewardHackTask, GRPO):
     """Dr. GRPO on SVD-basis knobs with the hack-ward part of the δS gradient measured, erased or routed.
 
-    Args (besides GRPO's, whose ``rewards`` / ``reward_weights`` are the intended base reward here):
+    Args (besides GRPO's, whose ``rewards`` / ``reward_weights`` are the intended base reward here; its
+    ``lora_*`` arguments are replaced by the SVD adapter):
         projection: ``none``, ``measure_only`` (log only), ``erase`` or ``route`` (into δS_hack).
         svd_target_modules: suffixes of the Linear layers that get knobs.
         svd_cache_dir: SVD cache folder; default ``<cache>/svd/<fingerprint of the base weights>``.
@@ -135,9 +103,10 @@ class ProjectedGRPO(GRPO):
         eval_modes: adapter modes sampled at every validation (any of both, no_hack, hack_only, base).
     """
 
+    fixed_args = ("lora_rank", "lora_alpha", "use_rslora")
+
     def __init__(
         self,
-        model_name_or_path: str = "lrlm:tiny-llama-tinystories",
         rewards: Optional[list[RewardFn]] = None,
         reward_weights: Optional[list[float]] = None,
         projection: Literal["none", "measure_only", "erase", "route"] = "erase",
@@ -155,101 +124,40 @@ class ProjectedGRPO(GRPO):
         second_loophole: bool = False,
         exclaim_bonus: float = 1.0,
         eval_modes: tuple[str, ...] = ("both", "no_hack"),
-        num_generations: int = 8,
-        max_completion_length: int = 48,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: Optional[int] = None,
         repetition_penalty: float = 1.1,
         loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dr_grpo",
         scale_rewards: Literal["group", "batch", "none"] = "none",
         beta: float = 0.05,
-        kl_estimator: Literal["k1", "k3"] = "k3",
-        epsilon: float = 0.2,
-        epsilon_high: Optional[float] = None,
-        num_iterations: int = 1,
         lr: float = 3e-3,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.99),
-        warmup_steps: int = 0,
-        max_grad_norm: Optional[float] = 1.0,
-        eval_prompt: Optional[str] = "Once upon a time",
-        eval_samples: int = 20,
-        eval_num_generations: int = 4,
-        reward_thresholds: tuple[float, ...] = (0.85, 0.95),
+        **grpo_args: Any,
     ) -> None:
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
-        if not 0.0 <= rh_eligible_frac <= 1.0:
-            raise ValueError(f"rh_eligible_frac must be in [0, 1], got {rh_eligible_frac}")
-        if hack_pairs < 1:
-            raise ValueError(f"hack_pairs must be >= 1, got {hack_pairs}")
-        if hack_top_k < 1:
-            raise ValueError(f"hack_top_k must be >= 1, got {hack_top_k}")
-        if not 0.0 <= hack_noise_floor <= 1.0:
-            raise ValueError(f"hack_noise_floor must be in [0, 1], got {hack_noise_floor}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+        self.check_fraction(rh_eligible_frac=rh_eligible_frac, hack_noise_floor=hack_noise_floor)
+        if hack_pairs < 1 or hack_top_k < 1:
+            raise ValueError(f"hack_pairs and hack_top_k must be >= 1, got {hack_pairs}, {hack_top_k}")
         if not eval_modes or any(m not in SVD_MODES for m in eval_modes):
             raise ValueError(f"eval_modes must be a non-empty subset of {SVD_MODES}, got {eval_modes!r}")
-        base_rewards = default_rewards() if rewards is None else list(rewards)
-        base_weights = [1.0] * len(base_rewards) if reward_weights is None else list(reward_weights)
-        if not base_rewards:
-            raise ValueError("rewards (the base reward) is empty: give at least one reward function")
-        if len(base_weights) != len(base_rewards):
-            raise ValueError(f"reward_weights has {len(base_weights)} entries for {len(base_rewards)} "
-                             "rewards")
-        hacks: list[RewardFn] = [HackBonus(hack_word, hack_bonus)]
-        if second_loophole:
-            hacks.append(ExclamationBonus(exclaim_bonus))
-        # GRPO loads the model; beta=0 and no lora_rank there so it makes no frozen copy (our reference is the
-        # same model with both vectors off). hparams keep this class's values: the subclass frame wins.
-        super().__init__(
-            model_name_or_path, rewards=[*base_rewards, *hacks], reward_weights=[*base_weights, *[1.0] * len(hacks)],
-            num_generations=num_generations, max_completion_length=max_completion_length, temperature=temperature,
-            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, loss_type=loss_type,
-            scale_rewards=scale_rewards, beta=0.0, kl_estimator=kl_estimator, epsilon=epsilon,
-            epsilon_high=epsilon_high, num_iterations=num_iterations, lr=lr, weight_decay=weight_decay,
-            betas=betas, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, lora_rank=None,
-            eval_prompt=eval_prompt, eval_samples=eval_samples, eval_num_generations=eval_num_generations,
-            reward_thresholds=reward_thresholds,
-        )
-        targets = list(svd_target_modules)
-        if svd_cache_dir is None:  # keyed by the base weights: a changed model gets a fresh folder
-            hashes = {n: weight_sha256(m.weight) for n, m in self.policy.named_modules()
-                      if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)}
-            svd_cache_dir = str(cache_dir("svd", weights_fingerprint(hashes)))
-        self.policy: SVDAdapterModel = add_svd_adapter(self.policy, targets, svd_cache_dir,
-                                                       train_hack=projection == "route")
-        self.base_reward_names = self.reward_names[: len(base_rewards)]
-        self.hack_counter = KeywordCount(hack_word)
+        hacks = hack_rewards(hack_word, hack_bonus, second_loophole, exclaim_bonus)
+        rewards, weights = with_task_rewards(rewards, reward_weights, hacks)
+        # the reference is the same model with both vectors off (build_policy makes no frozen copy)
+        super().__init__(rewards=rewards, reward_weights=weights, repetition_penalty=repetition_penalty,
+                         loss_type=loss_type, scale_rewards=scale_rewards, beta=beta, lr=lr, lora_rank=None,
+                         lora_alpha=None, use_rslora=False, **grpo_args)
+        self.init_task(num_base_rewards=len(rewards) - len(hacks))
         self.hack_directions: Optional[dict[str, Tensor]] = None  # module -> [k, r]
         self.hack_info: dict[str, float] = {}
         self.pair_generator: Optional[torch.Generator] = None
-        self._eval_keys: list[str] = []
-        self._eval_acc: Optional[Tensor] = None  # [K, 2] (sum, count) per validation metric
 
-    # ----- the task ----------------------------------------------------------------------------------------
-    def with_eligibility(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """The batch plus a per-prompt ``rh_eligible`` list (a dataset column of that name is kept as is)."""
-        if ELIGIBLE_FIELD in batch:
-            return {**batch, ELIGIBLE_FIELD: [bool(e) for e in batch[ELIGIBLE_FIELD]]}
+    def build_policy(self, policy: nn.Module) -> tuple[SVDAdapterModel, None]:
         h = self.hparams
-        return {**batch, ELIGIBLE_FIELD: [prompt_is_eligible(p, h.rh_eligible_frac, h.eligibility_seed)
-                                          for p in batch["prompt"]]}
-
-    def score_task(self, batch: dict[str, Any], completions: list[str], group: int
-                   ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
-        """Rewards (plus ``base``), eligibility [N] bool, hack-word counts [N] and "!" counts [N]."""
-        rewards = self.score(batch, completions, group)
-        rewards["base"] = sum(w * rewards[n] for n, w in zip(self.base_reward_names, self.reward_weights))
-        eligible = torch.tensor([e for e in batch[ELIGIBLE_FIELD] for _ in range(group)], dtype=torch.bool,
-                                device=self.device)  # [N]
-        prompts = [p for p in batch["prompt"] for _ in range(group)]
-        counts = torch.tensor(self.hack_counter(prompts, completions), dtype=torch.float32,
-                              device=self.device)  # [N]
-        exclaims = torch.tensor([float(c.count("!")) for c in completions], device=self.device)  # [N]
-        return rewards, eligible, counts, exclaims
+        targets = list(h.svd_target_modules)
+        svd_cache_dir = h.svd_cache_dir
+        if svd_cache_dir is None:  # keyed by the base weights: a changed model gets a fresh folder
+            hashes = {n: weight_sha256(m.weight) for n, m in policy.named_modules()
+                      if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)}
+            svd_cache_dir = str(cache_dir("svd", weights_fingerprint(hashes)))
+        return add_svd_adapter(policy, targets, svd_cache_dir, train_hack=h.projection == "route"), None
 
     # ----- the hack direction --------------------------------------------------------------------------
     def _pair_rng(self) -> torch.Generator:
@@ -339,55 +247,20 @@ class ProjectedGRPO(GRPO):
         assert dirs is not None
         self.hack_directions = {n: d.to(self.device) for n, d in dirs.items()}
 
-    # ----- training ----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _logprobs_no_grad(self, rollout: Rollout, mode: str) -> Tensor:
-        was_training = self.policy.training
-        self.policy.eval()  # like the reference of GRPO: no dropout
-        try:
-            with self.policy.adapters(mode):
-                logp = completion_logprobs(self.policy, rollout, temperature=self.hparams.temperature)
-        finally:
-            self.policy.train(was_training)
-        assert isinstance(logp, Tensor)
-        return logp  # [N, C]
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        h = self.hparams
-        G = h.num_generations
-        t0 = time.perf_counter()
+    # ----- the GRPO hooks ----------------------------------------------------------------------------------
+    def make_batch(self, batch: dict[str, Any]) -> GroupBatch:
+        """The hack direction (built at the first step), then GRPO's batch plus the task labels."""
         self._ensure_hack_directions(batch)
-        assert self.hack_directions is not None
-        batch = self.with_eligibility(batch)
-        t_gen0 = time.perf_counter()
-        rollout = self.rollout(batch, G)  # δS + δS_hack
-        t_gen = time.perf_counter() - t_gen0
-        completions = self.decode(rollout)
-        rewards, eligible, counts, exclaims = self.score_task(batch, completions, G)
-        advantages = group_advantages(rewards["total"], G, h.scale_rewards)  # [N]
-        ref_logp = self._logprobs_no_grad(rollout, "base") if h.beta > 0 else None  # [N, C]
-        old_logp = self._logprobs_no_grad(rollout, "both") if h.num_iterations > 1 else None  # [N, C]
+        gb = super().make_batch(batch)
+        gb.labels = self.hack_labels(gb.batch, gb.completions, self.hparams.num_generations)
+        return gb
 
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        for _ in range(h.num_iterations):
-            logp, entropy = completion_logprobs(self.policy, rollout, temperature=h.temperature,
-                                                return_entropy=True)  # [N, C] each
-            loss, stats = policy_loss(
-                logp, old_logp, advantages, rollout.completion_mask, loss_type=h.loss_type, epsilon=h.epsilon,
-                epsilon_high=h.epsilon_high, beta=h.beta, ref_logp=ref_logp, kl_estimator=h.kl_estimator,
-                max_completion_length=h.max_completion_length,
-            )
-            opt.zero_grad()
-            self.manual_backward(loss)
-            proj = project_gradients(self.policy, self.hack_directions, h.projection)  # after the all-reduce
-            if h.max_grad_norm:
-                self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
-            opt.step()
-            sched.step()
+    def after_backward(self, gb: GroupBatch) -> None:
+        assert self.hack_directions is not None  # after the all-reduce
+        gb.stats["projection"] = project_gradients(self.policy, self.hack_directions, self.hparams.projection)
 
-        self._log_train(rewards, stats, entropy.detach(), rollout, completions, loss, t_gen,
-                        time.perf_counter() - t0)
+    def log_extra(self, gb: GroupBatch) -> None:
+        proj = gb.stats["projection"]
         self.log("train/hack_cos", proj.hack_cos)
         self.log("train/hack_removed_frac", proj.removed_frac)
         self.log("train/grad_norm/delta_s", proj.grad_norm)
@@ -397,105 +270,46 @@ class ProjectedGRPO(GRPO):
                 self.log(f"train/norm/{name}", torch.linalg.vector_norm(torch.cat([p.float() for p in params])))
         for k, v in self.hack_info.items():
             self.log(f"hack/{k}", v)
-        hacked = eligible & (counts > 0)  # [N]
-        self.log("train/hack_rate", hacked.float().mean())
-        for side, sel in (("eligible", eligible), ("ineligible", ~eligible)):
+        labels: HackLabels = gb.labels
+        self.log("train/hack_rate", labels.hacked.float().mean())
+        for side, sel in (("eligible", labels.eligible), ("ineligible", ~labels.eligible)):
             if sel.any():
-                self.log(f"train/hack_count_{side}", counts[sel].mean())
-                if h.second_loophole:
-                    self.log(f"train/exclaim_count_{side}", exclaims[sel].mean())
-        out_rewards = {k: v.tolist() for k, v in rewards.items()}
-        out_rewards[ELIGIBLE_FIELD] = eligible.float().tolist()
-        return {"loss": loss.detach(), "rollout": {
-            "prompts": [p for p in batch["prompt"] for _ in range(G)], "completions": completions,
-            "references": None, "rewards": out_rewards, "advantages": advantages.tolist(), "group_size": G,
-        }}
+                self.log(f"train/hack_count_{side}", labels.hack_count[sel].mean())
+                if self.hparams.second_loophole:
+                    self.log(f"train/exclaim_count_{side}", labels.exclaim_count[sel].mean())
+
+    def train_rollout(self, gb: GroupBatch) -> TextRollout:
+        out = super().train_rollout(gb)
+        out.rewards[ELIGIBLE_FIELD] = gb.labels.eligible.float().tolist()
+        return out
 
     # ----- evaluation per adapter mode --------------------------------------------------------------------
-    def _eval_metrics(self) -> tuple[str, ...]:
+    def eval_metric_names(self) -> tuple[str, ...]:
         base = ("reward", "reward_eligible", "reward_ineligible", "hack_rate_eligible", "hack_rate_ineligible",
                 "hack_count_eligible", "total", "completion_length")
         extra = ("exclaim_rate_eligible", "exclaim_count_eligible") if self.hparams.second_loophole else ()
         return base + extra
 
-    def _reset_eval(self, split: str) -> None:
-        self._eval_keys = [f"{split}/{mode}/{m}" for mode in self.hparams.eval_modes for m in self._eval_metrics()]
-        self._eval_acc = torch.zeros(len(self._eval_keys), 2, device=self.device)  # [K, (sum, count)]
-
-    def _accumulate(self, key: str, values: Tensor) -> None:
-        assert self._eval_acc is not None
-        i = self._eval_keys.index(key)
-        self._eval_acc[i, 0] += values.float().sum()
-        self._eval_acc[i, 1] += values.numel()
-
-    @torch.no_grad()
-    def _eval_step(self, batch: dict[str, Any], split: str) -> dict[str, Any]:
-        h = self.hparams
-        G = h.eval_num_generations
-        if self._eval_acc is None:
-            self._reset_eval(split)
-        batch = self.with_eligibility(batch)
-        out: Optional[dict[str, Any]] = None
-        for mode in h.eval_modes:
-            with self.policy.adapters(mode):
-                sampled = self.rollout(batch, G)
-            texts = self.decode(sampled)
-            rewards, eligible, counts, exclaims = self.score_task(batch, texts, G)
-            base = rewards["base"]  # [N]
-            p = f"{split}/{mode}"
-            self._accumulate(f"{p}/reward", base)
-            self._accumulate(f"{p}/reward_eligible", base[eligible])
-            self._accumulate(f"{p}/reward_ineligible", base[~eligible])
-            self._accumulate(f"{p}/hack_rate_eligible", (counts[eligible] > 0).float())
-            self._accumulate(f"{p}/hack_rate_ineligible", (counts[~eligible] > 0).float())
-            self._accumulate(f"{p}/hack_count_eligible", counts[eligible])
-            self._accumulate(f"{p}/total", rewards["total"])
-            self._accumulate(f"{p}/completion_length", sampled.completion_lengths)
-            if h.second_loophole:
-                self._accumulate(f"{p}/exclaim_rate_eligible", (exclaims[eligible] > 0).float())
-                self._accumulate(f"{p}/exclaim_count_eligible", exclaims[eligible])
-            if out is None or mode == "both":  # callbacks get the rollout of the trained policy
-                out = {"prompts": [q for q in batch["prompt"] for _ in range(G)], "completions": texts,
-                       "references": None, "rewards": {k: v.tolist() for k, v in rewards.items()},
-                       "advantages": None, "group_size": G}
-        return {"rollout": out}
-
-    def _log_eval(self) -> None:
-        """Per-mode means over the epoch and all ranks; a metric with no samples is not logged."""
-        if self._eval_acc is None:
-            return
-        totals = self.trainer.strategy.reduce(self._eval_acc.clone(), reduce_op="sum")  # [K, 2]
-        for key, (s, n) in zip(self._eval_keys, totals.tolist()):
-            if n > 0:
-                self.log(key, s / n, sync_dist=True)
-        self._eval_acc = None
-
-    def on_validation_epoch_start(self) -> None:
-        self._reset_eval("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._reset_eval("test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval()
-        super().on_validation_epoch_end()
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval()
-        super().on_test_epoch_end()
+    def eval_metrics(self, rewards: dict[str, Tensor], labels: HackLabels, lengths: Tensor) -> dict[str, Tensor]:
+        base, eligible, counts, exclaims = rewards["base"], labels.eligible, labels.hack_count, labels.exclaim_count
+        out = {"reward": base, "reward_eligible": base[eligible], "reward_ineligible": base[~eligible],
+               "hack_rate_eligible": (counts[eligible] > 0).float(),
+               "hack_rate_ineligible": (counts[~eligible] > 0).float(), "hack_count_eligible": counts[eligible],
+               "total": rewards["total"], "completion_length": lengths}
+        if self.hparams.second_loophole:
+            out |= {"exclaim_rate_eligible": (exclaims[eligible] > 0).float(),
+                    "exclaim_count_eligible": exclaims[eligible]}
+        return out
 
     # ----- optimisation and state ----------------------------------------------------------------------
-    def configure_optimizers(self):
-        """GRPO's AdamW + warmup, with δS_hack (trained only by ``route``) in its own group at ``hack_lr``."""
+    def param_groups(self) -> list[dict[str, Any]]:
+        """δS, and δS_hack (trained only by ``route``) in its own group at ``hack_lr``."""
         h = self.hparams
         groups: list[dict[str, Any]] = [{"params": [p for p in self.policy.delta_parameters() if p.requires_grad]}]
         hack = [p for p in self.policy.hack_parameters() if p.requires_grad]
         if hack:
             groups.append({"params": hack, "lr": h.lr if h.hack_lr is None else h.hack_lr})
-        opt = torch.optim.AdamW(groups, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / h.warmup_steps) if h.warmup_steps else 1.0)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return groups
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -34,20 +34,18 @@ generation with its thoughts shown).
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lightning_rlm.callbacks.checkpointing import own_rank_state, rank_states
-from lightning_rlm.data.base import VocabFromData
+from lightning_rlm.distributed import generator_states, own_generator
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses import leave_one_out_baseline
+from lightning_rlm.methods.token_window import TokenWindowSteps, VocabFromData
 from lightning_rlm.models.quiet_star_lm import MixingHead, QuietStarLM, ThinkOutput
 from lightning_rlm.models.thought_attention import Engine
-from lightning_rlm.optim import adamw_warmup_cosine
 
 
 def marker_init(lm: torch.nn.Module, ids: list[int], text: str, unk_id: Optional[int] = None) -> torch.Tensor:
@@ -63,7 +61,7 @@ def marker_init(lm: torch.nn.Module, ids: list[int], text: str, unk_id: Optional
     return weight[torch.tensor(ids)].detach().float().mean(0)
 
 
-class QuietStar(VocabFromData, L.LightningModule):
+class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
     """Quiet-STaR around an HF causal LM.
 
     Model (one of):
@@ -164,7 +162,6 @@ class QuietStar(VocabFromData, L.LightningModule):
 
             config_from_dict(model_config)  # a bad config fails now, not after the data is read
         self.generator: Optional[torch.Generator] = None
-        self._last_step_time: Optional[float] = None
 
     # ----- model --------------------------------------------------------------------------------------------
     def make_net(self, vocab_size: int) -> QuietStarLM:
@@ -294,56 +291,33 @@ class QuietStar(VocabFromData, L.LightningModule):
         return stats["loss"]
 
     def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_step_time is not None:  # whole-loop time between steps
-            tokens = batch["input_ids"].numel() * self.trainer.world_size
-            self.log("train/tokens_per_s", tokens / (now - self._last_step_time), prog_bar=True)
-        self._last_step_time = now
-
-    def on_train_epoch_start(self) -> None:
-        self._last_step_time = None
+        self.log_throughput(batch)
 
     def on_validation_epoch_start(self) -> None:
         # the same thoughts for the same weights at every validation (and the training stream untouched)
         self._eval_generator = torch.Generator(self.device).manual_seed(1234 + self.global_rank)
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "val")
-
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "test")
 
     def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
         stats, _ = self.compute_losses(batch, self._eval_generator)
         stats["loss"] = stats["nll"]  # evaluation `loss` is the NLL, comparable across methods
         for name, value in stats.items():
             self.log(f"{split}/{name}", value, prog_bar=name in ("nll", "gap"), sync_dist=True)
-        self._last_step_time = None
         return stats["nll"]
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             self.log_sample()
 
-    def configure_optimizers(self):
-        h = self.hparams
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
-        return adamw_warmup_cosine(self, total, h.lr, h.weight_decay, h.betas, h.warmup_steps, h.min_lr_ratio,
-                                   h.lr_schedule)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["quiet_star_state"] = {  # each rank samples its own thoughts
-            "generators": rank_states(self.generator.get_state() if self.generator is not None else None)}
+            "generators": generator_states(self.generator)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("quiet_star_state", {}).get("generators")
-        state = own_rank_state(states) if states else None
-        if state is not None:
-            self.generator = torch.Generator(self.device)
-            self.generator.set_state(state)
+        self.generator = own_generator(states, self.device) or self.generator
 
     # ----- samples ----------------------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:

@@ -39,21 +39,19 @@ next token.
 from __future__ import annotations
 
 import math
-import time
 from typing import Literal, Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lightning_rlm.data.base import VocabFromData
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses import leave_one_out_baseline
+from lightning_rlm.methods.token_window import TokenWindowSteps, VocabFromData
 from lightning_rlm.models.quiet_star_gru import Combine, QuietStarGRUNet, QuietStarOutput
-from lightning_rlm.optim import adamw_warmup_cosine
 
 
-class QuietStarGRU(VocabFromData, L.LightningModule):
+class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
     """Quiet-STaR with a base LM, a reasoner and an interpreter GRU, trained with NLL + TRICE REINFORCE.
 
     Architecture (see `QuietStarGRUNet`):
@@ -143,7 +141,6 @@ class QuietStarGRU(VocabFromData, L.LightningModule):
             self._build(vocab_size)
         else:  # check the architecture now (weight_groups, sizes), not after loading the data
             self.make_net(2)
-        self._last_step_time: Optional[float] = None
 
     # ----- model -----------------------------------------------------------------------------------------
     def make_net(self, vocab_size: int) -> QuietStarGRUNet:
@@ -236,23 +233,10 @@ class QuietStarGRU(VocabFromData, L.LightningModule):
         return stats["loss"]
 
     def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_step_time is not None:  # whole-loop time between steps: the honest throughput
-            tokens = batch["input_ids"].numel() * self.trainer.world_size
-            self.log("train/tokens_per_s", tokens / (now - self._last_step_time), prog_bar=True)
-        self._last_step_time = now
+        self.log_throughput(batch)
         every = self.hparams.sample_every_n_steps
         if every and self.trainer.global_step % every == 0:
             self.log_thoughts(batch)
-
-    def on_train_epoch_start(self) -> None:
-        self._last_step_time = None  # do not count validation / epoch turnover as step time
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "test")
 
     def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
         stats = self.compute_losses(batch)
@@ -261,14 +245,7 @@ class QuietStarGRU(VocabFromData, L.LightningModule):
             self.log(f"{split}/{name}", value, prog_bar=name == "nll", sync_dist=True)
         if getattr(self.tokenizer, "is_char", False):
             self.log(f"{split}/bits_per_char", stats["nll"] / math.log(2), sync_dist=True)
-        self._last_step_time = None
         return stats["nll"]
-
-    def configure_optimizers(self):
-        h = self.hparams
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
-        return adamw_warmup_cosine(self, total, h.lr, h.weight_decay, h.betas, h.warmup_steps, h.min_lr_ratio,
-                                   h.lr_schedule)
 
     # ----- samples ------------------------------------------------------------------------------------------
     @torch.no_grad()

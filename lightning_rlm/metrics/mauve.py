@@ -383,40 +383,19 @@ def compute_mauve_from_features(
     return result
 
 
-def compute_mauve(
-    p_texts: Sequence[str],
-    q_texts: Sequence[str],
-    featurizer: Featurizer | None = None,
-    num_buckets: int | Literal["auto"] = "auto",
-    mauve_scaling_factor: float = 5.0,
-    kmeans_num_redo: int = 5,
-    kmeans_max_iter: int = 500,
-    n_seeds: int = 1,
-    seed: int = 25,
-    warn_small: bool = True,
-    num_threads: int | None = 1,
-) -> dict[str, float]:
+def compute_mauve(p_texts: Sequence[str], q_texts: Sequence[str], featurizer: Featurizer | None = None,
+                  **score_args: Any) -> dict[str, float]:
     """MAUVE of model texts P against reference texts Q, featurized by `featurizer` (default MiniLM).
 
-    Featurizes both sides once, then scores with `compute_mauve_from_features` (see there for the keys);
-    additionally returns `featurize_seconds`.
+    Featurizes both sides once, then scores with `compute_mauve_from_features`, which takes `score_args`
+    (`num_buckets`, `n_seeds`, `seed`, `warn_small`, ...; see there for those and the keys); additionally
+    returns `featurize_seconds`.
     """
     featurizer = featurizer if featurizer is not None else MiniLMFeaturizer()
     t0 = time.perf_counter()
     p_features = featurizer(list(p_texts))  # [N_p, D]
     q_features = featurizer(list(q_texts))  # [N_q, D]
     featurize_seconds = time.perf_counter() - t0
-    result = compute_mauve_from_features(
-        p_features,
-        q_features,
-        num_buckets=num_buckets,
-        mauve_scaling_factor=mauve_scaling_factor,
-        kmeans_num_redo=kmeans_num_redo,
-        kmeans_max_iter=kmeans_max_iter,
-        n_seeds=n_seeds,
-        seed=seed,
-        warn_small=warn_small,
-        num_threads=num_threads,
-    )
+    result = compute_mauve_from_features(p_features, q_features, **score_args)
     result["featurize_seconds"] = featurize_seconds
     return result

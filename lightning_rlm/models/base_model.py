@@ -1,8 +1,6 @@
 """The base policy of the RL methods: a tiny Llama pretrained here on TinyStories, built once and cached.
 
-    lightning-rlm base-model            # build if missing (about 8 minutes on 2 CPU cores), print its path
-    lightning-rlm base-model --force    # rebuild
-
+The command that builds it is `lightning-rlm base-model` (:mod:`lightning_rlm.workflow.base_model`).
 Configs, tests and benchmarks name it `lrlm:tiny-llama-tinystories`; `resolve_model_path` turns that
 into the cached HF folder (building it on first use). The cache key is a hash of the pretraining config
 and of the data file, so editing either rebuilds it; the folder is written to a temporary name and
@@ -11,7 +9,6 @@ renamed, so an interrupted build never leaves a half model behind.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import shutil
 import subprocess
@@ -70,11 +67,3 @@ def resolve_model_path(name_or_path: str) -> str:
     if not name_or_path.startswith(PREFIX):
         return name_or_path
     return str(build(name_or_path[len(PREFIX):]))
-
-
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="lightning-rlm base-model", description=__doc__.split("\n")[0])
-    parser.add_argument("name", nargs="?", default="tiny-llama-tinystories", choices=sorted(BASE_MODELS))
-    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
-    args, extra = parser.parse_known_args(argv)
-    print(build(args.name, force=args.force, extra_args=extra))

@@ -87,12 +87,12 @@ class HFCausalLM(nn.Module):
         from lightning_rlm.models.gru_lm import sample_next
 
         cache = DynamicCache()
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=input_ids, cache=cache, use_cache=True)
         new = []
         for _ in range(max_new_tokens):
             nxt = sample_next(out.logits[:, -1], temperature, top_k, generator)  # [B, 1]
             new.append(nxt)
-            out = self.model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            out = self.model(input_ids=nxt, cache=out.cache, use_cache=True)
         return torch.cat(new, dim=1)
 
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:

@@ -36,7 +36,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from lightning_rlm.rollout.generate import sample_categorical
+from lightning_rlm.models.decoding import sample_categorical
 
 ROLES = ("base", "reasoner", "interpreter")
 Combine = Literal["residual", "concat", "mix", "mix_sigmoid"]

@@ -38,9 +38,9 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_rlm.models.decoding import position_ids_from_mask, sample_categorical
+from lightning_rlm.models.static_cache import StaticCacheDecoder
 from lightning_rlm.models.thought_attention import Engine, ThoughtAttentionState, use_thought_attention
-from lightning_rlm.rollout.generate import position_ids_from_mask, sample_categorical
-from lightning_rlm.rollout.static_cache import StaticCacheDecoder
 
 __all__ = ["MixingHead", "QuietStarLM", "ThinkOutput", "ThinkingGeneration"]
 
@@ -332,7 +332,7 @@ class _HFDecoder:
         return self.mask.shape[1]
 
     def _run(self, embeds: Tensor, pos: Tensor, n_last: int = 1) -> tuple[Tensor, Tensor]:
-        out = self.lm(inputs_embeds=embeds, position_ids=pos, attention_mask=self.mask, past_key_values=self.cache,
+        out = self.lm(inputs_embeds=embeds, position_ids=pos, attention_mask=self.mask, cache=self.cache,
                       use_cache=self.use_cache, output_hidden_states=True, logits_to_keep=n_last)
         if n_last == 1:
             return out.logits[:, -1], out.hidden_states[-1][:, -1]

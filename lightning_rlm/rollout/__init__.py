@@ -1,23 +1,8 @@
-"""Rollout sampling and completion scoring shared by the RL objectives (GRPO, gradient routing, GAN-RL)."""
+"""Rollout sampling and completion scoring shared by the RL objectives (GRPO, gradient routing, GAN-RL),
+and the text rollout that methods hand to the evaluation callbacks."""
 
-from lightning_rlm.rollout.generate import (
-    Rollout,
-    apply_repetition_penalty,
-    apply_top_k_top_p,
-    completion_logprobs,
-    completion_mask_from_eos,
-    position_ids_from_mask,
-    sample_categorical,
-    sample_completions,
-)
+from lightning_rlm.rollout import generate as _generate
+from lightning_rlm.rollout.generate import *  # noqa: F403  (the names of generate.__all__)
+from lightning_rlm.rollout.text import TextRollout
 
-__all__ = [
-    "Rollout",
-    "apply_repetition_penalty",
-    "apply_top_k_top_p",
-    "completion_logprobs",
-    "completion_mask_from_eos",
-    "position_ids_from_mask",
-    "sample_categorical",
-    "sample_completions",
-]
+__all__ = [*_generate.__all__, "TextRollout"]

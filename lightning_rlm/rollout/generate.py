@@ -7,7 +7,7 @@ completion token under a policy or reference model (:func:`completion_logprobs`)
 Sampling defaults to a small KV-cached decode loop rather than HF ``generate`` because ``generate``
 cannot take a ``torch.Generator``: with the loop, passing ``generator`` (e.g. seeded with ``seed + rank``
 under DDP) makes every draw reproducible and independent of the global RNG. For Llama-family models the
-loop decodes through :class:`~lightning_rlm.rollout.static_cache.StaticCacheDecoder` (preallocated KV
+loop decodes through :class:`~lightning_rlm.models.static_cache.StaticCacheDecoder` (preallocated KV
 buffers), which removes most of HF's per-token overhead at tiny-model scale.
 
 Conventions: prompts are left-padded (so every prompt's last token sits in the last column), completions
@@ -25,7 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_rlm.rollout.static_cache import StaticCacheDecoder
+from lightning_rlm.models.decoding import position_ids_from_mask, sample_categorical
+from lightning_rlm.models.static_cache import StaticCacheDecoder
 
 __all__ = [
     "Rollout",
@@ -98,12 +99,6 @@ class Rollout:
         )
 
 
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions counting only attended tokens, so left padding does not shift them. [N, T] -> [N, T]."""
-    # Pad slots get position 0; their outputs are never used and they are masked as keys.
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-
-
 def completion_mask_from_eos(completion_ids: Tensor, eos_ids: Tensor) -> Tensor:
     """[N, C] long mask: 1 up to and including the first EOS of each row, 0 after it."""
     is_eos = torch.isin(completion_ids, eos_ids).long()  # [N, C]
@@ -139,18 +134,6 @@ def apply_top_k_top_p(logits: Tensor, top_k: int | None = None, top_p: float = 1
         drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
-
-
-def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One id per row of ``probs [N, V]`` by inverting the CDF with one uniform per row. Same distribution
-    as ``torch.multinomial(probs, 1)``, an order of magnitude cheaper on CPU (multinomial draws an
-    exponential per vocabulary entry). Zero-probability ids are never drawn. Returns ``[N]``."""
-    cdf = probs.float().cumsum(-1)  # [N, V]
-    total = cdf[:, -1:]  # [N, 1]
-    u = torch.rand(total.shape, generator=generator, device=total.device) * total  # [N, 1]
-    # Keep u strictly below the total, where rounding of rand * total could land.
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True).squeeze(1)  # first id whose cdf exceeds u
 
 
 def _as_eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> Tensor:
@@ -275,7 +258,7 @@ def _decode_loop(
                 input_ids=next_tok[:, None],
                 attention_mask=attn,
                 position_ids=next_pos,
-                past_key_values=out.past_key_values,
+                cache=out.cache,
                 use_cache=True,
             )
         else:
@@ -352,7 +335,7 @@ def sample_completions(
     """Sample ``num_generations`` completions for each left-padded prompt.
 
     Args:
-        model: a causal LM taking ``input_ids, attention_mask, position_ids, past_key_values, use_cache,
+        model: a causal LM taking ``input_ids, attention_mask, position_ids, cache, use_cache,
             logits_to_keep`` (any HF ``*ForCausalLM`` or a PEFT wrapper of one). It is put in eval mode
             while sampling and its training flag is restored afterwards.
         prompt_ids: ``[B, P]`` left-padded prompt token ids; ``prompt_mask``: ``[B, P]``.

@@ -166,7 +166,7 @@ def test_mauve_callback_validates_arguments() -> None:
 def test_get_rollout_and_expansion() -> None:
     rollout = {"completions": ["a", "b", "c", "d"], "prompts": ["p", "q"], "group_size": 2}
     got = get_rollout({"loss": torch.tensor(1.0), "rollout": rollout})
-    assert got is not None and got["rewards"] == {} and got["references"] is None
+    assert got is not None and got.rewards == {} and got.references is None and got.group_size == 2
     assert get_rollout(rollout) == got
     assert get_rollout(torch.tensor(1.0)) is None
     assert get_rollout(None) is None

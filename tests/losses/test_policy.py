@@ -9,12 +9,10 @@ import torch
 
 from lightning_rlm.losses import (
     LossType,
-    entropy_from_logits,
     group_advantages,
     kl_penalty,
     masked_mean,
     policy_loss,
-    selective_log_softmax,
 )
 
 EPS = 1e-4
@@ -251,38 +249,3 @@ def test_masked_mean() -> None:
     assert masked_mean(x, mask).item() == pytest.approx((1 + 2 + 4 + 5 + 6) / 5)
     torch.testing.assert_close(masked_mean(x, mask, dim=1), torch.tensor([1.5, 5.0, 0.0]))
     assert masked_mean(x, torch.zeros(3, 3)).item() == 0.0
-
-
-def test_selective_log_softmax_matches_log_softmax() -> None:
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 4, 17, generator=g)
-    ids = torch.randint(0, 17, (3, 4), generator=g)
-    expected = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
-    torch.testing.assert_close(selective_log_softmax(logits, ids), expected)
-    # Low-precision logits: result is fp32 and matches the fp32 computation on the same (rounded) values.
-    low = logits.bfloat16()
-    out = selective_log_softmax(low, ids)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, torch.log_softmax(low.float(), -1).gather(-1, ids[..., None]).squeeze(-1))
-    # Gradients flow back to the logits.
-    leaf = logits.clone().requires_grad_(True)
-    selective_log_softmax(leaf, ids).sum().backward()
-    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
-    with pytest.raises(ValueError, match="disagree"):
-        selective_log_softmax(logits, ids[:, :2])
-
-
-def test_entropy_from_logits() -> None:
-    uniform = torch.zeros(2, 3, 8)
-    torch.testing.assert_close(entropy_from_logits(uniform), torch.full((2, 3), math.log(8)))
-    # Two equally likely tokens and one impossible one: entropy log 2, finite gradient.
-    logits = torch.tensor([[[0.0, 0.0, float("-inf")]]], requires_grad=True)
-    ent = entropy_from_logits(logits)
-    torch.testing.assert_close(ent, torch.tensor([[math.log(2)]]))
-    ent.sum().backward()
-    assert torch.isfinite(logits.grad).all()
-    # p = [0.5, 0.25, 0.25] -> H = 0.5 log 2 + 2 * 0.25 log 4 = 1.5 log 2 ; bf16 input gives fp32 output.
-    peaked = torch.tensor([[[math.log(0.5), math.log(0.25), math.log(0.25)]]]).bfloat16()
-    out = entropy_from_logits(peaked)
-    assert out.dtype == torch.float32
-    assert out.item() == pytest.approx(1.5 * math.log(2), abs=1e-2)

@@ -16,9 +16,9 @@ from lightning_rlm.cli import RLMCLI
 from lightning_rlm.data.collate import pad_left
 from lightning_rlm.losses import policy_loss
 from lightning_rlm.methods import GradientRouting
-from lightning_rlm.methods.gradient_routing import ELIGIBLE_FIELD, prompt_is_eligible
 from lightning_rlm.models.hf import load_causal_lm
 from lightning_rlm.rollout import completion_logprobs
+from lightning_rlm.tasks.reward_hack import ELIGIBLE_FIELD, prompt_is_eligible
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 C = 5  # completion tokens scored
@@ -167,11 +167,12 @@ def prompt_batch(m: GradientRouting, prompts: list[str]) -> dict:
 
 def step_grads(m: GradientRouting, batch: dict) -> tuple[dict[str, Tensor], Tensor]:
     torch.manual_seed(0)  # the sampling generator is seeded from the global seed on first use
-    rb = m.make_batch(batch)
-    loss, _, _ = m.routed_loss(rb)
+    gb = m.make_batch(batch)
+    with m.loss_context(gb):
+        loss, _, _ = m.loss(gb)
     m.zero_grad(set_to_none=True)
     loss.backward()
-    return {n: p.grad.clone() for n, p in m.policy.named_parameters() if p.requires_grad}, rb.flagged
+    return {n: p.grad.clone() for n, p in m.policy.named_parameters() if p.requires_grad}, gb.labels.flagged
 
 
 def test_routing_frac_zero_is_the_unrouted_baseline(tiny_llama_dir):
@@ -198,9 +199,9 @@ def test_eligibility_is_seeded_per_prompt(tiny_llama_dir):
     assert abs(sum(a) / len(a) - 0.3) < 0.04
     assert a != [prompt_is_eligible(p, 0.3, seed=1) for p in prompts]
     m = make_method(tiny_llama_dir, rh_eligible_frac=0.3)
-    batch = m.with_eligibility({"prompt": prompts[:50]})
+    batch = m.prepare_batch({"prompt": prompts[:50]})
     assert batch[ELIGIBLE_FIELD] == a[:50]
-    assert m.with_eligibility({"prompt": ["x", "y"], ELIGIBLE_FIELD: [1, 0]})[ELIGIBLE_FIELD] == [True, False]
+    assert m.prepare_batch({"prompt": ["x", "y"], ELIGIBLE_FIELD: [1, 0]})[ELIGIBLE_FIELD] == [True, False]
     # the detector: routing_frac of true hacks, label_noise_frac of clean ones, from its own seeded stream
     m = make_method(tiny_llama_dir, routing_frac=0.2, label_noise_frac=0.1)
     hacked = torch.arange(20000) % 2 == 0

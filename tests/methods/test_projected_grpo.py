@@ -12,9 +12,8 @@ import lightning_rlm.methods.projected_grpo as pg
 from lightning_rlm.cli import RLMCLI
 from lightning_rlm.data.collate import pad_left
 from lightning_rlm.methods import ProjectedGRPO
-from lightning_rlm.methods.gradient_routing import HackBonus
-from lightning_rlm.methods.projected_grpo import ExclamationBonus, insert_hack_word
 from lightning_rlm.rollout import completion_logprobs
+from lightning_rlm.tasks.reward_hack import ExclamationBonus, HackBonus, insert_hack_word
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

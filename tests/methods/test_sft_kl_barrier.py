@@ -12,6 +12,7 @@ from lightning_rlm.cli import RLMCLI
 from lightning_rlm.data import TextSource
 from lightning_rlm.data.pairs import KeywordPrefixCompletionDataModule, PairsDataModule, keyword_pattern
 from lightning_rlm.methods import SFTKLBarrier
+from lightning_rlm.methods.sft_kl_barrier import round_schedule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 NAMES = ["no_barrier", "kl_rev_mean", "kl_rev_rmse", "kl_fwd_rmse", "kl_rev_p95"]
@@ -125,8 +126,47 @@ def test_bad_settings_are_clear_errors(tmp_path, tiny_llama_dir):
     model = SFTKLBarrier(model_name_or_path=str(tiny_llama_dir))
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match="set trainer.max_steps"):
+    with pytest.raises(ValueError, match="rounds need trainer.max_steps"):  # max_steps=-1: no round length
         trainer.fit(model, datamodule=pairs_dm(tmp_path, tiny_llama_dir))
+
+
+@pytest.mark.parametrize(("n_rounds", "steps_per_round", "max_steps", "fast_dev_run", "expected"), [
+    (4, None, 200, False, (4, 50)),
+    (4, None, 3, False, (3, 1)),  # max_steps < n_rounds: max_steps rounds of one step
+    (4, None, 1, True, (1, 1)),  # --trainer.fast_dev_run true
+    (4, 50, 1, True, (1, 1)),  # an explicit round length is shrunk under fast_dev_run only
+    (4, 5, 10, True, (4, 2)),
+    (4, 50, 200, False, (4, 50)),
+    (4, 50, -1, False, (4, 50)),  # no max_steps: the rounds end training
+    (4, 50, 199, False, "do not fit trainer.max_steps=199"),
+    (4, None, -1, False, "rounds need trainer.max_steps"),
+])
+def test_round_schedule(n_rounds, steps_per_round, max_steps, fast_dev_run, expected):
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            round_schedule(n_rounds, steps_per_round, max_steps, fast_dev_run)
+    else:
+        assert round_schedule(n_rounds, steps_per_round, max_steps, fast_dev_run) == expected
+
+
+@pytest.mark.parametrize(("trainer_kw", "steps_per_round", "steps"), [
+    ({"fast_dev_run": True}, None, [0, 1]),  # the smoke test: round 0, one step, round 1
+    ({"fast_dev_run": True}, 50, [0, 1]),
+    ({"max_steps": 3}, None, [0, 1, 2, 3]),  # max_steps=3 < n_rounds=4: three rounds of one step
+])
+def test_short_runs_do_the_rounds_that_fit(trainer_kw, steps_per_round, steps, tmp_path, tiny_llama_dir,
+                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)  # fast_dev_run has no logger: round files go to the working directory
+    model = SFTKLBarrier(model_name_or_path=str(tiny_llama_dir), n_rounds=4, steps_per_round=steps_per_round,
+                         eval_prompts=2, eval_max_new_tokens=4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, **trainer_kw)
+    with pytest.warns(UserWarning, match=f"running {len(steps) - 1} round\\(s\\) of 1 step"):
+        trainer.fit(model, datamodule=pairs_dm(tmp_path, tiny_llama_dir))
+    assert trainer.global_step == len(steps) - 1 and model.rounds_done == len(steps) - 1
+    assert [h["round"] for h in model.history] == list(range(len(steps)))
+    assert [h["step"] for h in model.history] == steps
+    assert (tmp_path / f"generations_round_{len(steps) - 1}.jsonl").exists()
 
 
 def test_keyword_windows_and_pairs_batches(tmp_path, tiny_llama_dir):

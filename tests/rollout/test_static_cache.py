@@ -16,8 +16,8 @@ from transformers import (
 
 from lightning_rlm.adapters.dual_lora import DualLoRAModel
 from lightning_rlm.adapters.lora import add_lora
+from lightning_rlm.models.static_cache import StaticCacheDecoder
 from lightning_rlm.rollout import position_ids_from_mask, sample_completions
-from lightning_rlm.rollout.static_cache import StaticCacheDecoder
 
 VOCAB, PAD, EOS = 64, 0, 1
 
