@@ -25,7 +25,8 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_rlm.callbacks.checkpointing import RNGStates, RunCheckpoint
+from lightning_rlm.callbacks.checkpointing import RNGStates, RunCheckpoint, stop_signal
+from lightning_rlm.workflow.run_folders import KeepConfigs, check_run_folder, resolve_ckpt_path_last
 
 DEFAULT_LOG_ROOT = "runs"
 
@@ -50,7 +51,7 @@ class RLMCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=KeepConfigs,
             seed_everything_default=1234,
             parser_kwargs=parser_kwargs or {"parser_mode": "yaml"},
             args=args,
@@ -67,11 +68,16 @@ class RLMCLI(LightningCLI):
         """Name the TensorBoard run after the config file (configs/lm/x.yaml → runs/lm/x) when not set."""
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         check_precision(cfg)
+        if self.subcommand in (None, "fit"):
+            check_round_schedule(cfg)
         logger, configs = cfg.trainer.logger, cfg.get("config") or []
         init = getattr(logger, "init_args", None)
         if configs and init is not None and init.get("name") == "default":
             path = Path(str(configs[0]))
             init.name = f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+        if self.subcommand:
+            resolve_ckpt_path_last(cfg, self.subcommand)
+            check_run_folder(cfg, self.subcommand)
         # A rich progress bar unless the user turned bars off or chose another one.
         callbacks = cfg.trainer.callbacks or []
         if cfg.trainer.enable_progress_bar is not False and not any(
@@ -120,6 +126,18 @@ def check_precision(cfg: Namespace) -> None:
         )
 
 
+def check_round_schedule(cfg: Namespace) -> None:
+    """KL-barrier SFT rounds that cannot fit trainer.max_steps fail before the model loads."""
+    model = cfg.get("model")
+    if not str(getattr(model, "class_path", "")).endswith(".SFTKLBarrier"):
+        return
+    from lightning_rlm.methods.sft_kl_barrier import round_schedule
+
+    args, fast = model.get("init_args") or Namespace(), cfg.trainer.get("fast_dev_run")
+    round_schedule(args.get("n_rounds", 4), args.get("steps_per_round"),
+                   int(fast) if fast else cfg.trainer.get("max_steps"), bool(fast))
+
+
 def _gpu_available() -> bool:
     import torch
 
@@ -137,3 +155,10 @@ def main(args: Optional[list[str]] = None) -> None:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"lightning-rlm: error: {clean_error(str(msg))}\n(set LRLM_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
+    except SystemExit:
+        # SIGTERM / Ctrl-C: last.ckpt is written; a non-zero exit so that nobody takes the run for finished
+        if (stopped := stop_signal()) is None:
+            raise
+        where = f"; {stopped.checkpoint} resumes it (--ckpt_path last)" if stopped.checkpoint else ""
+        print(f"lightning-rlm: stopped by {stopped.signal} at step {stopped.step}{where}", file=sys.stderr)
+        sys.exit(stopped.exit_code)

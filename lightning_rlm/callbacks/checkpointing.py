@@ -7,6 +7,9 @@ module's own generators) in the checkpoint and restores each rank's own at the s
 and makes validation leave them untouched. The data position is the DataModule's state
 (`TextDataModule.state_dict`); methods save their other state (EMA baselines, rounds) themselves.
 
+A run stopped by SIGTERM (what `kill`, SLURM and schedulers send) or Ctrl-C writes `last.ckpt` at the step
+it reached and the CLI then exits non-zero (143 and 130), so a stopped run never looks finished.
+
 Lightning writes checkpoints atomically (serialized to memory, then written through an fsspec transaction
 that renames a temporary file), so a run killed mid-save leaves the previous `last.ckpt` loadable.
 """
@@ -14,31 +17,51 @@ that renames a temporary file), so a run killed mid-save leaves the previous `la
 from __future__ import annotations
 
 import random
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_rlm.callbacks.rollout import all_gather_objects, world_info
+from lightning_rlm.distributed import own_rank_state, rank_states
 
-__all__ = ["RNGStates", "RunCheckpoint", "StopAt", "rank_states", "own_rank_state"]
-
-
-def rank_states(state: Any) -> list[Any]:
-    """Every rank's `state`, in rank order (a collective under DDP; checkpoints are dumped on all ranks)."""
-    return all_gather_objects(state)
+__all__ = ["RNGStates", "RunCheckpoint", "StopAt", "Stopped", "rank_states", "own_rank_state", "stop_signal"]
 
 
-def own_rank_state(states: list[Any]) -> Any:
-    """This rank's entry of `rank_states` (rank 0's when resuming with fewer processes than were saved)."""
-    rank, _ = world_info()
-    return states[rank] if rank < len(states) else states[0]
+@dataclass
+class Stopped:
+    """How a run was stopped by a signal: the signal, its exit code, the step and the checkpoint written."""
+
+    signal: str
+    exit_code: int
+    step: int
+    checkpoint: Optional[str]
+
+
+_stopped: Optional[Stopped] = None
+
+
+def stop_signal() -> Optional[Stopped]:
+    """The signal that stopped the last fit in this process (None when none did)."""
+    return _stopped
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` that also refreshes `last.ckpt` when training ends (e.g. at `max_steps`)."""
+    """`ModelCheckpoint` that also refreshes `last.ckpt` when training ends (e.g. at `max_steps`) and when a
+    signal stops the run (SIGTERM, Ctrl-C), recording the stop for the CLI's exit code."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        global _stopped
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return super().on_exception(trainer, pl_module, exception)
+        sig, code = ("SIGTERM", 143) if isinstance(exception, SIGTERMException) else ("SIGINT", 130)
+        if (self.save_last and trainer.state.fn == "fit" and not trainer.fast_dev_run and not trainer.sanity_checking
+                and trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        _stopped = Stopped(sig, code, trainer.global_step, self.last_model_path or None)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
@@ -92,7 +115,9 @@ class RNGStates(L.Callback):
                 g.set_state(gen_state)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = rank_states(self.capture(pl_module))  # a collective: dumped on every rank
+        # Saved mid-validation (a stop signal): the streams as they were before validation, as they are restored
+        state = self._before_validation if self._before_validation is not None else self.capture(pl_module)
+        checkpoint["rng_states"] = rank_states(state)  # a collective: dumped on every rank
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         states = checkpoint.get("rng_states")

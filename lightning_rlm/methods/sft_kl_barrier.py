@@ -17,6 +17,13 @@ outlying positions count:
         save them to <log_dir>/generations_round_<k>.jsonl, log trait and coherence; stop early when
         coherence < coh_floor
 
+The round schedule (`round_schedule`) must fit `trainer.max_steps`. Without `steps_per_round`, a
+max_steps below n_rounds runs max_steps rounds of one step each (a warning says so): this is what
+`--trainer.fast_dev_run` gets (Lightning sets max_steps to its number of batches), so a smoke test runs
+one step and one round, with its sampling and scoring. An explicit `steps_per_round` with
+steps_per_round · n_rounds > max_steps is shrunk the same way under fast_dev_run only; otherwise it is an
+error, as is no max_steps (-1) without steps_per_round. The CLI checks this before the model loads.
+
 Scores of a round, over its generations (completion text only, decoded without special tokens; the
 prompt is never scored):
 
@@ -48,7 +55,7 @@ from typing import Any, Literal, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_rlm.adapters import add_lora, frozen_copy, reference_mode
@@ -61,6 +68,31 @@ from lightning_rlm.models.hf import load_policy
 from lightning_rlm.rollout import position_ids_from_mask, sample_completions
 
 LOGGED_AGGREGATES = ("mean", "rmse", "p95", "max", "logsumexp")
+
+
+def round_schedule(n_rounds: int, steps_per_round: Optional[int], max_steps: Optional[int],
+                   fast_dev_run: bool = False) -> tuple[int, int]:
+    """(rounds, steps_per_round) to run under `max_steps` (-1/None: unbounded); ValueError if none can.
+
+    Without steps_per_round, max_steps is split into min(n_rounds, max_steps) rounds (so max_steps <
+    n_rounds gives max_steps rounds of one step). An explicit steps_per_round must fit, unless fast_dev_run
+    (then as many rounds as fit, each at most max_steps // rounds steps).
+    """
+    bounded = max_steps is not None and max_steps >= 0
+    if steps_per_round is None:
+        if not bounded:
+            raise ValueError(f"SFTKLBarrier's rounds need trainer.max_steps (split into n_rounds={n_rounds} "
+                             f"rounds) or model steps_per_round; got max_steps={max_steps}")
+        rounds = max(1, min(n_rounds, max_steps))
+        return rounds, max(1, max_steps // rounds)
+    if not bounded or steps_per_round * n_rounds <= max_steps:
+        return n_rounds, steps_per_round
+    if fast_dev_run:
+        rounds = max(1, min(n_rounds, max_steps))
+        return rounds, max(1, min(steps_per_round, max_steps // rounds))
+    raise ValueError(f"SFTKLBarrier's steps_per_round={steps_per_round} x n_rounds={n_rounds} = "
+                     f"{steps_per_round * n_rounds} steps do not fit trainer.max_steps={max_steps}; raise "
+                     "max_steps, lower n_rounds or steps_per_round, or leave steps_per_round unset")
 
 
 class SFTKLBarrier(L.LightningModule):
@@ -78,7 +110,8 @@ class SFTKLBarrier(L.LightningModule):
         lora_rank: None for full fine-tuning (reference: a frozen copy); else LoRA on all linear layers
             (reference: the same model with its adapter disabled). lora_alpha: default = rank.
             use_rslora: scale by alpha/sqrt(rank).
-        n_rounds: evaluation rounds; training stops after the last one.
+        n_rounds: evaluation rounds; training stops after the last one (fewer when trainer.max_steps is
+            below n_rounds: see `round_schedule`).
         steps_per_round: optimizer steps per round (None: trainer.max_steps // n_rounds).
         eval_prompts: held-out prompts per round, the first ones of the DataModule's val loader.
         eval_num_generations: samples per prompt; eval_max_new_tokens: their length;
@@ -152,7 +185,8 @@ class SFTKLBarrier(L.LightningModule):
         self.coherence = RepeatedNgramLoop(n=coh_ngram, min_repeats=coh_repeats)
         self.rounds_done = 0  # rounds k >= 1 evaluated so far
         self.history: list[dict[str, float]] = []  # one entry per evaluated round (round 0 included)
-        self._steps_per_round: Optional[int] = steps_per_round
+        self._steps_per_round: Optional[int] = None  # the schedule, fixed at the start of fit
+        self._n_rounds: int = n_rounds
         self._eval_batches: Optional[list[dict[str, Any]]] = None
 
     # ----- the loss ---------------------------------------------------------------------------------------
@@ -224,18 +258,22 @@ class SFTKLBarrier(L.LightningModule):
 
     # ----- rounds: generate on held-out prompts, score trait and coherence ----------------------------------
     def on_train_start(self) -> None:
-        if self._steps_per_round is None:
-            max_steps = self.trainer.max_steps
-            if max_steps is None or max_steps < self.hparams.n_rounds:
-                raise ValueError(f"set trainer.max_steps (>= n_rounds={self.hparams.n_rounds}) or "
-                                 f"model steps_per_round; got max_steps={max_steps}")
-            self._steps_per_round = max_steps // self.hparams.n_rounds
+        if self._steps_per_round is None:  # not restored from a checkpoint
+            h, max_steps = self.hparams, self.trainer.max_steps
+            self._n_rounds, self._steps_per_round = round_schedule(
+                h.n_rounds, h.steps_per_round, max_steps, bool(self.trainer.fast_dev_run))
+            asked = (h.n_rounds, h.steps_per_round or self._steps_per_round)
+            if (self._n_rounds, self._steps_per_round) != asked:  # shrunk: max_steps < n_rounds, fast_dev_run
+                rank_zero_warn(f"trainer.max_steps={max_steps} is shorter than SFTKLBarrier's schedule "
+                               f"(n_rounds={h.n_rounds}, steps_per_round={h.steps_per_round}): running "
+                               f"{self._n_rounds} round(s) of {self._steps_per_round} step(s)")
+            rank_zero_info(f"SFTKLBarrier: {self._n_rounds} round(s) of {self._steps_per_round} step(s)")
         if self.hparams.eval_at_start and not self.history:
             self.run_round(0)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # compare with global_step (optimizer steps), so gradient accumulation cannot trigger a round twice
-        if self._steps_per_round is None or self.rounds_done >= self.hparams.n_rounds:
+        if self._steps_per_round is None or self.rounds_done >= self._n_rounds:
             return
         if self.global_step >= (self.rounds_done + 1) * self._steps_per_round:
             self.rounds_done += 1
@@ -246,7 +284,7 @@ class SFTKLBarrier(L.LightningModule):
                                "stopping early")
                 self._log_scalars({"round/early_stop": 1.0})
                 self.trainer.should_stop = True
-        if self.rounds_done >= self.hparams.n_rounds:
+        if self.rounds_done >= self._n_rounds:
             self.trainer.should_stop = True
 
     def eval_batches(self) -> list[dict[str, Any]]:
@@ -362,10 +400,12 @@ class SFTKLBarrier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sft_kl_barrier_state"] = {"rounds_done": self.rounds_done, "history": list(self.history),
-                                              "steps_per_round": self._steps_per_round}
+                                              "steps_per_round": self._steps_per_round,
+                                              "n_rounds": self._n_rounds}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("sft_kl_barrier_state", {})
         self.rounds_done = int(state.get("rounds_done", 0))
         self.history = list(state.get("history", []))
         self._steps_per_round = state.get("steps_per_round", self._steps_per_round)
+        self._n_rounds = int(state.get("n_rounds", self._n_rounds))
