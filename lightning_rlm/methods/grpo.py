@@ -70,6 +70,9 @@ class GRPO(L.LightningModule):
             first reaches each threshold.
     """
 
+    # Optimizes in training_step itself: the CLI refuses Trainer-side accumulation and clipping up front.
+    manual_optimization = True
+
     def __init__(
         self,
         model_name_or_path: str = "lrlm:tiny-llama-tinystories",

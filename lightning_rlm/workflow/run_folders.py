@@ -110,3 +110,49 @@ class KeepConfigs(SaveConfigCallback):
             self.config_filename = f"{stem}.resume-{k}{suffix}"
         self.overwrite = False
         return super().setup(trainer, pl_module, stage)
+
+
+# A run that fails on bad input after its logger made `version_N` (e.g. data checked at setup) must not leave
+# an empty folder behind, which would shift the numbers of later runs. The CLI remembers the versions that
+# existed before it built anything and removes, on such a failure, new ones that hold no checkpoint and no
+# logged value.
+_before: Optional[tuple[Path, set[str]]] = None
+
+
+def remember_runs(cfg: Namespace) -> None:
+    global _before
+    root = run_root(cfg)
+    _before = (root, {p.name for p in root.iterdir()} if root is not None and root.is_dir() else set())
+
+
+def forget_new_runs() -> None:
+    global _before
+    _before = None
+
+
+def _holds_results(folder: Path) -> bool:
+    if any(folder.rglob("*.ckpt")) or any(folder.rglob("*.jsonl")):
+        return True
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for events in folder.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        if any(acc.Tags().get(kind) for kind in ("scalars", "tensors", "images")):
+            return True
+    return False
+
+
+def remove_empty_new_runs() -> list[Path]:
+    """Remove the version folders made since `remember_runs` that hold no results; return them."""
+    import shutil
+
+    if _before is None or _before[0] is None or not _before[0].is_dir():
+        return []
+    root, existing = _before
+    removed = []
+    for folder in sorted(root.iterdir()):
+        if folder.name not in existing and folder.is_dir() and not _holds_results(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed

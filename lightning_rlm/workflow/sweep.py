@@ -60,7 +60,10 @@ class Run:
 
 # ----- grids and names ------------------------------------------------------------------------------------
 def split_values(text: str) -> list[str]:
-    """Split on commas outside brackets and quotes, so `[1,2],[3,4]` gives two list values."""
+    """Split on commas outside brackets and quotes, so `[1,2],[3,4]` gives two list values.
+
+    Unbalanced brackets or an open quote are a ValueError (each run would otherwise fail on its own).
+    """
     parts, depth, quote, cur = [], 0, "", []
     for ch in text:
         if quote:
@@ -71,11 +74,15 @@ def split_values(text: str) -> list[str]:
             depth += 1
         elif ch in "]})":
             depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced {ch!r} in {text!r}")
         elif ch == "," and depth == 0:
             parts.append("".join(cur).strip())
             cur = []
             continue
         cur.append(ch)
+    if depth or quote:
+        raise ValueError(f"unclosed {'quote' if quote else 'bracket'} in {text!r}")
     parts.append("".join(cur).strip())
     return parts
 
@@ -86,7 +93,10 @@ def parse_grid(spec: str) -> tuple[str, list[str]]:
     key = key.strip()
     if not sep or not key or key.startswith("-") or any(c.isspace() for c in key):
         raise ValueError(f"bad --grid {spec!r}: expected KEY=V1,V2,... (e.g. model.init_args.lr=1e-4,3e-4)")
-    vals = split_values(values)
+    try:
+        vals = split_values(values)
+    except ValueError as e:
+        raise ValueError(f"bad --grid {spec!r}: {e} (expected KEY=V1,V2,... with balanced brackets)") from e
     if any(v == "" for v in vals):
         raise ValueError(f"bad --grid {spec!r}: empty value (expected KEY=V1,V2,... with no empty items)")
     return key, vals
