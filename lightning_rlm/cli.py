@@ -18,7 +18,7 @@ import sys
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import lightning as L
 from jsonargparse import Namespace
@@ -26,7 +26,15 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_rlm.callbacks.checkpointing import RNGStates, RunCheckpoint, stop_signal
-from lightning_rlm.workflow.run_folders import KeepConfigs, check_run_folder, resolve_ckpt_path_last
+from lightning_rlm.workflow.preflight import check_checkpoint, preflight
+from lightning_rlm.workflow.run_folders import (
+    KeepConfigs,
+    check_run_folder,
+    forget_new_runs,
+    remember_runs,
+    remove_empty_new_runs,
+    resolve_ckpt_path_last,
+)
 
 DEFAULT_LOG_ROOT = "runs"
 
@@ -64,20 +72,34 @@ class RLMCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
 
-    def before_instantiate_classes(self) -> None:
-        """Name the TensorBoard run after the config file (configs/lm/x.yaml → runs/lm/x) when not set."""
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
-        check_precision(cfg)
-        if self.subcommand in (None, "fit"):
-            check_round_schedule(cfg)
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, name the run after its config file, then check the config before anything is built.
+
+        Runs before Lightning reads the hyperparameters of `ckpt_path`, so a checkpoint that is unreadable or
+        of another method is refused here rather than swapping the method, and `--ckpt_path last` is already a
+        file by then.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        cfg = self.config[subcommand] if subcommand else self.config
+        # Name the TensorBoard run after the config file (configs/lm/x.yaml → runs/lm/x) when not set.
         logger, configs = cfg.trainer.logger, cfg.get("config") or []
         init = getattr(logger, "init_args", None)
         if configs and init is not None and init.get("name") == "default":
             path = Path(str(configs[0]))
             init.name = f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
-        if self.subcommand:
-            resolve_ckpt_path_last(cfg, self.subcommand)
-            check_run_folder(cfg, self.subcommand)
+        if subcommand:
+            preflight(cfg, subcommand)
+            resolve_ckpt_path_last(cfg, subcommand)
+            check_checkpoint(cfg)  # also the file `last` resolved to
+            check_run_folder(cfg, subcommand)
+            remember_runs(cfg)  # a run that fails before it logs anything leaves no empty version folder
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        check_precision(cfg)
+        if self.subcommand in (None, "fit"):
+            check_round_schedule(cfg)
         # A rich progress bar unless the user turned bars off or chose another one.
         callbacks = cfg.trainer.callbacks or []
         if cfg.trainer.enable_progress_bar is not False and not any(
@@ -144,16 +166,57 @@ def _gpu_available() -> bool:
     return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
 
 
+def user_error(e: BaseException) -> Optional[str]:
+    """The one line a user gets for an error caused by their input, or None for a bug (traceback kept).
+
+    The one mapping for everything the CLI can raise on bad input: our own checks and readers (ValueError,
+    KeyError, FileNotFoundError), jsonargparse (ArgumentError), Lightning (MisconfigurationException) and the
+    OS or the hub (OSError: a folder under a file, no permission, no network for a model name).
+    """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if isinstance(e, KeyError):
+        return clean_error(str(e.args[0] if e.args else e))
+    if isinstance(e, (ValueError, ArgumentError, MisconfigurationException, FileNotFoundError)):
+        return clean_error(str(e))
+    if isinstance(e, OSError):
+        if e.filename is not None and e.strerror:
+            return f"{e.strerror}: {e.filename}"
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
+
+
+def check_config_files(args: list[str]) -> None:
+    """Every `--config FILE` parses as YAML (jsonargparse would name the text `<unicode string>`, not the file)."""
+    import yaml
+
+    for flag, value in zip(args, args[1:] + [""]):
+        path = value if flag in ("--config", "-c") else flag.split("=", 1)[1] if flag.startswith("--config=") else None
+        if not path or not Path(path).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+            raise ValueError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Run a LightningCLI subcommand; bad input ends with one clear line and exit code 2."""
+    forget_new_runs()
     try:
+        check_config_files(list(sys.argv[1:] if args is None else args))
         RLMCLI(args=args, parser_kwargs={"parser_mode": "yaml", "exit_on_error": False})
-    except (ValueError, FileNotFoundError, KeyError, ArgumentError) as e:
-        # Bad input (config values, data, paths): one clear line and a non-zero exit, not a traceback.
-        if os.environ.get("LRLM_DEBUG"):
+    except Exception as e:
+        message = user_error(e)
+        if message is None or os.environ.get("LRLM_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"lightning-rlm: error: {clean_error(str(msg))}\n(set LRLM_DEBUG=1 for the traceback)", file=sys.stderr)
+        # Bad input (config values, data, paths): one clear line and a non-zero exit, not a traceback.
+        remove_empty_new_runs()
+        print(f"lightning-rlm: error: {message}\n(set LRLM_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
     except SystemExit:
         # SIGTERM / Ctrl-C: last.ckpt is written; a non-zero exit so that nobody takes the run for finished

@@ -58,6 +58,44 @@ ROWS = [
     ("fp16 on the CPU", GRU, ["--trainer.accelerator=cpu", "--trainer.precision=16-mixed"],
      "trainer.precision='16-mixed' is not supported on the CPU"),
     ("misspelt option", GRU, ["--trainer.max_stepz=3"], "unrecognized arguments: --trainer.max_stepz=3"),
+    # -- accepted silently before
+    ("prompt + completion longer than the model's context", GRPO, ["--model.init_args.model_name_or_path={tiny}", "--data.init_args.tokenizer={tiny}",
+     "--model.init_args.max_completion_length=300"], "= 308 tokens, but model"),
+    ("a tokenizer that is not the policy's", GRPO, ["--model.init_args.model_name_or_path={tiny}",
+     "--data.init_args.tokenizer=gpt2"], "data.init_args.tokenizer='gpt2' (50257 tokens) is not the tokenizer of the policy"),
+    ("lora_rank 0", GRPO, ["--model.init_args.model_name_or_path={tiny}", "--data.init_args.tokenizer={tiny}", "--model.init_args.lora_rank=0"], "lora_rank=0: expected a rank >= 1"),
+    ("lora_rank 0 with beta 0", GRPO, ["--model.init_args.model_name_or_path={tiny}", "--data.init_args.tokenizer={tiny}", "--model.init_args.lora_rank=0", "--model.init_args.beta=0"],
+     "lora_rank=0: expected a rank >= 1"),
+    # -- failed only after work before
+    ("resuming another method's checkpoint", GRPO, ["--model.init_args.model_name_or_path={tiny}", "--data.init_args.tokenizer={tiny}", "--ckpt_path={tmp}/other_method.ckpt"],
+     "is a checkpoint of lightning_rlm.methods.LanguageModel, but the config trains lightning_rlm.methods.GRPO"),
+    ("resuming from another base model", GRPO, ["--model.init_args.model_name_or_path={tiny}", "--data.init_args.tokenizer={tiny}", "--ckpt_path={tmp}/other_model.ckpt"],
+     "was trained from model_name_or_path='lrlm:some-other-model'"),
+    # -- tracebacks before
+    ("invalid JSON in a jsonl", GRU, ["--data.init_args.source.path={tmp}/bad_json.jsonl"],
+     "bad_json.jsonl:2: invalid JSON (Expecting value at column 10)"),
+    ("a jsonl row that is a bare number", GRU, ["--data.init_args.source.path={tmp}/number.jsonl"],
+     "number.jsonl:2: expected a JSON object per line, got '42'"),
+    ('a jsonl row with "text": null', GRU, ["--data.init_args.source.path={tmp}/null_text.jsonl"],
+     "null_text.jsonl:2: field 'text' is null; expected a string"),
+    ("non-UTF-8 bytes", GRU, ["--data.init_args.source.path={tmp}/latin1.txt"],
+     "latin1.txt:1: not UTF-8 text (byte 0xe9 at offset 3)"),
+    ("a GPU accelerator on a CPU machine", GRU, ["--trainer.accelerator=gpu"],
+     "trainer.accelerator='gpu': no such device on this machine"),
+    ("negative max_steps", GRU, ["--trainer.max_steps=-5"], "trainer.max_steps=-5: expected a non-negative"),
+    ("a truncated checkpoint", GRU, ["--ckpt_path={tmp}/truncated.ckpt"], "not a readable checkpoint"),
+    ("a save folder under a regular file", GRU, ["--trainer.logger.init_args.save_dir={tmp}/a_file/runs"],
+     "a_file is a file, so no folder can be made there"),
+    ("gradient accumulation on a method that optimises manually", GRPO, ["--model.init_args.model_name_or_path={tiny}", "--data.init_args.tokenizer={tiny}",
+     "--trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches=2: GRPO optimises manually"),
+    ("gradient clipping on a method that optimises manually", GRPO, ["--model.init_args.model_name_or_path={tiny}", "--data.init_args.tokenizer={tiny}", "--trainer.gradient_clip_val=1.0"],
+     "trainer.gradient_clip_val=1.0: GRPO optimises manually"),
+    ("an unknown option inside init_args", GRPO, ["--model.init_args.model_name_or_path={tiny}", "--data.init_args.tokenizer={tiny}", "--model.init_args.nope=3"], "Option 'nope' is not accepted"),
+    ("a broken YAML file", GRU, ["--config={tmp}/broken.yaml"], "broken.yaml:3:7: invalid YAML"),
+    ("a sample_prompt the char vocabulary cannot encode", GRU, ["--model.init_args.sample_prompt=ROMEO\u20ac:"],
+     "sample_prompt='ROMEO\u20ac:': character '\u20ac' is not in the char vocabulary"),
+    ("an HF model name with no network", GRPO, ["--model.init_args.model_name_or_path=someone/no-such-model",
+     "--data.init_args.tokenizer={tiny}"], "cannot load model 'someone/no-such-model'"),
 ]
 
 
@@ -68,8 +106,8 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize(("config", "overrides", "message"), [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
 def test_bad_input_gets_one_clear_line_and_leaves_runs_alone(config, overrides, message, tmp_path, capsys,
-                                                             shared_data, tiny_llama_dir, monkeypatch):
-    (tmp_path / "empty.txt").write_text("")
+                                                             shared_data, tiny_llama_dir, monkeypatch, request):
+    _bad_files(tmp_path)
     runs = tmp_path / "runs"
     old_run = runs / "exp" / "version_0"  # an earlier run under the same name
     (old_run / "checkpoints").mkdir(parents=True)
@@ -82,10 +120,13 @@ def test_bad_input_gets_one_clear_line_and_leaves_runs_alone(config, overrides, 
     args = ["fit", "--config", config, f"--trainer.logger.init_args.save_dir={runs}",
             "--trainer.logger.init_args.name=exp", "--trainer.max_steps=1", "--trainer.enable_progress_bar=false",
             *[o.replace("{tiny}", str(tiny_llama_dir)).replace("{tmp}", str(tmp_path)) for o in overrides]]
+    loads = _spy_model_loading(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
+    if request.node.callspec.id not in FOUND_WHILE_LOADING:
+        assert loads == [], f"a model was loaded before the error: {loads}"
     assert message in err, err[-2000:]
     assert "Traceback" not in err and "Given value" not in err and "usage:" not in err
     assert err.count("lightning-rlm: error:") == 1
@@ -93,11 +134,59 @@ def test_bad_input_gets_one_clear_line_and_leaves_runs_alone(config, overrides, 
     assert {k: after[k] for k in before} == before  # the earlier run is untouched
     new = [k for k in after if k not in before]
     assert not [k for k in new if k.endswith(".ckpt")]  # nothing trained
+    assert sorted(p.name for p in (runs / "exp").iterdir()) == ["version_0"]  # no empty version folder left
     for k in new:  # an error found while setting up data may leave a header-only event file, never a metric
         if "tfevents" in k:
             acc = EventAccumulator(str(runs / k))
             acc.Reload()
             assert not acc.Tags()["scalars"], (k, acc.Tags()["scalars"])
+
+
+# Rows whose error is found by loading the model itself (a path or hub name that is not there), or by a check
+# that needs the loaded model's own tokenizer and weights: every other row fails before any model loads.
+FOUND_WHILE_LOADING = {"model path that does not exist", "an HF model name with no network",
+                       "a tokenizer without the thought tokens"}
+
+
+def _spy_model_loading(monkeypatch) -> list[str]:
+    from transformers import AutoModelForCausalLM
+
+    loads: list[str] = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, name, *args, **kwargs):
+        loads.append(str(name))
+        return original(cls, name, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    return loads
+
+
+def _bad_files(tmp: Path) -> None:
+    import torch
+
+    (tmp / "empty.txt").write_text("")
+    (tmp / "bad_json.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (tmp / "number.jsonl").write_text('{"text": "fine"}\n42\n')
+    (tmp / "null_text.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
+    (tmp / "latin1.txt").write_bytes("caf\u00e9 caf\u00e9 au lait\n".encode("latin-1"))
+    (tmp / "broken.yaml").write_text("model:\n  class_path: x\n   bad: [\n")
+    (tmp / "a_file").write_text("a file, not a folder\n")
+    torch.save({"hyper_parameters": {"_class_path": "lightning_rlm.methods.LanguageModel"}, "state_dict": {}},
+               tmp / "other_method.ckpt")
+    torch.save({"hyper_parameters": {"_class_path": "lightning_rlm.methods.GRPO",
+                                     "model_name_or_path": "lrlm:some-other-model"}, "state_dict": {}},
+               tmp / "other_model.ckpt")
+    (tmp / "truncated.ckpt").write_bytes((tmp / "other_method.ckpt").read_bytes()[:200])
+
+
+def test_predict_on_a_method_without_predict_step_is_one_line(tmp_path, capsys, tiny_llama_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", GRPO, f"--model.init_args.model_name_or_path={tiny_llama_dir}",
+              f"--data.init_args.tokenizer={tiny_llama_dir}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "predict: GRPO has no predict_step" in err and "Traceback" not in err
 
 
 def test_clean_error_keeps_the_keys_and_the_innermost_reason():

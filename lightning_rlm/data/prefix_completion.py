@@ -4,7 +4,8 @@ Only documents longer than 2 × `completion_tokens` are kept (the count dropped 
 document one random window of up to `prefix_tokens + completion_tokens` tokens is drawn (fixed by the seed
 and the document index, so runs and resumes see the same pairs); its last `completion_tokens` tokens are
 the completion and the rest the prefix. An optional `prompt_template` (a string with `{text}`) renders the
-prefix into the prompt the policy sees; without one the prompt is the prefix itself.
+prefix into the prompt the policy sees; without one the prompt is the prefix itself. `chat` then renders
+that prompt as a user turn of the tokenizer's chat template (`lightning_rlm.data.chat.ChatFormat`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Optional
 from torch.utils.data import Dataset
 
 from lightning_rlm.data.base import TextDataModule
+from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.data.sources import TextSource
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class PrefixCompletionDataModule(TextDataModule):
         completion_tokens: length of the ground-truth completion (the window's last tokens).
         prefix_tokens: at most this many tokens before the completion.
         prompt_template: e.g. "<prefix>\\n{text}\\n</prefix>"; None: the prompt is the prefix.
+        chat: render the prompt through the tokenizer's chat template (after `prompt_template`).
         See `TextDataModule` for the rest.
     """
 
@@ -65,6 +68,7 @@ class PrefixCompletionDataModule(TextDataModule):
         completion_tokens: int = 32,
         prefix_tokens: int = 64,
         prompt_template: Optional[str] = None,
+        chat: Optional[ChatFormat] = None,
         batch_size: int = 8,
         val_fraction: float = 0.1,
         seed: int = 1234,
@@ -80,11 +84,13 @@ class PrefixCompletionDataModule(TextDataModule):
         self.completion_tokens = completion_tokens
         self.prefix_tokens = prefix_tokens
         self.prompt_template = prompt_template
+        self.chat = chat
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
 
     def render_prompt(self, prefix_text: str) -> str:
-        return prefix_text if self.prompt_template is None else self.prompt_template.format(text=prefix_text)
+        text = prefix_text if self.prompt_template is None else self.prompt_template.format(text=prefix_text)
+        return text if self.chat is None else self.chat.render(self.tokenizer, text)
 
     def _examples(self, docs: list[str], split: str, salt: int) -> list[dict]:
         tok = self.tokenizer
@@ -110,7 +116,7 @@ class PrefixCompletionDataModule(TextDataModule):
                 "prompt": prompt,
                 "prefix": prefix,
                 "completion": tok.decode(completion_ids),
-                "prompt_ids": prefix_ids if self.prompt_template is None else tok.encode(prompt),
+                "prompt_ids": prefix_ids if prompt == prefix else tok.encode(prompt),
                 "completion_ids": completion_ids,
             })
         return examples

@@ -2,7 +2,10 @@
 
 Each example is `{"prompt": str, "prompt_ids": list[int], **fields}`: any extra field of a jsonl/parquet
 row (e.g. a label a reward function needs) is kept and reaches the reward functions as a keyword list.
-Validation prompts are held out by document, never seen in training.
+Validation prompts are held out by document, never seen in training. With `chat`, each prompt is rendered
+through the tokenizer's chat template (`lightning_rlm.data.chat.ChatFormat`). Cutting documents to their
+first `prompt_tokens` tokens is the point of `prompt_tokens`; how many prompts were cut is logged, and
+`prompt_tokens: null` keeps whole prompts.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import random
 from typing import Optional
 
 from lightning_rlm.data.base import TextDataModule, split_documents_by_seed
+from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.data.prefix_completion import PairDataset
 from lightning_rlm.data.sources import TextSource
 from lightning_rlm.data.tokenizers import build_tokenizer
@@ -29,6 +33,7 @@ class PromptDataModule(TextDataModule):
         prompt_tokens: keep the first k tokens of each document (None: the whole text); shorter documents
             are dropped.
         prompt_template: optional string with `{text}` wrapping each prompt.
+        chat: render each (templated) prompt through the tokenizer's chat template as a user turn.
         batch_size: prompts per step over all processes (each is sampled `num_generations` times by the method).
     """
 
@@ -41,6 +46,7 @@ class PromptDataModule(TextDataModule):
         tokenizer: str = "gpt2",
         prompt_tokens: Optional[int] = 16,
         prompt_template: Optional[str] = None,
+        chat: Optional[ChatFormat] = None,
         batch_size: int = 2,
         val_fraction: float = 0.1,
         max_val_prompts: Optional[int] = 64,
@@ -58,6 +64,8 @@ class PromptDataModule(TextDataModule):
         self.prompts = prompts
         self.prompt_tokens = prompt_tokens
         self.prompt_template = prompt_template
+        self.chat = chat
+        self.cut = 0  # prompts cut to prompt_tokens
         self.max_val_prompts = max_val_prompts
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
@@ -72,10 +80,14 @@ class PromptDataModule(TextDataModule):
         if self.prompt_tokens is not None:
             if len(ids) < self.prompt_tokens:
                 return None
+            self.cut += len(ids) > self.prompt_tokens
             ids = ids[: self.prompt_tokens]
             text = tok.decode(ids)
         if self.prompt_template is not None:
             text = self.prompt_template.format(text=text)
+            ids = tok.encode(text)
+        if self.chat is not None:
+            text = self.chat.render(tok, text)
             ids = tok.encode(text)
         fields = {k: v for k, v in row.items() if k != text_field}
         return {"prompt": text, "prompt_ids": ids, **fields}
@@ -117,4 +129,7 @@ class PromptDataModule(TextDataModule):
                 f"{'the train' if not train else 'the val'} split of {self.source.describe()!r}"
             )
         log.info("prompts: %d train, %d held-out val", len(train), len(val))
+        if self.cut:
+            log.info("%d prompts were cut to their first prompt_tokens=%d tokens (prompt_tokens: null keeps "
+                     "whole prompts)", self.cut, self.prompt_tokens)
         self.train_set, self.val_set = PairDataset(train), PairDataset(val)

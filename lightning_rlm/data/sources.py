@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal, Optional
@@ -59,7 +60,10 @@ class TextSource:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown text source preset {self.preset!r}; expected one of {sorted(PRESETS)}")
         defaults = {f.name: f.default for f in fields(self)}
+        own_path = self.path is not None and self.path != PRESETS[self.preset]["path"]
         for key, value in PRESETS[self.preset].items():
+            if own_path and key in ("format", "separator"):
+                continue  # another file: its format comes from its own suffix, not from the preset's file
             if getattr(self, key) == defaults[key]:  # explicit fields win over the preset
                 setattr(self, key, value)
 
@@ -91,7 +95,7 @@ class TextSource:
         else:
             path = resolve_data_path(self.path)  # FileNotFoundError naming where it looked
             if fmt == "text":
-                docs = split_documents(path.read_text(encoding="utf-8"), self.separator)
+                docs = split_documents(read_utf8(path), self.separator)
             elif fmt == "jsonl":
                 docs = self._read_jsonl(path)
             elif fmt == "parquet":
@@ -107,17 +111,17 @@ class TextSource:
 
     def _read_jsonl(self, path: Path) -> list[str]:
         docs = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if self.text_field not in row:
-                    raise KeyError(
-                        f"{path}:{lineno} has no field {self.text_field!r} (fields: {sorted(row)}); "
-                        "set text_field"
-                    )
-                docs.append(row[self.text_field])
+        for lineno, row in jsonl_rows(path):
+            if self.text_field not in row:
+                raise KeyError(
+                    f"{path}:{lineno} has no field {self.text_field!r} (fields: {sorted(row)}); "
+                    "set text_field"
+                )
+            text = row[self.text_field]
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: field {self.text_field!r} is {json.dumps(text)[:40]}; "
+                                 "expected a string")
+            docs.append(text)
         return docs
 
     def _read_parquet(self, path: Path) -> list[str]:
@@ -141,9 +145,7 @@ class TextSource:
         """Rows with every field kept (for prompt datasets whose extra fields feed reward functions)."""
         fmt = self.resolved_format()
         if fmt == "jsonl":
-            path = resolve_data_path(self.path)
-            with path.open(encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            rows = [row for _, row in jsonl_rows(resolve_data_path(self.path))]
         elif fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -160,6 +162,31 @@ class TextSource:
         if not rows:
             raise ValueError(f"text source {self.describe()!r} has no documents (empty corpus)")
         return rows
+
+
+def read_utf8(path: Path) -> str:
+    """A text file's contents; a file that is not UTF-8 is a ValueError naming it and the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "convert the file to UTF-8") from None
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a jsonl file; a line that is not a JSON object is a ValueError naming file:line."""
+    for lineno, line in enumerate(read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {line.strip()[:40]!r}")
+        yield lineno, row
 
 
 def split_documents(text: str, separator: Optional[str]) -> list[str]:

@@ -228,6 +228,9 @@ class GANRL(L.LightningModule):
         write_rollouts: append every training rollout to ``<log_dir>/<rollouts_filename>``.
     """
 
+    # Optimizes in training_step itself: the CLI refuses Trainer-side accumulation and clipping up front.
+    manual_optimization = True
+
     def __init__(
         self,
         model_name_or_path: str = "lrlm:tiny-llama-tinystories",

@@ -108,6 +108,8 @@ class GRPO(L.LightningModule):
 
     # GRPO arguments a subclass fixes in its call to GRPO.__init__ (not its own, not in its hparams)
     fixed_args: ClassVar[tuple[str, ...]] = ()
+    # Optimizes in training_step itself: the CLI refuses Trainer-side accumulation and clipping up front.
+    manual_optimization = True
 
     def __init__(
         self,

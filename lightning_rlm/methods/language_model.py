@@ -77,6 +77,13 @@ class LanguageModel(VocabFromData, TokenWindowSteps, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.build_from_data()
+        prompt = self.hparams.sample_prompt
+        if prompt is not None and self.tokenizer is not None:
+            try:  # before training, not when the first sample is due
+                self.tokenizer.encode(prompt)
+            except ValueError as e:
+                raise ValueError(f"model.init_args.sample_prompt={prompt!r}: {e}; use text the tokenizer "
+                                 "can encode (for a char vocabulary, characters of the corpus)") from None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.net(input_ids)  # [B, T, V]

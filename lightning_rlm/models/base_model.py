@@ -66,4 +66,13 @@ def resolve_model_path(name_or_path: str) -> str:
     """`lrlm:<name>` → the cached folder (built on first use); anything else is returned unchanged."""
     if not name_or_path.startswith(PREFIX):
         return name_or_path
-    return str(build(name_or_path[len(PREFIX):]))
+    name = name_or_path[len(PREFIX):]
+    from lightning_rlm.models.gguf import GGUF_MODELS, convert
+
+    if name in GGUF_MODELS:  # a pretrained chat model shipped in a wheel
+        return str(convert(name))
+    if name not in BASE_MODELS:
+        raise ValueError(f"unknown model {name_or_path!r}; expected one of "
+                         f"{sorted(PREFIX + n for n in [*BASE_MODELS, *GGUF_MODELS])}")
+    return str(build(name))
+

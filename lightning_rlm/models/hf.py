@@ -36,7 +36,11 @@ def load_causal_lm(name_or_path: str, dtype: Optional[str] = None) -> nn.Module:
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as e:  # not found locally or on the hub, no network: name the model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(f"cannot load model {name_or_path!r}: {first}") from e
 
 
 def config_from_dict(config: dict, vocab_size: Optional[int] = None):

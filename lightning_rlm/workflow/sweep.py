@@ -12,7 +12,9 @@ checkpoints in `checkpoints/`, stdout/stderr in `log.txt` and a `DONE` marker on
 Why runs are plain subprocesses of the CLI: a run of the sweep is exactly the command one would type,
 so it can be copied from `--dry-run` or `log.txt` and debugged alone. Re-running the same sweep
 (same `--name`) skips runs with `DONE` and resumes the others from their `last.ckpt`, so a crashed,
-preempted or timed-out sweep is finished by running its command again. On SLURM the scheduling is
+preempted or timed-out sweep is finished by running its command again. A run stopped by a signal exits
+non-zero (143 for SIGTERM) after writing its `last.ckpt`, so it gets no `DONE`; a sweep that receives
+SIGTERM or Ctrl-C passes SIGTERM on to its running runs, starts no new one, and exits 143. On SLURM the scheduling is
 submitit's (one job array, at most `--array-parallelism` jobs at a time); submitit is an optional extra.
 """
 
@@ -25,8 +27,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -40,6 +44,9 @@ DONE_FILE = "DONE"
 LOG_FILE = "log.txt"
 MAX_VALUE_CHARS = 32  # per value in a run name
 MAX_NAME_CHARS = 150
+STOPPED_EXIT_CODE = 143  # a run or sweep stopped by a signal (128 + SIGTERM)
+_children: set[subprocess.Popen] = set()  # running `fit` processes of the local launcher
+_stop = threading.Event()  # set by SIGTERM / Ctrl-C: no new run starts
 
 
 @dataclass
@@ -53,7 +60,10 @@ class Run:
 
 # ----- grids and names ------------------------------------------------------------------------------------
 def split_values(text: str) -> list[str]:
-    """Split on commas outside brackets and quotes, so `[1,2],[3,4]` gives two list values."""
+    """Split on commas outside brackets and quotes, so `[1,2],[3,4]` gives two list values.
+
+    Unbalanced brackets or an open quote are a ValueError (each run would otherwise fail on its own).
+    """
     parts, depth, quote, cur = [], 0, "", []
     for ch in text:
         if quote:
@@ -64,11 +74,15 @@ def split_values(text: str) -> list[str]:
             depth += 1
         elif ch in "]})":
             depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced {ch!r} in {text!r}")
         elif ch == "," and depth == 0:
             parts.append("".join(cur).strip())
             cur = []
             continue
         cur.append(ch)
+    if depth or quote:
+        raise ValueError(f"unclosed {'quote' if quote else 'bracket'} in {text!r}")
     parts.append("".join(cur).strip())
     return parts
 
@@ -79,7 +93,10 @@ def parse_grid(spec: str) -> tuple[str, list[str]]:
     key = key.strip()
     if not sep or not key or key.startswith("-") or any(c.isspace() for c in key):
         raise ValueError(f"bad --grid {spec!r}: expected KEY=V1,V2,... (e.g. model.init_args.lr=1e-4,3e-4)")
-    vals = split_values(values)
+    try:
+        vals = split_values(values)
+    except ValueError as e:
+        raise ValueError(f"bad --grid {spec!r}: {e} (expected KEY=V1,V2,... with balanced brackets)") from e
     if any(v == "" for v in vals):
         raise ValueError(f"bad --grid {spec!r}: empty value (expected KEY=V1,V2,... with no empty items)")
     return key, vals
@@ -209,7 +226,12 @@ def run_one(cmd: list[str], run_dir: str) -> int:
     with open(log, "a") as f:
         f.write(f"=== {datetime.now().isoformat(timespec='seconds')} {shlex.join(cmd)}\n")
         f.flush()
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        _children.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            _children.discard(proc)
         f.write(f"=== exit code {code}\n")
     if code == 0 and rank == 0:
         (folder / DONE_FILE).write_text(f"{datetime.now().isoformat(timespec='seconds')}\n")
@@ -223,6 +245,8 @@ def launch_local(tasks: list[tuple[str, list[str], Path]], jobs: int) -> list[st
 
     def one(task: tuple[str, list[str], Path]) -> None:
         name, cmd, folder = task
+        if _stop.is_set():
+            return
         start = time.perf_counter()
         print(f"[start] {name}", flush=True)
         try:
@@ -237,8 +261,19 @@ def launch_local(tasks: list[tuple[str, list[str], Path]], jobs: int) -> list[st
             failed.append(name)
             print(f"[FAIL]  {name}: exit code {code} after {took:.0f} s, see {folder / LOG_FILE}", flush=True)
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(one, tasks))
+    def forward(signum: int, frame: Any) -> None:  # stop: each running run saves last.ckpt and exits 143
+        _stop.set()
+        for proc in list(_children):
+            proc.send_signal(signal.SIGTERM)
+
+    _stop.clear()
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            list(pool.map(one, tasks))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return failed
 
 
@@ -412,6 +447,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     failed = launch_local(todo, args.jobs)
+    if _stop.is_set():
+        print(f"sweep stopped by a signal: unfinished runs keep their last.ckpt ({again} to resume them)")
+        return STOPPED_EXIT_CODE
     if failed:
         print(f"{len(failed)} of {len(todo)} runs failed: {', '.join(failed)} ({again} to resume them)")
         return 1

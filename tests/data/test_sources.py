@@ -32,6 +32,27 @@ def test_presets_read_real_files(preset, shared_data, need_data):
         assert len(docs) == 1000
 
 
+def test_a_preset_with_another_file_reads_that_file_in_its_own_format(tmp_path):
+    rows = [{"text": "first {doc}"}, {"text": 'second "doc"'}]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    src = TextSource(preset="shakespeare", path=str(tmp_path / "mine.jsonl"))
+    assert src.resolved_format() == "jsonl" and src.read() == ["first {doc}", 'second "doc"']
+    (tmp_path / "mine.txt").write_text("a\n\nb\n")
+    assert TextSource(preset="tinystories", path=str(tmp_path / "mine.txt")).read() == ["a\n\nb\n"]  # one document: no separator
+
+
+def test_bad_jsonl_rows_name_file_and_line(tmp_path):
+    for name, text, message in [("a", '{"text": "x"}\n{oops\n', "a.jsonl:2: invalid JSON"),
+                                ("b", '[1, 2]\n', "b.jsonl:1: expected a JSON object per line"),
+                                ("c", '{"text": 3}\n', "c.jsonl:1: field 'text' is 3; expected a string")]:
+        (tmp_path / f"{name}.jsonl").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            TextSource(path=str(tmp_path / f"{name}.jsonl")).read()
+    (tmp_path / "d.txt").write_bytes(b"ok\nline two \xff\n")
+    with pytest.raises(ValueError, match=r"d.txt:2: not UTF-8 text \(byte 0xff at offset 12\)"):
+        TextSource(path=str(tmp_path / "d.txt")).read()
+
+
 def test_explicit_field_overrides_preset(shared_data, pile_file):
     src = TextSource(preset="pile", max_documents=7)
     assert src.path == PRESETS["pile"]["path"] and len(src.read()) == 7

@@ -54,7 +54,8 @@ def test_run_names_are_short_safe_and_unique():
 
 
 @pytest.mark.parametrize("spec", ["model.init_args.lr", "=1,2", "model.init_args.lr=", "model.init_args.lr=1,,2",
-                                  "model lr=1"])
+                                  "model lr=1", "model.init_args.lr=[1e-3,2e-3", "model.init_args.lr=1e-3]",
+                                  "model.init_args.name='a,b"])
 def test_bad_grid_is_one_clear_error(spec, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         sweep.main(["--config", GRU, "--grid", spec, "--out", str(tmp_path)])
