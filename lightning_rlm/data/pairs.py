@@ -25,6 +25,7 @@ import re
 from typing import Optional
 
 from lightning_rlm.data.base import TextDataModule
+from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.data.prefix_completion import PairDataset, PrefixCompletionDataModule
 from lightning_rlm.data.sources import TextSource
 from lightning_rlm.data.tokenizers import build_tokenizer
@@ -174,13 +175,15 @@ class KeywordPrefixCompletionDataModule(PrefixCompletionDataModule):
         completion_tokens: int = 32,
         prefix_tokens: int = 64,
         prompt_template: Optional[str] = None,
+        chat: Optional[ChatFormat] = None,
         batch_size: int = 8,
         val_fraction: float = 0.1,
         seed: int = 1234,
         num_workers: int = 0,
     ) -> None:
         super().__init__(source, tokenizer, tokenizer_vocab_size, completion_tokens, prefix_tokens,
-                         prompt_template, batch_size, val_fraction, seed, num_workers)
+                         prompt_template=prompt_template, chat=chat, batch_size=batch_size,
+                         val_fraction=val_fraction, seed=seed, num_workers=num_workers)
         if not 1 <= min_prefix_tokens <= prefix_tokens:
             raise ValueError(f"min_prefix_tokens must be in [1, prefix_tokens={prefix_tokens}], "
                              f"got {min_prefix_tokens}")
