@@ -42,7 +42,7 @@ from lightning_rlm.distributed import generator_states, own_generator
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses import group_advantages, policy_loss
 from lightning_rlm.metrics.text import DegenerateFlag, GroupJaccard, UniqueFirstSentences, first_sentence
-from lightning_rlm.models.hf import load_policy
+from lightning_rlm.models.hf import enable_gradient_checkpointing, load_policy
 from lightning_rlm.optim import adamw_warmup
 from lightning_rlm.rewards import SentenceLength, reward_name
 from lightning_rlm.rollout import Rollout, TextRollout, completion_logprobs, sample_completions
@@ -100,6 +100,9 @@ class GRPO(L.LightningModule):
         lr, weight_decay, betas, warmup_steps, max_grad_norm: AdamW with linear warmup, grad-norm clip.
         lora_rank: None for full fine-tuning; else LoRA rank on all linear layers.
         lora_alpha: LoRA alpha (default = rank). use_rslora: scale by alpha/sqrt(rank).
+        dtype: load the policy's weights in this dtype (None: as saved; fp32 for the shipped models). For
+            mixed precision keep fp32 weights and set `trainer.precision: bf16-mixed` instead.
+        gradient_checkpointing: recompute the policy's activations in backward (HF policies; less memory).
         eval_prompt: fixed prompt sampled `eval_samples` times at each validation (unique first sentences).
         eval_num_generations: sampled completions per held-out prompt in validation (plus one greedy).
         reward_thresholds: log the seconds and steps until the train reward (mean of the last 10 steps)
@@ -137,6 +140,8 @@ class GRPO(L.LightningModule):
         lora_rank: Optional[int] = None,
         lora_alpha: Optional[float] = None,
         use_rslora: bool = False,
+        dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+        gradient_checkpointing: bool = False,
         eval_prompt: Optional[str] = "Once upon a time",
         eval_samples: int = 20,
         eval_num_generations: int = 4,
@@ -165,8 +170,10 @@ class GRPO(L.LightningModule):
         self.reward_names = [reward_name(r) for r in rewards]
         self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(rewards)
 
-        policy, self.tokenizer, self.eos_token_id = load_policy(model_name_or_path)
+        policy, self.tokenizer, self.eos_token_id = load_policy(model_name_or_path, dtype=dtype)
         self.policy, self.ref_model = self.build_policy(policy)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
         self.generator: Optional[torch.Generator] = None
         self.recent_rewards: deque[float] = deque(maxlen=10)
         self.threshold_hits: dict[str, float] = {}

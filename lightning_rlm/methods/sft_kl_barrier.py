@@ -64,7 +64,7 @@ from lightning_rlm.data.pairs import keyword_pattern
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses.kl import KL_AGGREGATES, KL_DIRECTIONS, aggregate_kl, kl_barrier, per_position_kl
 from lightning_rlm.metrics.text import RepeatedNgramLoop
-from lightning_rlm.models.hf import load_policy
+from lightning_rlm.models.hf import enable_gradient_checkpointing, load_policy
 from lightning_rlm.optim import adamw_warmup
 from lightning_rlm.rollout import position_ids_from_mask, sample_completions
 
@@ -102,6 +102,7 @@ class SFTKLBarrier(L.LightningModule):
     Args:
         model_name_or_path: the base model (an HF folder, a hub name, or `lrlm:tiny-llama-tinystories`).
         model_dtype: load the weights in this dtype (None: as the checkpoint's default, float32 here).
+        gradient_checkpointing: recompute the policy's activations in backward (less memory).
         direction: `kl_rev` = KL(student ‖ base) or `kl_fwd` = KL(base ‖ student), per position.
         aggregate: the aggregator the barrier uses (`mean`, `rmse`, `p95`, `max`, `logsumexp`); tau is on
             its scale, so retune tau when changing it.
@@ -128,6 +129,7 @@ class SFTKLBarrier(L.LightningModule):
         self,
         model_name_or_path: str = "lrlm:tiny-llama-tinystories",
         model_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+        gradient_checkpointing: bool = False,
         direction: Literal["kl_fwd", "kl_rev"] = "kl_rev",
         aggregate: Literal["mean", "rmse", "p95", "max", "logsumexp"] = "rmse",
         tau: float = 0.1,
@@ -183,6 +185,8 @@ class SFTKLBarrier(L.LightningModule):
         # the base: a frozen copy for full fine-tuning; with LoRA the adapter is switched off instead
         self.ref_model = frozen_copy(policy) if lora_rank is None else None
         self.policy = add_lora(policy, lora_rank, lora_alpha, use_rslora) if lora_rank else policy
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
         self.coherence = RepeatedNgramLoop(n=coh_ngram, min_repeats=coh_repeats)
         self.rounds_done = 0  # rounds k >= 1 evaluated so far
         self.history: list[dict[str, float]] = []  # one entry per evaluated round (round 0 included)

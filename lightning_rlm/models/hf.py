@@ -105,11 +105,43 @@ class HFCausalLM(nn.Module):
             tokenizer.save_pretrained(str(directory))
 
 
+# End-of-turn tokens of common chat templates: a completion ends at the turn's end, not only at EOS.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eot|>")
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> int | list[int]:
+    """The ids that end a completion: EOS, the generation config's EOS ids, and the end-of-turn token of the
+    tokenizer's chat template when it has one. One int when there is one id (the common case), else a list.
+    """
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids += [extra] if isinstance(extra, int) else list(extra or [])
+    template = getattr(tokenizer, "chat_template", None) or ""
+    for token in END_OF_TURN_TOKENS:
+        if token in template:
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+                ids.append(tid)
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    return ids[0] if len(ids) == 1 else ids
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward (less memory for ~1/3 more compute) in the HF model inside `model`
+    (itself, or wrapped by PEFT or an adapter); non-reentrant, so frozen inputs and adapters both work."""
+    from transformers import PreTrainedModel
+
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if hf is None or not hf.supports_gradient_checkpointing:
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no Hugging Face model that supports it")
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_policy(name_or_path: str, dtype: Optional[str] = None):
-    """The base policy of an RL/SFT method: (causal LM, its tokenizer with a pad token, EOS id).
+    """The base policy of an RL/SFT method: (causal LM, its tokenizer with a pad token, stop ids).
 
     `lrlm:<name>` resolves to the cached base model; a tokenizer without EOS is a clear error (generation
-    needs it to end completions).
+    needs it to end completions). The stop ids (`stop_token_ids`) include a chat template's end-of-turn token.
     """
     from transformers import AutoTokenizer
 
@@ -122,4 +154,4 @@ def load_policy(name_or_path: str, dtype: Optional[str] = None):
         raise ValueError(f"the tokenizer of {name_or_path!r} has no EOS token")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, tokenizer.eos_token_id
+    return model, tokenizer, stop_token_ids(tokenizer, getattr(model, "generation_config", None))

@@ -448,6 +448,50 @@ def _selective_log_softmax(
     return logp, (torch.cat(entropies, dim=0) if return_entropy else None)
 
 
+# Causal LMs whose logits are exactly `lm_head(decoder(x).last_hidden_state)` (no soft-capping or scaling),
+# so the log-probs can be computed from the hidden states one chunk of rows at a time.
+PLAIN_LM_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+CHUNKED_MIN_VOCAB = 8192  # below this the full [N, C, V] logits are small: one pass is faster
+
+
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(decoder, lm_head) of a plain causal LM inside `model` (itself, PEFT or an adapter wrapper), else None."""
+    inner = model
+    if getattr(inner, "forwards_to_wrapped", False):
+        inner = inner.model
+    if hasattr(inner, "get_base_model"):  # PEFT: the LoRA layers live inside the base model's modules
+        inner = inner.get_base_model()
+    config = getattr(inner, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_LM_HEAD_TYPES or not hasattr(inner, "get_decoder"):
+        return None
+    head = inner.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or getattr(config, "final_logit_softcapping", None):
+        return None
+    return inner.get_decoder(), head
+
+
+def _chunked_head_logprobs(hidden: Tensor, head: nn.Linear, targets: Tensor, temperature: float,
+                           return_entropy: bool, chunk_rows: int) -> tuple[Tensor, Tensor | None]:
+    """`_selective_log_softmax(head(hidden))` without keeping the logits: each chunk of rows is computed
+    under activation checkpointing, so forward and backward hold one chunk's fp32 ``[n, C, V]`` at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_logp(h: Tensor, t: Tensor) -> Tensor:
+        return _selective_log_softmax(head(h), t, temperature, False)[0]
+
+    logps, entropies = [], []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]  # [n, C, H], [n, C]
+        if torch.is_grad_enabled() and h.requires_grad:
+            logps.append(checkpoint(chunk_logp, h, t, use_reentrant=False))
+        else:
+            logps.append(chunk_logp(h, t))
+        if return_entropy:
+            with torch.no_grad():
+                entropies.append(_selective_log_softmax(head(h.detach()), t, temperature, True)[1])
+    return torch.cat(logps), (torch.cat(entropies) if return_entropy else None)
+
+
 def completion_logprobs(
     model: nn.Module,
     inputs: Rollout | Tensor,
@@ -456,6 +500,7 @@ def completion_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    chunk_rows: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token log-probs (and optionally entropies) of the last ``completion_len`` tokens under ``model``.
 
@@ -467,6 +512,12 @@ def completion_logprobs(
 
     Gradients flow when called with grad enabled (policy); wrap in ``torch.no_grad()`` for a reference.
     Entries where the completion mask is 0 are meaningless and must be masked by the caller.
+
+    Memory: for a plain causal LM (Llama, Mistral, Qwen2/3) with a large vocabulary (>= 8192, e.g.
+    SmolLM2's 49k) the log-probs are computed from the last hidden states ``chunk_rows`` rows at a time
+    (default: rows whose fp32 logits fit ~64 MB) with the LM head recomputed in backward, so no full
+    ``[N, C, V]`` logits tensor is ever held; other models take one pass over ``logits_to_keep`` logits.
+    Both give the same values (tests compare them); ``chunk_rows=0`` forces the one-pass path.
 
     Returns:
         ``logp [N, C]``, or ``(logp [N, C], entropy [N, C])`` when ``return_entropy``.
@@ -491,17 +542,26 @@ def completion_logprobs(
             f"completion_len must be in [1, {total_len - 1}] for sequences of length {total_len}"
         )
 
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        logits_to_keep=completion_len + 1,
-    )
-    # Slicing again is a no-op when the model honoured logits_to_keep, and correct when it did not.
-    logits = out.logits[:, -(completion_len + 1) : -1, :]  # [N, C, V]
     targets = input_ids[:, -completion_len:]  # [N, C]
-    logp, entropy = _selective_log_softmax(logits, targets, temperature, return_entropy)
+    parts = _decoder_and_head(model) if chunk_rows != 0 else None
+    if parts is not None and (chunk_rows is not None or parts[1].out_features >= CHUNKED_MIN_VOCAB):
+        decoder, head = parts
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        hidden = hidden[:, -(completion_len + 1) : -1]  # [N, C, H]
+        rows = chunk_rows or max(1, 2**24 // max(1, completion_len * head.out_features))
+        logp, entropy = _chunked_head_logprobs(hidden, head, targets, temperature, return_entropy, rows)
+    else:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            logits_to_keep=completion_len + 1,
+        )
+        # Slicing again is a no-op when the model honoured logits_to_keep, and correct when it did not.
+        logits = out.logits[:, -(completion_len + 1) : -1, :]  # [N, C, V]
+        logp, entropy = _selective_log_softmax(logits, targets, temperature, return_entropy)
     if return_entropy:
         assert entropy is not None
         return logp, entropy
