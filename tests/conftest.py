@@ -77,3 +77,45 @@ def tiny_llama_dir(tmp_path_factory, shared_data):
                       tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tmp_path_factory, tiny_llama_dir):
+    """The tiny Llama with ChatML's special tokens and chat template (SmolLM2's format, 2 layers, random)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny_chat_llama")
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_model_config(tiny_llama_dir, tiny_chat_llama_dir, tmp_path):
+    """`tiny_model_config(config_path)`: a YAML that puts a shipped config on a tiny random model (the chat
+    one for configs on SmolLM2), or None for configs that build their own model."""
+
+    def make(config):
+        text = config.read_text()
+        if "lrlm:" not in text:
+            return None
+        model = tiny_chat_llama_dir if "lrlm:smollm2" in text else tiny_llama_dir
+        where = ("  init_args:\n    network:\n      init_args:\n        name_or_path" if "network:" in text
+                 else "  init_args:\n    model_name_or_path")
+        out = tmp_path / f"tiny_{config.stem}.yaml"
+        out.write_text(f"model:\n{where}: {model}\ndata:\n  init_args:\n    tokenizer: {model}\n")
+        return out
+
+    return make

@@ -20,17 +20,13 @@ def parse(*configs: Path):
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_method_config_parses(config, shared_data, tiny_llama_dir, tmp_path, need_data):
+def test_method_config_parses(config, shared_data, tmp_path, need_data, tiny_model_config):
     for dataset in ("pile", "fineweb"):  # samples that do not travel with the package
         if f"preset: {dataset}" in config.read_text():
             need_data(PRESET_FILES[dataset]["path"])
-    extra = []
-    if "lrlm:" in config.read_text():
-        # configs on the pretrained base model are instantiated on a tiny random one (no minutes-long build)
-        override = tmp_path / "tiny.yaml"
-        override.write_text(f"model:\n  init_args:\n    model_name_or_path: {tiny_llama_dir}\n"
-                            f"data:\n  init_args:\n    tokenizer: {tiny_llama_dir}\n")
-        extra = [override]
+    # configs on the pretrained base model or SmolLM2 are instantiated on a tiny random one (no minutes-long
+    # build); the SmolLM2 ones on a tiny model with ChatML's tokens and template
+    extra = [tiny] if (tiny := tiny_model_config(config)) else []
     cli = parse(config, *extra)
     assert cli.model is not None and cli.datamodule is not None
 

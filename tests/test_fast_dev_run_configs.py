@@ -2,8 +2,8 @@
 
 Each config runs in a fresh process (`python -m lightning_rlm`, as a user would), so one config's imports,
 globals or random state cannot help or break another's. Configs on the pretrained base model
-(`lrlm:tiny-llama-tinystories`) run on the tiny random Llama of `tiny_llama_dir` instead (as in
-`tests/test_configs.py`): the base model takes minutes to build, and a smoke test checks the wiring, not the
+(`lrlm:tiny-llama-tinystories`) or SmolLM2 run on the tiny random Llama of `tiny_llama_dir` (with ChatML's
+tokens and template for SmolLM2: `tiny_chat_llama_dir`) instead (as in `tests/test_configs.py`): the base model takes minutes to build, and a smoke test checks the wiring, not the
 weights. Run folders, round files and checkpoints go under the test's tmp_path (also the working directory,
 where fast_dev_run's logger-less runs write).
 
@@ -33,16 +33,13 @@ OVERRIDES = {"sft_kl_barrier": ["--model.init_args.eval_prompts=8", "--model.ini
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_fast_dev_run(config: Path, tmp_path: Path, tiny_llama_dir: Path, need_data) -> None:
+def test_fast_dev_run(config: Path, tmp_path: Path, need_data, tiny_model_config) -> None:
     """One training batch, one validation batch and the method's own hooks (rounds, rollouts) end to end."""
     text = config.read_text()
     for preset in re.findall(r"preset:\s*(\w+)", text):  # a sample that is not bundled: skip or fail clearly
         need_data(PRESETS[preset]["path"])
     args = [sys.executable, "-m", "lightning_rlm", "fit", "--config", str(config)]
-    if "lrlm:" in text:
-        tiny = tmp_path / "tiny.yaml"
-        tiny.write_text(f"model:\n  init_args:\n    model_name_or_path: {tiny_llama_dir}\n"
-                        f"data:\n  init_args:\n    tokenizer: {tiny_llama_dir}\n")
+    if tiny := tiny_model_config(config):  # the tiny random Llama (with ChatML for the SmolLM2 configs)
         args += ["--config", str(tiny)]
     args += ["--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false",
              "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
+
 
 @dataclass
 class ChatFormat:
@@ -50,3 +52,8 @@ class ChatFormat:
         rendered = hf.apply_chat_template(self.messages(text), tokenize=False,
                                           add_generation_prompt=self.add_generation_prompt)
         return rendered + self.assistant_prefix
+
+
+# A method's hyperparameters may hold a ChatFormat: checkpoints must load with torch.load(weights_only=True),
+# as Lightning does to read them back when resuming.
+torch.serialization.add_safe_globals([ChatFormat])

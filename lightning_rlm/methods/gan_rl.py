@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_rlm.adapters import add_lora, reference_logprobs
+from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.data.collate import pad_left
 from lightning_rlm.distributed import generator_states, own_generator
 from lightning_rlm.logging_utils import append_jsonl_line
@@ -208,7 +209,11 @@ class GANRL(L.LightningModule):
         model_name_or_path: base model (HF folder, hub name, or ``lrlm:tiny-llama-tinystories``).
         dtype: load the base model in this torch dtype (e.g. ``bfloat16``); None: as saved.
         lora_rank, lora_alpha, use_rslora, lora_dropout: the shared adapter (seed: rank 64, alpha 8, rsLoRA).
-        prompt_template: the generator's prompt, with ``{text}`` for the prefix (default: the seed's).
+        prompt_template: the generator's prompt, with ``{text}`` for the prefix (default: the seed's, written
+            by hand in ChatML as the seed has it).
+        chat: render the prompt through the tokenizer's own chat template instead (replaces
+            ``prompt_template``): e.g. the seed's system text, ``user_template: "<prefix>\n{text}\n</prefix>"``
+            and ``assistant_prefix: "<think>\n"`` (``configs/gan_rl/smollm2_05_pile.yaml``).
         think_close: appended after the reasoning, before the completion is sampled.
         reasoning_tokens: deliberation budget (0: no reasoning phase). completion_tokens: completion budget.
         temperature, top_p, top_k: sampling (log-probs are scored at the same temperature).
@@ -240,6 +245,7 @@ class GANRL(L.LightningModule):
         use_rslora: bool = True,
         lora_dropout: float = 0.0,
         prompt_template: str = SEED_PROMPT_TEMPLATE,
+        chat: Optional[ChatFormat] = None,
         think_close: str = "\n</think>\n",
         reasoning_tokens: int = 256,
         completion_tokens: int = 256,
@@ -293,6 +299,7 @@ class GANRL(L.LightningModule):
         self.register_buffer("baseline", torch.zeros(()))  # EMA of rewards (checkpointed with the weights)
         self.register_buffer("baseline_updates", torch.zeros((), dtype=torch.long))
         self.close_ids: list[int] = self.tokenizer.encode(think_close, add_special_tokens=False)
+        self.render_prompt("x")  # a chat format the tokenizer has no template for fails here, not mid-run
         self.generator: Optional[torch.Generator] = None
 
     # ----- helpers ------------------------------------------------------------------------------------------------
@@ -307,6 +314,11 @@ class GANRL(L.LightningModule):
         return self.hparams.target_length or self.hparams.completion_tokens
 
     def render_prompt(self, prefix: str) -> str:
+        chat = self.hparams.chat
+        if isinstance(chat, dict):  # hparams read back from a checkpoint
+            chat = ChatFormat(**chat)
+        if chat is not None:
+            return chat.render(self.tokenizer, prefix)
         return self.hparams.prompt_template.replace("{text}", prefix)
 
     def _sampling_generator(self) -> torch.Generator:

@@ -14,6 +14,7 @@ Users with network can use the hub name `HuggingFaceTB/SmolLM2-135M-Instruct` in
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import shutil
 from dataclasses import dataclass
@@ -52,9 +53,12 @@ def gguf_path(name: str) -> Path:
     return path
 
 
+CONVERSION = 2  # bumped when the conversion changes, so cached folders are rebuilt
+
+
 def _key(path: Path) -> str:
     stat = path.stat()
-    return f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}"
+    return f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}:v{CONVERSION}"
 
 
 def model_dir(name: str) -> Path:
@@ -85,7 +89,10 @@ def convert(name: str, force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    for key in ("quantization_config", "_model_name_or_path"):  # plain fp32 weights now, saved and loaded as such
+        config.__dict__.pop(key, None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())  # strict: every weight of the GGUF file lands
     model.generation_config = loaded.generation_config
     model.save_pretrained(tmp)

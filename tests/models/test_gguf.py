@@ -23,7 +23,7 @@ def test_unknown_lrlm_name_lists_the_known_ones():
 
 
 @pytest.mark.slow
-def test_converted_smollm2_answers_a_chat_prompt():
+def test_converted_smollm2_answers_a_chat_prompt(tmp_path):
     """About 1.5 minutes the first time (conversion), seconds once cached."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,3 +42,6 @@ def test_converted_smollm2_answers_a_chat_prompt():
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "5" in answer, answer
     assert resolve_model_path("lrlm:smollm2-135m-instruct") == path  # cached: no second conversion
+    assert "quantization_config" not in model.config.to_dict()  # a plain model: it saves and reloads
+    model.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "model.safetensors").is_file()
