@@ -70,8 +70,8 @@ from lightning_rlm.adapters.svd import (
     weight_sha256,
     weights_fingerprint,
 )
-from lightning_rlm.data.paths import cache_dir
 from lightning_rlm.methods.grpo import GRPO, GroupBatch, RewardFn, with_task_rewards
+from lightning_rlm.paths import cache_dir
 from lightning_rlm.rollout import TextRollout, sample_completions
 from lightning_rlm.tasks.reward_hack import (
     ELIGIBLE_FIELD,
