@@ -19,7 +19,7 @@ ROOT = PACKAGE.name  # "lightning_rlm"
 
 # What methods and callbacks are built from; none of them may import the layers above.
 LOWER = {"data", "models", "rollout", "losses", "rewards", "metrics", "adapters", "tasks",
-         "paths", "optim", "distributed", "logging_utils"}
+         "paths", "checks", "optim", "distributed", "logging_utils"}
 UPPER = {"methods", "callbacks", "cli", "workflow", "main", "__main__"}
 
 

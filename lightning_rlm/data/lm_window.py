@@ -7,6 +7,7 @@ import logging
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_rlm.checks import check_at_least
 from lightning_rlm.data.base import TextDataModule
 from lightning_rlm.data.sources import TextSource
 
@@ -56,8 +57,7 @@ class LMWindowDataModule(TextDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(source, tokenizer, tokenizer_vocab_size, batch_size, val_fraction, seed, num_workers)
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        check_at_least(1, block_size=block_size)
         self.block_size = block_size
         self.cross_documents = cross_documents
         self.train_set: WindowDataset | None = None
