@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["check_at_least", "check_one_of", "check_positive", "check_prompt_template"]
+__all__ = ["check_at_least", "check_fraction", "check_one_of", "check_positive", "check_prompt_template"]
 
 
 def check_at_least(minimum: float, **values: Optional[float]) -> None:
@@ -30,6 +30,13 @@ def check_positive(**values: Optional[float]) -> None:
     for name, value in values.items():
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_fraction(**values: Optional[float]) -> None:
+    """Each value (None passes) must be in the open interval (0, 1)."""
+    for name, value in values.items():
+        if value is not None and not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {value}")
 
 
 def check_one_of(name: str, value: Any, choices: tuple) -> None:

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from lightning_rlm.checks import check_at_least, check_prompt_template
+from lightning_rlm.checks import check_at_least, check_fraction, check_prompt_template
 from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.data.collate import DictCollator
 from lightning_rlm.data.paths import resolve_data_path
@@ -36,8 +36,7 @@ def split_documents_by_seed(
     A single document (one corpus, e.g. Tiny Shakespeare) is split by its tail instead: the last
     `val_fraction` of its characters is validation, as nanoGPT and char-rnn do.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_fraction(val_fraction=val_fraction)
     if len(docs) == 1:
         text = docs[0]
         cut = int(len(text) * (1 - val_fraction))
@@ -79,8 +78,7 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         check_tokenizer_spec(tokenizer)  # an unknown tokenizer fails at config time, not after loading data
         check_at_least(1, batch_size=batch_size)
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        check_fraction(val_fraction=val_fraction)
         if source.resolved_format() in ("text", "jsonl", "parquet") and source.path != "<prompts>":
             resolve_data_path(source.path)  # a missing file fails at config time, before any run folder
         self.source = source

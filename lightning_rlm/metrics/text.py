@@ -34,6 +34,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from lightning_rlm.checks import check_at_least
+
 # A text is a string or a sequence of token ids (list of ints or a 1-D tensor).
 TextLike = Union[str, Sequence[int], Tensor]
 Tokenizer = Callable[[str], Sequence[Hashable]]
@@ -208,8 +210,7 @@ class DistinctN(_HashSetMetric):
 
     def __init__(self, n: int = 2, tokenizer: Tokenizer | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        check_at_least(1, n=n)
         self.n = n
         self.tokenizer = tokenizer
         self._init_hash_state()

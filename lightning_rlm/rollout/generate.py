@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_rlm.checks import check_at_least, check_one_of, check_positive
 from lightning_rlm.models.decoding import position_ids_from_mask, sample_categorical
 from lightning_rlm.models.static_cache import StaticCacheDecoder
 
@@ -156,10 +157,8 @@ def _validate_sampling_args(
     repetition_penalty: float,
     pad_token_id: int | None,
 ) -> None:
-    if num_generations < 1:
-        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
-    if max_completion_length <= 0:
-        raise ValueError(f"max_completion_length must be > 0, got {max_completion_length}")
+    check_at_least(1, num_generations=num_generations)
+    check_positive(max_completion_length=max_completion_length, repetition_penalty=repetition_penalty)
     if pad_token_id is None:
         raise ValueError("pad_token_id is required (e.g. set the tokenizer's pad token to its EOS token)")
     if temperature < 0:
@@ -168,8 +167,6 @@ def _validate_sampling_args(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be None, 0 (disabled) or positive, got {top_k}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
         raise ValueError(
             f"prompt_ids and prompt_mask must both be [B, P]; got {tuple(prompt_ids.shape)} "
@@ -365,8 +362,7 @@ def sample_completions(
     )
     assert pad_token_id is not None  # narrowed by validation
     eos_ids = _as_eos_tensor(eos_token_id, prompt_ids.device)
-    if backend not in ("loop", "hf"):
-        raise ValueError(f"backend must be 'loop' or 'hf', got {backend!r}")
+    check_one_of("backend", backend, ("loop", "hf"))
     if generator is not None:
         if backend == "hf":
             raise ValueError(
