@@ -140,13 +140,17 @@ class TextDataModule(L.LightningDataModule):
     def hf_tokenizer(self):
         return self.tokenizer.hf if isinstance(self.tokenizer, HFTokenizer) else None
 
-    # ----- loaders for datasets of dict examples (prompts, prefix/completion pairs) -----------------------------
-    drop_last_train = False  # RL prompt batches keep a fixed size; SFT pairs use every example
+    # ----- loaders: `train_set` / `val_set` of each subclass --------------------------------------------------
+    drop_last_train = False  # RL prompt batches and LM windows keep a fixed size; SFT pairs use every example
+
+    def collate_fn(self):
+        """Dict examples of ragged id lists (prompts, prefix/completion pairs) are padded into tensors."""
+        return DictCollator(self.tokenizer.pad_token_id)
 
     def _loader(self, ds, shuffle: bool) -> DataLoader:
         drop_last = shuffle and self.drop_last_train and len(ds) >= self.batch_size
         return DataLoader(ds, batch_sampler=self.batch_sampler(len(ds), shuffle, drop_last),
-                          num_workers=self.num_workers, collate_fn=DictCollator(self.tokenizer.pad_token_id),
+                          num_workers=self.num_workers, collate_fn=self.collate_fn(),
                           generator=self.loader_generator())
 
     # ----- sharding and mid-epoch resume (shared by every subclass) -------------------------------------------

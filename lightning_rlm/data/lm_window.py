@@ -108,18 +108,10 @@ class LMWindowDataModule(TextDataModule):
                      self.block_size)
         self.save_tokenizer()
 
-    def train_dataloader(self) -> DataLoader:
-        sampler = self.batch_sampler(len(self.train_set), True, drop_last=len(self.train_set) >= self.batch_size)
-        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
-                          generator=self.loader_generator())
+    drop_last_train = True
 
-    def val_dataloader(self) -> DataLoader:
-        sampler = self.batch_sampler(len(self.val_set), False, drop_last=False)
-        return DataLoader(self.val_set, batch_sampler=sampler, num_workers=self.num_workers,
-                          generator=self.loader_generator())
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+    def collate_fn(self):
+        return None  # windows have one length: the default collate stacks them
 
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()

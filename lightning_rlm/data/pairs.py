@@ -196,16 +196,7 @@ class KeywordPrefixCompletionDataModule(PrefixCompletionDataModule):
             if not starts:
                 continue  # too short, or the keyword only occurs in the first min_prefix_tokens tokens
             c = random.Random(f"{self.seed}-{salt}-{i}").choice(starts)
-            prefix_ids, completion_ids = ids[max(0, c - self.prefix_tokens) : c], ids[c : c + C]
-            prefix = tok.decode(prefix_ids)
-            prompt = self.render_prompt(prefix)
-            examples.append({
-                "prompt": prompt,
-                "prefix": prefix,
-                "completion": tok.decode(completion_ids),
-                "prompt_ids": prefix_ids if self.prompt_template is None else tok.encode(prompt),
-                "completion_ids": completion_ids,
-            })
+            examples.append(self.example(ids[max(0, c - self.prefix_tokens) : c], ids[c : c + C]))
         self.dropped[split] = len(docs) - len(examples)
         log.info("%s: %d of %d documents contain %r; %d windows with it in the completion",
                  split, n_keyword, len(docs), self.keyword, len(examples))

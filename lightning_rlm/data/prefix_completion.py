@@ -100,17 +100,21 @@ class PrefixCompletionDataModule(TextDataModule):
         examples = []
         for i, ids in kept:
             rng = random.Random(f"{self.seed}-{salt}-{i}")
-            prefix_ids, completion_ids = cut_window(ids, self.prefix_tokens, self.completion_tokens, rng)
-            prefix = tok.decode(prefix_ids)
-            prompt = self.render_prompt(prefix)
-            examples.append({
-                "prompt": prompt,
-                "prefix": prefix,
-                "completion": tok.decode(completion_ids),
-                "prompt_ids": prefix_ids if prompt == prefix else tok.encode(prompt),
-                "completion_ids": completion_ids,
-            })
+            examples.append(self.example(*cut_window(ids, self.prefix_tokens, self.completion_tokens, rng)))
         return examples
+
+    def example(self, prefix_ids: list[int], completion_ids: list[int]) -> dict:
+        """One example from a window cut in two: the prompt is the prefix rendered by `render_prompt`."""
+        tok = self.tokenizer
+        prefix = tok.decode(prefix_ids)
+        prompt = self.render_prompt(prefix)
+        return {
+            "prompt": prompt,
+            "prefix": prefix,
+            "completion": tok.decode(completion_ids),
+            "prompt_ids": prefix_ids if prompt == prefix else tok.encode(prompt),
+            "completion_ids": completion_ids,
+        }
 
     def setup(self, stage: str | None = None) -> None:
         self.load_documents()
