@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_rlm.adapters.wrapping import LinearWrappingModel, WrappedLinear, wrap_linears
+from lightning_rlm.checks import check_at_least
 from lightning_rlm.rollout.generate import completion_logprobs
 
 __all__ = [
@@ -327,8 +328,7 @@ def hack_axes(diffs: Tensor, top_k: int = 1, noise_floor: float = 0.1) -> HackAx
     """
     if diffs.dim() != 2:
         raise ValueError(f"diffs must be [n, r], got shape {tuple(diffs.shape)}")
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    check_at_least(1, top_k=top_k)
     if not 0.0 <= noise_floor <= 1.0:
         raise ValueError(f"noise_floor must be in [0, 1], got {noise_floor}")
     D = diffs.double()  # [n, r]

@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_rlm.callbacks.rollout import get_rollout, per_completion
+from lightning_rlm.checks import check_at_least
 from lightning_rlm.logging_utils import append_jsonl_line
 from lightning_rlm.rollout.text import TextRollout
 
@@ -116,8 +117,7 @@ class CompletionsLogger(Callback):
         max_chars: int = 1000,
     ) -> None:
         super().__init__()
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        check_at_least(1, every_n_steps=every_n_steps)
         self.every_n_steps = every_n_steps
         self.max_rows = max_rows
         self.filename = filename

@@ -63,6 +63,7 @@ from lightning_rlm.callbacks.rollout import (
     per_group,
     world_info,
 )
+from lightning_rlm.checks import check_at_least
 from lightning_rlm.metrics.mauve import (
     SMALL_SAMPLE_WARNING,
     Featurizer,
@@ -121,8 +122,8 @@ class MauveCallback(Callback):
         on_validation: bool = True,
     ) -> None:
         super().__init__()
-        if every_n_steps < 1 or window < 2:
-            raise ValueError(f"need every_n_steps >= 1 and window >= 2, got {every_n_steps}, {window}")
+        check_at_least(1, every_n_steps=every_n_steps)
+        check_at_least(2, window=window)
         if isinstance(featurizer, str) and featurizer != "policy":
             raise ValueError(f"featurizer must be a Featurizer, 'policy' or None, got {featurizer!r}")
         if prompts is not None and not references:
@@ -131,15 +132,12 @@ class MauveCallback(Callback):
         self.window = window
         self.featurizer = featurizer
         self.num_buckets = num_buckets
-        self.mauve_scaling_factor = mauve_scaling_factor
-        self.kmeans_num_redo = kmeans_num_redo
-        self.kmeans_max_iter = kmeans_max_iter
-        self.n_seeds = n_seeds
+        # passed as they are to compute_mauve_from_features
+        self.score_args = dict(mauve_scaling_factor=mauve_scaling_factor, kmeans_num_redo=kmeans_num_redo,
+                               kmeans_max_iter=kmeans_max_iter, n_seeds=n_seeds, seed=seed, num_threads=num_threads)
         self.prompts = list(prompts) if prompts is not None else None
         self.references = list(references) if references is not None else None
         self.max_new_tokens = max_new_tokens
-        self.seed = seed
-        self.num_threads = num_threads
         self.min_texts = min_texts
         self.log_prefix = log_prefix
         self.on_validation = on_validation
@@ -345,20 +343,9 @@ class MauveCallback(Callback):
         else:
             q_features = featurizer(list(q))  # [N_q, D]
         featurize_seconds = time.perf_counter() - t0
-        out = compute_mauve_from_features(
-            p_features,
-            q_features,
-            num_buckets=k,
-            mauve_scaling_factor=self.mauve_scaling_factor,
-            kmeans_num_redo=self.kmeans_num_redo,
-            kmeans_max_iter=self.kmeans_max_iter,
-            n_seeds=self.n_seeds,
-            seed=self.seed,
-            warn_small=False,
-            num_threads=self.num_threads,
-        )
+        out = compute_mauve_from_features(p_features, q_features, num_buckets=k, warn_small=False, **self.score_args)
         metrics = {f"{prefix}/{key}": out[key] for key in _SCORES}
-        if self.n_seeds > 1:
+        if self.score_args["n_seeds"] > 1:
             metrics.update({f"{prefix}/{key}_std": out[f"{key}_std"] for key in _SCORES})
         metrics[f"{prefix}/n_model"] = float(len(p))
         metrics[f"{prefix}/n_reference"] = float(len(q))

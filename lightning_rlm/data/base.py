@@ -11,6 +11,8 @@ import lightning as L
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
+from lightning_rlm.checks import check_at_least, check_fraction, check_prompt_template
+from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.data.collate import DictCollator
 from lightning_rlm.data.paths import resolve_data_path
 from lightning_rlm.data.sampler import ResumableSampler
@@ -34,19 +36,20 @@ def split_documents_by_seed(
     A single document (one corpus, e.g. Tiny Shakespeare) is split by its tail instead: the last
     `val_fraction` of its characters is validation, as nanoGPT and char-rnn do.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_fraction(val_fraction=val_fraction)
     if len(docs) == 1:
         text = docs[0]
         cut = int(len(text) * (1 - val_fraction))
         return [text[:cut]], [text[cut:]]
-    order = list(range(len(docs)))
+    return split_rows_by_seed(docs, val_fraction, seed)
+
+
+def split_rows_by_seed(rows: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Train/val split of rows (at least one in val), each side in the original order, deterministic by seed."""
+    order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(docs) * val_fraction))
-    val_idx = set(order[:n_val])
-    train = [d for i, d in enumerate(docs) if i not in val_idx]
-    val = [d for i, d in enumerate(docs) if i in val_idx]
-    return train, val
+    n_val = max(1, round(len(rows) * val_fraction))
+    return [rows[i] for i in sorted(order[n_val:])], [rows[i] for i in sorted(order[:n_val])]
 
 
 class TextDataModule(L.LightningDataModule):
@@ -74,8 +77,8 @@ class TextDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_tokenizer_spec(tokenizer)  # an unknown tokenizer fails at config time, not after loading data
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_at_least(1, batch_size=batch_size)
+        check_fraction(val_fraction=val_fraction)
         if source.resolved_format() in ("text", "jsonl", "parquet") and source.path != "<prompts>":
             resolve_data_path(source.path)  # a missing file fails at config time, before any run folder
         self.source = source
@@ -121,17 +124,33 @@ class TextDataModule(L.LightningDataModule):
         if log_dir and trainer.is_global_zero:
             self.tokenizer.save(Path(log_dir) / "tokenizer")
 
+    def set_prompt_format(self, prompt_template: Optional[str], chat: Optional[ChatFormat] = None) -> None:
+        """Keep how subclasses render prompts: `prompt_template` (None, or a string with `{text}`), then `chat`."""
+        check_prompt_template(prompt_template)
+        self.prompt_template = prompt_template
+        self.chat = chat
+
+    def render_prompt(self, text: str) -> str:
+        """`text` through `prompt_template`, then as a user turn of the tokenizer's chat template (`chat`)."""
+        if self.prompt_template is not None:
+            text = self.prompt_template.format(text=text)
+        return text if self.chat is None else self.chat.render(self.tokenizer, text)
+
     @property
     def hf_tokenizer(self):
         return self.tokenizer.hf if isinstance(self.tokenizer, HFTokenizer) else None
 
-    # ----- loaders for datasets of dict examples (prompts, prefix/completion pairs) -----------------------------
-    drop_last_train = False  # RL prompt batches keep a fixed size; SFT pairs use every example
+    # ----- loaders: `train_set` / `val_set` of each subclass --------------------------------------------------
+    drop_last_train = False  # RL prompt batches and LM windows keep a fixed size; SFT pairs use every example
+
+    def collate_fn(self):
+        """Dict examples of ragged id lists (prompts, prefix/completion pairs) are padded into tensors."""
+        return DictCollator(self.tokenizer.pad_token_id)
 
     def _loader(self, ds, shuffle: bool) -> DataLoader:
         drop_last = shuffle and self.drop_last_train and len(ds) >= self.batch_size
         return DataLoader(ds, batch_sampler=self.batch_sampler(len(ds), shuffle, drop_last),
-                          num_workers=self.num_workers, collate_fn=DictCollator(self.tokenizer.pad_token_id),
+                          num_workers=self.num_workers, collate_fn=self.collate_fn(),
                           generator=self.loader_generator())
 
     # ----- sharding and mid-epoch resume (shared by every subclass) -------------------------------------------

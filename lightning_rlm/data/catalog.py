@@ -4,7 +4,7 @@ Tiny Shakespeare and the TinyStories sample travel with the package (`lightning_
 bare clone or a wheel runs the main job and the default tests. The others are fetched once from their
 public sources on the Hugging Face Hub by `lightning-rlm data fetch <name|all>` into the same file layout
 (by default the fetched-data cache, `$LRLM_CACHE_DIR/data`, which is the last data root looked in; see
-`lightning_rlm.data.paths`). A fetch from a local copy (`--from DIR`, a `datasets.save_to_disk` folder or a
+`lightning_rlm.paths`). A fetch from a local copy (`--from DIR`, a `datasets.save_to_disk` folder or a
 folder holding the file) works offline, for mirrors and for tests.
 """
 
@@ -19,7 +19,7 @@ from datetime import date
 from pathlib import Path
 from typing import Optional
 
-from lightning_rlm.data.paths import find_data_path
+from lightning_rlm.paths import find_data_path
 
 
 class FetchError(RuntimeError):

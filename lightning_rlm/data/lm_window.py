@@ -7,6 +7,7 @@ import logging
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_rlm.checks import check_at_least
 from lightning_rlm.data.base import TextDataModule
 from lightning_rlm.data.sources import TextSource
 
@@ -56,8 +57,7 @@ class LMWindowDataModule(TextDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(source, tokenizer, tokenizer_vocab_size, batch_size, val_fraction, seed, num_workers)
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        check_at_least(1, block_size=block_size)
         self.block_size = block_size
         self.cross_documents = cross_documents
         self.train_set: WindowDataset | None = None
@@ -108,18 +108,10 @@ class LMWindowDataModule(TextDataModule):
                      self.block_size)
         self.save_tokenizer()
 
-    def train_dataloader(self) -> DataLoader:
-        sampler = self.batch_sampler(len(self.train_set), True, drop_last=len(self.train_set) >= self.batch_size)
-        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
-                          generator=self.loader_generator())
+    drop_last_train = True
 
-    def val_dataloader(self) -> DataLoader:
-        sampler = self.batch_sampler(len(self.val_set), False, drop_last=False)
-        return DataLoader(self.val_set, batch_sampler=sampler, num_workers=self.num_workers,
-                          generator=self.loader_generator())
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+    def collate_fn(self):
+        return None  # windows have one length: the default collate stacks them
 
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -24,7 +24,8 @@ import random
 import re
 from typing import Optional
 
-from lightning_rlm.data.base import TextDataModule
+from lightning_rlm.checks import check_at_least
+from lightning_rlm.data.base import TextDataModule, split_rows_by_seed
 from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.data.prefix_completion import PairDataset, PrefixCompletionDataModule
 from lightning_rlm.data.sources import TextSource
@@ -75,19 +76,12 @@ class PairsDataModule(TextDataModule):
         if source.resolved_format() == "text":
             raise ValueError("PairsDataModule needs rows with fields (jsonl, parquet or hf), not plain text")
         super().__init__(source, tokenizer, tokenizer_vocab_size, batch_size, val_fraction, seed, num_workers)
-        for name, value in (("max_prompt_tokens", max_prompt_tokens),
-                            ("max_completion_tokens", max_completion_tokens)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        if prompt_template is not None and "{text}" not in prompt_template:
-            raise ValueError(f"prompt_template must contain '{{text}}', got {prompt_template!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        check_at_least(1, max_prompt_tokens=max_prompt_tokens, max_completion_tokens=max_completion_tokens)
+        self.set_prompt_format(prompt_template)
         self.prompt_field = prompt_field
         self.completion_field = completion_field
         self.max_prompt_tokens = max_prompt_tokens
         self.max_completion_tokens = max_completion_tokens
-        self.prompt_template = prompt_template
         self.add_eos = add_eos
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
@@ -109,11 +103,7 @@ class PairsDataModule(TextDataModule):
                                f"(fields: {sorted(row)}); set prompt_field / completion_field")
         if len(rows) < 2:
             raise ValueError(f"{self.source.describe()!r} has {len(rows)} row(s): need >= 2 to hold out val")
-        order = list(range(len(rows)))
-        random.Random(self.seed).shuffle(order)
-        n_val = max(1, round(len(rows) * self.val_fraction))
-        self.val_rows = [rows[i] for i in sorted(order[:n_val])]
-        self.train_rows = [rows[i] for i in sorted(order[n_val:])]
+        self.train_rows, self.val_rows = split_rows_by_seed(rows, self.val_fraction, self.seed)
         texts = [str(r[f]) for r in self.train_rows for f in (self.prompt_field, self.completion_field)]
         self.tokenizer = build_tokenizer(self.tokenizer_spec, texts, self.tokenizer_vocab_size)
         if self.add_eos and self.tokenizer.eos_token_id is None:
@@ -123,10 +113,7 @@ class PairsDataModule(TextDataModule):
         tok = self.tokenizer
         examples, dropped = [], 0
         for row in rows:
-            prompt = str(row[self.prompt_field])
-            if self.prompt_template is not None:
-                prompt = self.prompt_template.format(text=prompt)
-            prompt_ids = tok.encode(prompt)
+            prompt_ids = tok.encode(self.render_prompt(str(row[self.prompt_field])))
             completion_ids = tok.encode(str(row[self.completion_field]))
             if self.max_prompt_tokens is not None:
                 # keep the end of the prompt: it is what leads into the completion
@@ -209,16 +196,7 @@ class KeywordPrefixCompletionDataModule(PrefixCompletionDataModule):
             if not starts:
                 continue  # too short, or the keyword only occurs in the first min_prefix_tokens tokens
             c = random.Random(f"{self.seed}-{salt}-{i}").choice(starts)
-            prefix_ids, completion_ids = ids[max(0, c - self.prefix_tokens) : c], ids[c : c + C]
-            prefix = tok.decode(prefix_ids)
-            prompt = self.render_prompt(prefix)
-            examples.append({
-                "prompt": prompt,
-                "prefix": prefix,
-                "completion": tok.decode(completion_ids),
-                "prompt_ids": prefix_ids if self.prompt_template is None else tok.encode(prompt),
-                "completion_ids": completion_ids,
-            })
+            examples.append(self.example(ids[max(0, c - self.prefix_tokens) : c], ids[c : c + C]))
         self.dropped[split] = len(docs) - len(examples)
         log.info("%s: %d of %d documents contain %r; %d windows with it in the completion",
                  split, n_keyword, len(docs), self.keyword, len(examples))

@@ -16,6 +16,7 @@ from typing import Optional
 
 from torch.utils.data import Dataset
 
+from lightning_rlm.checks import check_at_least
 from lightning_rlm.data.base import TextDataModule
 from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.data.sources import TextSource
@@ -75,22 +76,12 @@ class PrefixCompletionDataModule(TextDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(source, tokenizer, tokenizer_vocab_size, batch_size, val_fraction, seed, num_workers)
-        if completion_tokens < 1 or prefix_tokens < 1:
-            raise ValueError(
-                f"completion_tokens and prefix_tokens must be >= 1, got {completion_tokens}, {prefix_tokens}"
-            )
-        if prompt_template is not None and "{text}" not in prompt_template:
-            raise ValueError(f"prompt_template must contain '{{text}}', got {prompt_template!r}")
+        check_at_least(1, completion_tokens=completion_tokens, prefix_tokens=prefix_tokens)
+        self.set_prompt_format(prompt_template, chat)
         self.completion_tokens = completion_tokens
         self.prefix_tokens = prefix_tokens
-        self.prompt_template = prompt_template
-        self.chat = chat
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
-
-    def render_prompt(self, prefix_text: str) -> str:
-        text = prefix_text if self.prompt_template is None else self.prompt_template.format(text=prefix_text)
-        return text if self.chat is None else self.chat.render(self.tokenizer, text)
 
     def _examples(self, docs: list[str], split: str, salt: int) -> list[dict]:
         tok = self.tokenizer
@@ -109,17 +100,21 @@ class PrefixCompletionDataModule(TextDataModule):
         examples = []
         for i, ids in kept:
             rng = random.Random(f"{self.seed}-{salt}-{i}")
-            prefix_ids, completion_ids = cut_window(ids, self.prefix_tokens, self.completion_tokens, rng)
-            prefix = tok.decode(prefix_ids)
-            prompt = self.render_prompt(prefix)
-            examples.append({
-                "prompt": prompt,
-                "prefix": prefix,
-                "completion": tok.decode(completion_ids),
-                "prompt_ids": prefix_ids if prompt == prefix else tok.encode(prompt),
-                "completion_ids": completion_ids,
-            })
+            examples.append(self.example(*cut_window(ids, self.prefix_tokens, self.completion_tokens, rng)))
         return examples
+
+    def example(self, prefix_ids: list[int], completion_ids: list[int]) -> dict:
+        """One example from a window cut in two: the prompt is the prefix rendered by `render_prompt`."""
+        tok = self.tokenizer
+        prefix = tok.decode(prefix_ids)
+        prompt = self.render_prompt(prefix)
+        return {
+            "prompt": prompt,
+            "prefix": prefix,
+            "completion": tok.decode(completion_ids),
+            "prompt_ids": prefix_ids if prompt == prefix else tok.encode(prompt),
+            "completion_ids": completion_ids,
+        }
 
     def setup(self, stage: str | None = None) -> None:
         self.load_documents()

@@ -11,10 +11,10 @@ first `prompt_tokens` tokens is the point of `prompt_tokens`; how many prompts w
 from __future__ import annotations
 
 import logging
-import random
 from typing import Optional
 
-from lightning_rlm.data.base import TextDataModule, split_documents_by_seed
+from lightning_rlm.checks import check_at_least
+from lightning_rlm.data.base import TextDataModule, split_documents_by_seed, split_rows_by_seed
 from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.data.prefix_completion import PairDataset
 from lightning_rlm.data.sources import TextSource
@@ -57,14 +57,12 @@ class PromptDataModule(TextDataModule):
             raise ValueError("PromptDataModule needs exactly one of `source` or `prompts`")
         if prompts is not None and not prompts:
             raise ValueError("`prompts` is an empty list")
-        if prompt_tokens is not None and prompt_tokens < 1:
-            raise ValueError(f"prompt_tokens must be >= 1 or None, got {prompt_tokens}")
+        check_at_least(1, prompt_tokens=prompt_tokens)
         super().__init__(source or TextSource(path="<prompts>"), tokenizer, 0, batch_size, val_fraction, seed,
                          num_workers)
+        self.set_prompt_format(prompt_template, chat)
         self.prompts = prompts
         self.prompt_tokens = prompt_tokens
-        self.prompt_template = prompt_template
-        self.chat = chat
         self.cut = 0  # prompts cut to prompt_tokens
         self.max_val_prompts = max_val_prompts
         self.train_set: PairDataset | None = None
@@ -83,11 +81,8 @@ class PromptDataModule(TextDataModule):
             self.cut += len(ids) > self.prompt_tokens
             ids = ids[: self.prompt_tokens]
             text = tok.decode(ids)
-        if self.prompt_template is not None:
-            text = self.prompt_template.format(text=text)
-            ids = tok.encode(text)
-        if self.chat is not None:
-            text = self.chat.render(tok, text)
+        if self.prompt_template is not None or self.chat is not None:
+            text = self.render_prompt(text)
             ids = tok.encode(text)
         fields = {k: v for k, v in row.items() if k != text_field}
         return {"prompt": text, "prompt_ids": ids, **fields}
@@ -102,11 +97,7 @@ class PromptDataModule(TextDataModule):
                 log.warning("one fixed prompt: it is used for both training and validation")
                 train_rows, val_rows = rows, rows
             else:
-                order = list(range(len(rows)))
-                random.Random(self.seed).shuffle(order)
-                n_val = max(1, round(len(rows) * self.val_fraction))
-                val_rows = [rows[i] for i in sorted(order[:n_val])]
-                train_rows = [rows[i] for i in sorted(order[n_val:])]
+                train_rows, val_rows = split_rows_by_seed(rows, self.val_fraction, self.seed)
         else:
             rows, field = self.source.read_rows(), self.source.text_field
             if self.source.resolved_format() == "text":
@@ -114,11 +105,7 @@ class PromptDataModule(TextDataModule):
                                                                self.seed)
                 train_rows, val_rows = [{field: d} for d in train_docs], [{field: d} for d in val_docs]
             else:
-                order = list(range(len(rows)))
-                random.Random(self.seed).shuffle(order)
-                n_val = max(1, round(len(rows) * self.val_fraction))
-                val_rows = [rows[i] for i in sorted(order[:n_val])]
-                train_rows = [rows[i] for i in sorted(order[n_val:])]
+                train_rows, val_rows = split_rows_by_seed(rows, self.val_fraction, self.seed)
         train = [e for r in train_rows if (e := self._example(r, field)) is not None]
         val = [e for r in val_rows if (e := self._example(r, field)) is not None]
         if self.max_val_prompts is not None:

@@ -33,6 +33,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_rlm.checks import check_one_of
+
 __all__ = ["KLAggregate", "KLDirection", "RMSE_EPS", "aggregate_kl", "fp32_log_softmax", "kl_barrier",
            "per_position_kl"]
 
@@ -62,8 +64,7 @@ def per_position_kl(student_logits: Tensor, base_logits: Tensor, direction: KLDi
     Returns:
         [B, T] float32 KL in nats (>= 0 up to rounding).
     """
-    if direction not in KL_DIRECTIONS:
-        raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
+    check_one_of("direction", direction, KL_DIRECTIONS)
     if student_logits.shape != base_logits.shape:
         raise ValueError(f"student and base logits differ in shape: {tuple(student_logits.shape)} vs "
                          f"{tuple(base_logits.shape)}")
@@ -86,8 +87,7 @@ def aggregate_kl(kl: Tensor, mask: Tensor, how: KLAggregate) -> Tensor:
     Returns:
         A 0-d float32 tensor; 0 with a zero gradient when the mask selects nothing.
     """
-    if how not in KL_AGGREGATES:
-        raise ValueError(f"aggregate must be one of {KL_AGGREGATES}, got {how!r}")
+    check_one_of("aggregate", how, KL_AGGREGATES)
     if kl.shape != mask.shape:
         raise ValueError(f"kl and mask differ in shape: {tuple(kl.shape)} vs {tuple(mask.shape)}")
     keep = mask.bool()  # [B, T]

@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_rlm.adapters import add_lora, reference_logprobs
+from lightning_rlm.checks import check_at_least, check_one_of, check_prompt_template
 from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.data.collate import pad_left
 from lightning_rlm.distributed import generator_states, own_generator
@@ -146,8 +147,7 @@ def gan_rewards(
     probability of being right about this generated sample), ``1 − d_value`` if ``d_value > threshold``
     else 0. Both plus ``length_weight · min(length, target_length) / target_length``.
     """
-    if target_length < 1:
-        raise ValueError(f"target_length must be >= 1, got {target_length}")
+    check_at_least(1, target_length=target_length)
     d_prob = d_prob.float()
     if form == "prob":
         base = d_prob  # [B]
@@ -271,23 +271,19 @@ class GANRL(L.LightningModule):
         rollouts_filename: str = "rollouts.jsonl",
     ) -> None:
         super().__init__()
-        if "{text}" not in prompt_template:
-            raise ValueError(f"prompt_template must contain '{{text}}', got {prompt_template!r}")
+        check_prompt_template(prompt_template)
         if reasoning_tokens < 0 or completion_tokens < 1:
             raise ValueError(f"need reasoning_tokens >= 0 and completion_tokens >= 1, got {reasoning_tokens}, "
                              f"{completion_tokens}")
-        if reward not in ("prob", "value_threshold"):
-            raise ValueError(f"reward must be 'prob' or 'value_threshold', got {reward!r}")
+        check_one_of("reward", reward, ("prob", "value_threshold"))
         if loss_norm not in ("sum", "budget", "token_mean"):
             raise ValueError(f"loss_norm must be 'sum', 'budget' or 'token_mean', got {loss_norm!r}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-        if kl_coeff < 0 or d_scale < 0:
-            raise ValueError(f"kl_coeff and d_scale must be >= 0, got {kl_coeff}, {d_scale}")
-        if target_length is not None and target_length < 1:
-            raise ValueError(f"target_length must be >= 1, got {target_length}")
+        check_at_least(0, kl_coeff=kl_coeff, d_scale=d_scale)
+        check_at_least(1, target_length=target_length)
         self.save_hyperparameters()
         self.automatic_optimization = False
 

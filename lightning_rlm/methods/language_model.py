@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_rlm.checks import check_positive
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.methods.token_window import TokenWindowSteps, VocabFromData
 from lightning_rlm.models.gru_lm import GRULanguageModel
@@ -63,8 +64,7 @@ class LanguageModel(VocabFromData, TokenWindowSteps, L.LightningModule):
         export_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        check_positive(lr=lr)
         self.save_hyperparameters(ignore=["network"])
         self.network_fn = network
         self.net: Optional[nn.Module] = None

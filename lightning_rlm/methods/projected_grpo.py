@@ -70,8 +70,9 @@ from lightning_rlm.adapters.svd import (
     weight_sha256,
     weights_fingerprint,
 )
-from lightning_rlm.data.paths import cache_dir
+from lightning_rlm.checks import check_one_of
 from lightning_rlm.methods.grpo import GRPO, GroupBatch, RewardFn, with_task_rewards
+from lightning_rlm.paths import cache_dir
 from lightning_rlm.rollout import TextRollout, sample_completions
 from lightning_rlm.tasks.reward_hack import (
     ELIGIBLE_FIELD,
@@ -131,8 +132,7 @@ class ProjectedGRPO(RewardHackTask, GRPO):
         lr: float = 3e-3,
         **grpo_args: Any,
     ) -> None:
-        if projection not in PROJECTIONS:
-            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        check_one_of("projection", projection, PROJECTIONS)
         self.check_fraction(rh_eligible_frac=rh_eligible_frac, hack_noise_floor=hack_noise_floor)
         if hack_pairs < 1 or hack_top_k < 1:
             raise ValueError(f"hack_pairs and hack_top_k must be >= 1, got {hack_pairs}, {hack_top_k}")

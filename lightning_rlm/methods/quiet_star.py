@@ -40,6 +40,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from lightning_rlm.checks import check_at_least, check_one_of, check_positive
 from lightning_rlm.distributed import generator_states, own_generator
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses import leave_one_out_baseline
@@ -132,17 +133,13 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         super().__init__()
         if (model_name_or_path is None) == (model_config is None):
             raise ValueError("QuietStar needs exactly one of model_name_or_path or model_config")
-        if reward_logits not in ("mixed", "post"):
-            raise ValueError(f"reward_logits must be 'mixed' or 'post', got {reward_logits!r}")
-        if engine not in ("dense", "diagonal"):
-            raise ValueError(f"engine must be 'dense' or 'diagonal', got {engine!r}")
+        check_one_of("reward_logits", reward_logits, ("mixed", "post"))
+        check_one_of("engine", engine, ("dense", "diagonal"))
         if n_ahead < 2 or n_talk < 1 or n_passes < 1 or think_every < 1:
             raise ValueError(f"need n_ahead >= 2 (it counts <sot> and <eot>), n_talk >= 1, n_passes >= 1, "
                              f"think_every >= 1; got {n_ahead}, {n_talk}, {n_passes}, {think_every}")
-        if think_positions is not None and think_positions < 1:
-            raise ValueError(f"think_positions must be None (all) or >= 1, got {think_positions}")
-        if thought_temperature <= 0 or lr <= 0:
-            raise ValueError(f"thought_temperature and lr must be > 0, got {thought_temperature}, {lr}")
+        check_at_least(1, think_positions=think_positions)  # None: all
+        check_positive(thought_temperature=thought_temperature, lr=lr)
         if not gap_buckets[0] < gap_buckets[1]:
             raise ValueError(f"gap_buckets must be two increasing edges, got {gap_buckets}")
         self.save_hyperparameters()

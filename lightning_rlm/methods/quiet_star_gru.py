@@ -45,6 +45,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from lightning_rlm.checks import check_fraction, check_positive
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses import leave_one_out_baseline
 from lightning_rlm.methods.token_window import TokenWindowSteps, VocabFromData
@@ -127,14 +128,12 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
         sample_positions: int = 4,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        check_positive(lr=lr)
         if max_reasoning_len < 0 or trice_samples < 1 or n_talk < 1 or thought_temperature <= 0:
             raise ValueError(f"need max_reasoning_len >= 0, trice_samples >= 1, n_talk >= 1 and "
                              f"thought_temperature > 0; got {max_reasoning_len}, {trice_samples}, {n_talk}, "
                              f"{thought_temperature}")
-        if gate_start is not None and not 0.0 < gate_start < 1.0:
-            raise ValueError(f"gate_start must be in (0, 1), got {gate_start}")
+        check_fraction(gate_start=gate_start)
         self.save_hyperparameters()
         self.net: Optional[QuietStarGRUNet] = None
         if vocab_size is not None:

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_rlm.checks import check_one_of
+
 __all__ = [
     "Featurizer",
     "HFFeaturizer",
@@ -101,8 +103,7 @@ class _TransformerFeaturizer(Featurizer):
         normalize: bool = False,
         num_threads: int | None = None,
     ) -> None:
-        if pooling not in ("last", "mean"):
-            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        check_one_of("pooling", pooling, ("last", "mean"))
         self.pooling = pooling
         self.batch_size = batch_size
         self.max_length = max_length

@@ -34,6 +34,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from lightning_rlm.checks import check_at_least
+
 # A text is a string or a sequence of token ids (list of ints or a 1-D tensor).
 TextLike = Union[str, Sequence[int], Tensor]
 Tokenizer = Callable[[str], Sequence[Hashable]]
@@ -208,8 +210,7 @@ class DistinctN(_HashSetMetric):
 
     def __init__(self, n: int = 2, tokenizer: Tokenizer | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        check_at_least(1, n=n)
         self.n = n
         self.tokenizer = tokenizer
         self._init_hash_state()
@@ -253,7 +254,37 @@ class UniqueFirstSentences(_HashSetMetric):
         return torch.tensor(self._num_unique(), dtype=torch.long)
 
 
-class RepeatedNgramLoop(Metric):
+class _MeanPerText(Metric):
+    """A sum of one number per text, over the texts seen (on all processes); `compute` is the mean (NaN
+    before any text). Subclasses give `per_text(text)`."""
+
+    is_differentiable = False
+    full_state_update = False
+
+    total: Tensor
+    n_texts: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("n_texts", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def per_text(self, text: TextLike) -> int:
+        raise NotImplementedError
+
+    def update(self, texts: Sequence[TextLike]) -> None:
+        """Add texts."""
+        self.total += sum(self.per_text(t) for t in texts)
+        self.n_texts += len(texts)
+
+    def compute(self) -> Tensor:
+        """The mean over texts (NaN before any text)."""
+        if self.n_texts == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        return self.total.double() / self.n_texts
+
+
+class RepeatedNgramLoop(_MeanPerText):
     """Coherence: the fraction of texts free of token loops.
 
     A text *has a loop* when some contiguous n-gram of its tokens occurs at least `min_repeats` times in
@@ -267,12 +298,7 @@ class RepeatedNgramLoop(Metric):
         tokenizer: maps a string to tokens; default lower-cased whitespace words.
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
-
-    n_free: Tensor
-    n_texts: Tensor
 
     def __init__(
         self, n: int = 4, min_repeats: int = 3, tokenizer: Tokenizer | None = None, **kwargs: Any
@@ -283,52 +309,27 @@ class RepeatedNgramLoop(Metric):
         self.n = n
         self.min_repeats = min_repeats
         self.tokenizer = tokenizer
-        self.add_state("n_free", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("n_texts", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def has_loop(self, text: TextLike) -> bool:
         """Whether one text contains an n-gram repeated `min_repeats` or more times."""
         counts = Counter(ngrams(to_tokens(text, self.tokenizer), self.n))
         return any(c >= self.min_repeats for c in counts.values())
 
-    def update(self, texts: Sequence[TextLike]) -> None:
-        """Add texts."""
-        self.n_free += sum(not self.has_loop(t) for t in texts)
-        self.n_texts += len(texts)
-
-    def compute(self) -> Tensor:
-        """Fraction of loop-free texts (NaN before any text)."""
-        if self.n_texts == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64)
-        return self.n_free.double() / self.n_texts
+    def per_text(self, text: TextLike) -> int:
+        return not self.has_loop(text)  # the mean is the fraction of loop-free texts
 
 
-class MeanLength(Metric):
+class MeanLength(_MeanPerText):
     """Mean length of the texts seen: words for strings (or `tokenizer` tokens), ids for id sequences."""
 
-    is_differentiable = False
     higher_is_better = None
-    full_state_update = False
-
-    len_sum: Tensor
-    n_texts: Tensor
 
     def __init__(self, tokenizer: Tokenizer | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.tokenizer = tokenizer
-        self.add_state("len_sum", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("n_texts", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, texts: Sequence[TextLike]) -> None:
-        """Add texts."""
-        self.len_sum += sum(len(to_tokens(t, self.tokenizer)) for t in texts)
-        self.n_texts += len(texts)
-
-    def compute(self) -> Tensor:
-        """Mean length (NaN before any text)."""
-        if self.n_texts == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64)
-        return self.len_sum.double() / self.n_texts
+    def per_text(self, text: TextLike) -> int:
+        return len(to_tokens(text, self.tokenizer))
 
 
 class DegenerateFlag(_HashSetMetric):

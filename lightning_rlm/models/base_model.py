@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lightning_rlm.data.paths import REPO_ROOT, cache_dir, resolve_data_path
+from lightning_rlm.paths import REPO_ROOT, cache_dir, find_data_path
 
 PREFIX = "lrlm:"
 BASE_MODELS = {
@@ -27,7 +27,10 @@ BASE_MODELS = {
 def build_key(name: str) -> str:
     config, data = BASE_MODELS[name]
     h = hashlib.sha256((REPO_ROOT / config).read_bytes())
-    h.update(resolve_data_path(data).read_bytes())
+    found = find_data_path(data)
+    if found is None:  # bundled with the package: missing only from a broken install
+        raise FileNotFoundError(f"{data!r}, the pretraining data of {name!r}, is not in any data root")
+    h.update(found[1].read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_rlm.data.paths import cache_dir
+from lightning_rlm.paths import cache_dir
 
 
 @dataclass(frozen=True)

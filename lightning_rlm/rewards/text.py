@@ -28,6 +28,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+from lightning_rlm.checks import check_at_least, check_one_of
+
 RewardFn = Callable[..., list[float]]
 
 # A sentence is text up to (and including) a run of terminators, or an unterminated trailing fragment.
@@ -104,12 +106,9 @@ class SentenceLength:
         unit: Literal["tokens", "words"] = "tokens",
         smooth_slope: float = 0.2,
     ) -> None:
-        if mode not in ("exact", "smooth"):
-            raise ValueError(f"mode must be 'exact' or 'smooth', got {mode!r}")
-        if unit not in ("tokens", "words"):
-            raise ValueError(f"unit must be 'tokens' or 'words', got {unit!r}")
-        if n < 1:
-            raise ValueError(f"n must be a positive length, got {n}")
+        check_one_of("mode", mode, ("exact", "smooth"))
+        check_one_of("unit", unit, ("tokens", "words"))
+        check_at_least(1, n=n)
         self.n = n
         self.mode = mode
         self.unit = unit

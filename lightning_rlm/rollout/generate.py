@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_rlm.checks import check_at_least, check_one_of, check_positive
 from lightning_rlm.models.decoding import position_ids_from_mask, sample_categorical
 from lightning_rlm.models.static_cache import StaticCacheDecoder
 
@@ -156,10 +157,8 @@ def _validate_sampling_args(
     repetition_penalty: float,
     pad_token_id: int | None,
 ) -> None:
-    if num_generations < 1:
-        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
-    if max_completion_length <= 0:
-        raise ValueError(f"max_completion_length must be > 0, got {max_completion_length}")
+    check_at_least(1, num_generations=num_generations)
+    check_positive(max_completion_length=max_completion_length, repetition_penalty=repetition_penalty)
     if pad_token_id is None:
         raise ValueError("pad_token_id is required (e.g. set the tokenizer's pad token to its EOS token)")
     if temperature < 0:
@@ -168,8 +167,6 @@ def _validate_sampling_args(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be None, 0 (disabled) or positive, got {top_k}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
         raise ValueError(
             f"prompt_ids and prompt_mask must both be [B, P]; got {tuple(prompt_ids.shape)} "
@@ -184,24 +181,31 @@ def _validate_sampling_args(
         )
 
 
+@dataclass(frozen=True)
+class _Decoding:
+    """What both decoding backends take (checked by `_validate_sampling_args`)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int | None
+    repetition_penalty: float
+    eos_ids: Tensor  # [E]
+    pad_token_id: int
+    use_cache: bool
+
+
 @torch.no_grad()
 def _decode_loop(
     model: nn.Module,
     prompt_ids: Tensor,
     prompt_mask: Tensor,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int | None,
-    repetition_penalty: float,
-    eos_ids: Tensor,
-    pad_token_id: int,
+    decoding: _Decoding,
     generator: torch.Generator | None,
-    use_cache: bool,
     static_cache: bool = True,
 ) -> Tensor:
     """Sample up to ``max_new_tokens`` per row; returns raw completion ids [N, C] (pad after EOS)."""
+    d = decoding
     n = prompt_ids.shape[0]
     device = prompt_ids.device
     attn = prompt_mask.long()  # [N, P+t], grows by one column per step
@@ -214,8 +218,8 @@ def _decode_loop(
     seen: Tensor | None = None  # [N, V] bool, tokens present in prompt + completion so far
 
     static = (
-        StaticCacheDecoder.build(model, n, prompt_ids.shape[1] + max_new_tokens)
-        if use_cache and static_cache else None
+        StaticCacheDecoder.build(model, n, prompt_ids.shape[1] + d.max_new_tokens)
+        if d.use_cache and static_cache else None
     )
     if static is not None:
         last_logits = static.step(prompt_ids, position_ids, attn)  # [N, V]
@@ -224,36 +228,36 @@ def _decode_loop(
             input_ids=prompt_ids,
             attention_mask=attn,
             position_ids=position_ids,
-            use_cache=use_cache,
+            use_cache=d.use_cache,
             logits_to_keep=1,
         )
         last_logits = out.logits[:, -1, :]
-    for step in range(max_new_tokens):
+    for step in range(d.max_new_tokens):
         logits = last_logits.float()  # [N, V]
-        if repetition_penalty != 1.0:
+        if d.repetition_penalty != 1.0:
             if seen is None:
                 # scatter_add (not scatter) so duplicate ids at pad and real slots cannot clash.
                 counts = torch.zeros_like(logits).scatter_add_(1, prompt_ids, prompt_mask.to(logits.dtype))
                 seen = counts > 0
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        if temperature == 0.0:
+            logits = apply_repetition_penalty(logits, seen, d.repetition_penalty)
+        if d.temperature == 0.0:
             next_tok = logits.argmax(dim=-1)  # [N]
         else:
-            logits = apply_top_k_top_p(logits / temperature, top_k, top_p)
+            logits = apply_top_k_top_p(logits / d.temperature, d.top_k, d.top_p)
             probs = logits.softmax(dim=-1)  # [N, V]
             next_tok = sample_categorical(probs, generator)  # [N]
-        next_tok = torch.where(finished, torch.full_like(next_tok, pad_token_id), next_tok)
+        next_tok = torch.where(finished, torch.full_like(next_tok, d.pad_token_id), next_tok)
         tokens.append(next_tok)
-        finished |= torch.isin(next_tok, eos_ids)
+        finished |= torch.isin(next_tok, d.eos_ids)
         # One host sync per step to stop early; cheap next to a forward pass.
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == d.max_new_tokens - 1 or bool(finished.all()):
             break
         if seen is not None:
             seen[rows, next_tok] = True
         attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
         if static is not None:
             last_logits = static.step(next_tok[:, None], next_pos, attn)
-        elif use_cache:
+        elif d.use_cache:
             out = model(
                 input_ids=next_tok[:, None],
                 attention_mask=attn,
@@ -277,37 +281,25 @@ def _decode_loop(
 
 
 @torch.no_grad()
-def _hf_generate(
-    model: nn.Module,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int | None,
-    repetition_penalty: float,
-    eos_ids: Tensor,
-    pad_token_id: int,
-    use_cache: bool,
-) -> Tensor:
+def _hf_generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, decoding: _Decoding) -> Tensor:
     from transformers import GenerationConfig
 
     # Every flag explicit so the checkpoint's generation_config defaults (e.g. top_k=50) can't leak in;
     # sampling-only flags are left out when greedy because HF warns about them.
+    d = decoding
     sampling = (
-        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or 0)
-        if temperature > 0
+        dict(do_sample=True, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k or 0)
+        if d.temperature > 0
         else dict(do_sample=False)
     )
     config = GenerationConfig(
         **sampling,
-        repetition_penalty=repetition_penalty,
-        max_new_tokens=max_new_tokens,
+        repetition_penalty=d.repetition_penalty,
+        max_new_tokens=d.max_new_tokens,
         min_new_tokens=0,
-        eos_token_id=eos_ids.tolist(),
-        pad_token_id=pad_token_id,
-        use_cache=use_cache,
+        eos_token_id=d.eos_ids.tolist(),
+        pad_token_id=d.pad_token_id,
+        use_cache=d.use_cache,
         num_return_sequences=1,
     )
     sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
@@ -370,8 +362,7 @@ def sample_completions(
     )
     assert pad_token_id is not None  # narrowed by validation
     eos_ids = _as_eos_tensor(eos_token_id, prompt_ids.device)
-    if backend not in ("loop", "hf"):
-        raise ValueError(f"backend must be 'loop' or 'hf', got {backend!r}")
+    check_one_of("backend", backend, ("loop", "hf"))
     if generator is not None:
         if backend == "hf":
             raise ValueError(
@@ -390,21 +381,12 @@ def sample_completions(
     was_training = model.training
     model.eval()
     try:
-        kwargs = dict(
-            max_new_tokens=max_completion_length,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-            eos_ids=eos_ids,
-            pad_token_id=pad_token_id,
-            use_cache=use_cache,
-        )
+        decoding = _Decoding(max_completion_length, temperature, top_p, top_k, repetition_penalty, eos_ids,
+                             pad_token_id, use_cache)
         if backend == "loop":
-            raw = _decode_loop(model, group_prompt_ids, group_prompt_mask, generator=generator,
-                               static_cache=static_cache, **kwargs)
+            raw = _decode_loop(model, group_prompt_ids, group_prompt_mask, decoding, generator, static_cache)
         else:
-            raw = _hf_generate(model, group_prompt_ids, group_prompt_mask, **kwargs)
+            raw = _hf_generate(model, group_prompt_ids, group_prompt_mask, decoding)
     finally:
         model.train(was_training)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_rlm import paths as root_paths
 from lightning_rlm.data import TextSource
-from lightning_rlm.data import paths as data_paths
 from lightning_rlm.data.catalog import DATASETS, FetchError, dataset_of_file, fetch
 from lightning_rlm.data.paths import BUNDLED_DIR, find_data_path, resolve_data_path
 from lightning_rlm.main import main
@@ -19,7 +19,7 @@ def no_roots(tmp_path, monkeypatch):
     """No $LRLM_DATA_DIR, no shared/data beside the repository or the working directory, an empty cache."""
     monkeypatch.delenv("LRLM_DATA_DIR", raising=False)
     monkeypatch.setenv("LRLM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(data_paths, "REPO_ROOT", tmp_path / "clone" / "repo")
+    monkeypatch.setattr(root_paths, "REPO_ROOT", tmp_path / "clone" / "repo")
     (tmp_path / "work" / "cwd").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "work" / "cwd")
     return tmp_path
