@@ -12,7 +12,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_rlm.tasks import GSM8K, CommonsenseQA, evaluate, generate_greedy, select_indices, stop_token_ids
+from lightning_rlm.tasks import (
+    GSM8K,
+    CommonsenseQA,
+    evaluate,
+    generate_greedy,
+    select_indices,
+    stop_token_ids,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["Once upon a time", "The cat sat on the mat and looked at the big red", "Tom", "She said that the dog"]
