@@ -10,10 +10,13 @@
      batches of `batch_size` and decoded greedily by the model's own `generate` (`do_sample=False`,
      `pad_token_id`), stopping at EOS and at the chat template's end-of-turn token (`<|im_end|>` and the
      like, when the tokenizer has one); the completion is cut at the task's stop strings and graded;
-   * log-likelihood scoring: every (context, choice) pair is one left-padded row, `batch_size` examples
-     (all their choices) per forward with an attention mask and mask-derived position ids; the continuation
-     sits in the last columns, so only those logits are kept (`logits_to_keep`) and
-     `log_softmax(logits).gather(next ids)` summed over the continuation gives each choice's log-likelihood;
+   * log-likelihood scoring, `batch_size` examples at a time: the contexts run once, left-padded with an
+     attention mask and mask-derived position ids, keeping their KV cache and last logits; the cache rows
+     are repeated per choice and the right-padded continuations run on top of them (positions continuing
+     each context's), and `log_softmax(logits).gather(next ids)` summed over a continuation is its
+     log-likelihood. Without a selectable cache (or `share_context=False`) every (context, choice) pair is
+     one left-padded row whose continuation sits in the last columns, so only those logits are kept
+     (`logits_to_keep`);
 4. sums the counts over ranks with `all_reduce` (and gathers the per-example records with
    `all_gather_object`), so 1 and N processes give the same accuracy and records on the same examples.
 
@@ -22,6 +25,7 @@ The model is put in eval mode under `torch.no_grad` and its training flag restor
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -30,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_rlm.data.collate import pad_left
+from lightning_rlm.data.collate import pad_left, pad_right
 from lightning_rlm.rollout.generate import position_ids_from_mask
 from lightning_rlm.tasks.base import Example, GenerationTask, Task
 from lightning_rlm.tasks.multiple_choice import MultipleChoiceTask
@@ -154,19 +158,39 @@ def choice_logliks(
     pairs: Sequence[tuple[str, Sequence[str]]],
     batch_size: int = 8,
     add_special_tokens: bool = True,
+    share_context: bool = True,
 ) -> list[list[tuple[float, int]]]:
     """For each (context, continuations) pair: [(sum of the continuation's token log-probs, its token count)]
-    per continuation. `batch_size` contexts (all their continuations) go through one forward."""
+    per continuation. `batch_size` contexts (all their continuations) go through one forward.
+
+    With `share_context`, each batch's contexts go through the model once (left-padded, KV cache kept), the
+    cache rows are repeated for every continuation and only the continuations run on top of it, so a
+    five-way question costs one context pass instead of five; models without a selectable KV cache fall
+    back to one full (context + continuation) row per choice, which `share_context=False` forces.
+    """
+    encoded = []
+    for context, continuations in pairs:
+        cells = [encode_pair(tokenizer, context, c, add_special_tokens) for c in continuations]
+        encoded.append((cells[0][0] if cells else [], [cont for _, cont in cells]))
+        if any(ctx != encoded[-1][0] for ctx, _ in cells):
+            share_context = False  # a context tokenized differently per choice: full rows
+    if share_context:
+        try:
+            return _logliks_shared(model, tokenizer, encoded, batch_size)
+        except (TypeError, AttributeError, NotImplementedError):
+            pass  # no usable KV cache: score full rows
+    return _logliks_full(model, tokenizer, encoded, batch_size)
+
+
+def _logliks_full(model: nn.Module, tokenizer: Any, encoded: list[tuple[list[int], list[list[int]]]],
+                  batch_size: int) -> list[list[tuple[float, int]]]:
+    """One left-padded row per (context + continuation); the continuations end in the last columns."""
     device = _device(model)
     pad = _pad_id(tokenizer)
-    rows: list[tuple[int, int, list[int], int]] = []  # (pair, choice, ids, continuation length)
-    for p, (context, continuations) in enumerate(pairs):
-        for c, continuation in enumerate(continuations):
-            ctx, cont = encode_pair(tokenizer, context, continuation, add_special_tokens)
-            rows.append((p, c, ctx + cont, len(cont)))
-    per_batch = max(1, batch_size * max((len(c) for _, c in pairs), default=1))
+    rows = [(p, c, ctx + cont, len(cont)) for p, (ctx, conts) in enumerate(encoded) for c, cont in enumerate(conts)]
+    per_batch = max(1, batch_size * max((len(conts) for _, conts in encoded), default=1))
     rows.sort(key=lambda r: -len(r[2]))
-    out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(c) for _, c in pairs]
+    out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(conts) for _, conts in encoded]
     for start in range(0, len(rows), per_batch):
         batch = rows[start:start + per_batch]
         ids, mask = pad_left([r[2] for r in batch], pad)  # [B, T]
@@ -182,6 +206,54 @@ def choice_logliks(
         sums = (token_lp * in_cont).sum(dim=1).tolist()  # [B]
         for (p, c, _, n), s in zip(batch, sums):
             out[p][c] = (float(s), n)
+    return out
+
+
+def _cache_arg(model: nn.Module) -> str:
+    """The forward's KV-cache argument: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's model
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+def _logliks_shared(model: nn.Module, tokenizer: Any, encoded: list[tuple[list[int], list[list[int]]]],
+                    batch_size: int) -> list[list[tuple[float, int]]]:
+    """Contexts once with a KV cache, then every continuation (right-padded) on its context's cache rows."""
+    device = _device(model)
+    pad = _pad_id(tokenizer)
+    order = sorted(range(len(encoded)), key=lambda p: -len(encoded[p][0]))
+    out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(conts) for _, conts in encoded]
+    for start in range(0, len(order), batch_size):
+        batch = [p for p in order[start:start + batch_size] if encoded[p][1]]
+        if not batch:
+            continue
+        ids, mask = pad_left([encoded[p][0] for p in batch], pad)  # [B, P]
+        ids, mask = ids.to(device), mask.to(device)
+        first = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                      use_cache=True, logits_to_keep=1)
+        first_lp = torch.log_softmax(first.logits[:, -1].float(), dim=-1)  # [B, V] predicts each first token
+        cache = getattr(first, "cache", None)
+        cache = cache if cache is not None else first.past_key_values
+        owner = torch.tensor([b for b, p in enumerate(batch) for _ in encoded[p][1]], device=device)  # [R]
+        cache.batch_select_indices(owner)  # [B, ...] -> [R, ...] cache rows, one per continuation
+        conts = [cont for p in batch for cont in encoded[p][1]]
+        cont_ids, cont_mask = pad_right(conts, pad)  # [R, L]
+        cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
+        width = cont_ids.shape[1]
+        attn = torch.cat([mask[owner], cont_mask], dim=1)  # [R, P+L]
+        positions = mask.sum(dim=1)[owner][:, None] + torch.arange(width, device=device)  # [R, L]
+        logits = model(input_ids=cont_ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                       **{_cache_arg(model): cache}).logits  # [R, L, V]
+        token_lp = torch.empty(cont_ids.shape, dtype=torch.float32, device=device)  # [R, L]
+        token_lp[:, 0] = first_lp[owner].gather(-1, cont_ids[:, :1]).squeeze(-1)
+        if width > 1:
+            rest = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [R, L-1, V]
+            token_lp[:, 1:] = rest.gather(-1, cont_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        sums = (token_lp * cont_mask).sum(dim=1).tolist()  # [R]
+        lengths = cont_mask.sum(dim=1).tolist()  # [R]
+        rows = [(p, c) for p in batch for c in range(len(encoded[p][1]))]
+        for (p, c), s, n in zip(rows, sums, lengths):
+            out[p][c] = (float(s), int(n))
     return out
 
 
@@ -230,6 +302,7 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: Optional[int] = None,
     scoring: Optional[str] = None,
+    share_context: bool = True,
 ) -> dict[str, Any]:
     """Score `model` on `task` (see the module docstring).
 
@@ -242,6 +315,8 @@ def evaluate(
         batch_size: examples per forward / `generate` call (a multiple-choice example brings all its choices).
         max_new_tokens: generation budget (None: the task's).
         scoring: for multiple choice, "mean", "sum" or "letter" (None: the task's `scoring`).
+        share_context: likelihood scoring runs each context once and its choices on its KV cache (see
+            :func:`choice_logliks`); False scores one full row per choice (models without a KV cache).
 
     Returns:
         `{"task", "scoring", "accuracy", "correct", "n", "records"}`; likelihood scoring adds
@@ -284,7 +359,7 @@ def evaluate(
             else:
                 pairs = [(task.prompt(ex, tokenizer), [task.continuation(c) for c in ex.choices])
                          for ex in examples]
-                scores = choice_logliks(model, tokenizer, pairs, batch_size, special)
+                scores = choice_logliks(model, tokenizer, pairs, batch_size, special, share_context)
                 records = []
                 for ex, per_choice in zip(examples, scores):
                     sums = [s for s, _ in per_choice]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from lightning_rlm.tasks import CommonsenseQA, evaluate, extract_letter
+
+# the module (the package's `evaluate` attribute is the function)
+evaluate_module = importlib.import_module("lightning_rlm.tasks.evaluate")
 
 
 def test_commonsenseqa_reads_the_real_file(need_data):
@@ -45,11 +50,14 @@ def _hand_loop(model, tok, task, indices):
     return out
 
 
-def test_choice_logliks_equal_a_hand_loop(tiny_lm, need_data):
+@pytest.mark.parametrize("share_context", [True, False])
+def test_choice_logliks_equal_a_hand_loop(tiny_lm, need_data, share_context, monkeypatch):
     need_data("commonsenseqa/dev_rand_split.jsonl")
     model, tok = tiny_lm
+    if share_context:  # the shared-context (KV cache) path must really run, not fall back to full rows
+        monkeypatch.setattr(evaluate_module, "_logliks_full", lambda *a: pytest.fail("fell back to full rows"))
     task = CommonsenseQA(num_fewshot=1)
-    result = evaluate(task, model, tok, limit=6, seed=3, batch_size=4)  # two forwards, rows of mixed lengths
+    result = evaluate(task, model, tok, limit=6, seed=3, batch_size=4, share_context=share_context)  # 2 batches, rows of mixed lengths
     assert result["n"] == 6 and result["scoring"] == "mean"
     expected = _hand_loop(model, tok, task, [r["index"] for r in result["records"]])
     for record in result["records"]:
