@@ -168,12 +168,10 @@ def choice_logliks(
     five-way question costs one context pass instead of five; models without a selectable KV cache fall
     back to one full (context + continuation) row per choice, which `share_context=False` forces.
     """
-    encoded = []
+    encoded = []  # (context ids, [continuation ids]): the context's ids are the same for every choice
     for context, continuations in pairs:
         cells = [encode_pair(tokenizer, context, c, add_special_tokens) for c in continuations]
         encoded.append((cells[0][0] if cells else [], [cont for _, cont in cells]))
-        if any(ctx != encoded[-1][0] for ctx, _ in cells):
-            share_context = False  # a context tokenized differently per choice: full rows
     if share_context:
         try:
             return _logliks_shared(model, tokenizer, encoded, batch_size)
