@@ -4,9 +4,9 @@ Runs `lightning_rlm.tasks.evaluate` on SmolLM2-135M-Instruct (`lrlm:smollm2-135m
 for GSM8K (greedy generation, `--max-new-tokens` 128), CommonsenseQA by answer log-likelihood (one pass gives
 both the sum and the per-token mean) and CommonsenseQA by generating the letter, on a seeded subset of
 each, after one warm-up example per mode, timed `--repeats` times (the fastest is reported, as other
-work on a shared machine only slows a run down), and prints a table (seconds, examples/s, accuracy, mean prompt
-and generated tokens), so an evaluation callback's `limit` and frequency can be sized. The accuracies of such small
-subsets are noisy; they are printed only to show the run is sane.
+work on a shared machine only slows a run down), and prints a table (seconds, examples/s, accuracy, mean
+prompt and generated tokens), so an evaluation callback's `limit` and frequency can be sized. The
+accuracies of such small subsets are noisy; they are printed only to show the run is sane.
 
     python benchmarks/eval_cost.py --gsm8k-n 8 --csqa-n 32 [--plain] [--device cuda]
 """
@@ -32,7 +32,9 @@ def mean_prompt_tokens(task: Task, tok, indices: list[int], letter: bool = False
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="lrlm:smollm2-135m-instruct")
     parser.add_argument("--gsm8k-n", type=int, default=8, help="GSM8K test problems")
     parser.add_argument("--csqa-n", type=int, default=32, help="CommonsenseQA dev questions")
@@ -52,7 +54,9 @@ def main() -> None:
 
     path = resolve_model_path(args.model)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    )
     chat = None if args.plain else ChatFormat()
     gsm8k, csqa = GSM8K(chat=chat), CommonsenseQA(chat=chat)
     runs = [
@@ -62,35 +66,64 @@ def main() -> None:
     ]
     rows = []
     for name, mode, task, n, scoring, extra in runs:
-        evaluate(task, model, tok, limit=1, seed=args.seed + 1, batch_size=1, scoring=scoring, **extra)  # warm-up
+        evaluate(
+            task, model, tok, limit=1, seed=args.seed + 1, batch_size=1, scoring=scoring, **extra
+        )  # warm-up
         times = []
         for _ in range(args.repeats):
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            result = evaluate(task, model, tok, limit=n, seed=args.seed, batch_size=args.batch_size,
-                              scoring=scoring, **extra)
+            result = evaluate(
+                task,
+                model,
+                tok,
+                limit=n,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                scoring=scoring,
+                **extra,
+            )
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         seconds = min(times)
         indices = [r["index"] for r in result["records"]]
         prompt_tokens = mean_prompt_tokens(task, tok, indices, letter=scoring == "letter")
-        acc = (f"{result['accuracy_sum']:.2f} / {result['accuracy_mean']:.2f}" if "accuracy_sum" in result
-               else f"{result['accuracy']:.2f}")
+        acc = (
+            f"{result['accuracy_sum']:.2f} / {result['accuracy_mean']:.2f}"
+            if "accuracy_sum" in result
+            else f"{result['accuracy']:.2f}"
+        )
         completions = [r["completion"] for r in result["records"] if "completion" in r]
-        new_tokens = (f"{sum(len(tok.encode(c, add_special_tokens=False)) for c in completions) / len(completions):.0f}"
-                      if completions else "-")
+        new_tokens = (
+            f"{sum(len(tok.encode(c, add_special_tokens=False)) for c in completions) / len(completions):.0f}"
+            if completions
+            else "-"
+        )
         rows.append((name, mode, result["n"], seconds, result["n"] / seconds, acc, prompt_tokens, new_tokens))
 
     threads = torch.get_num_threads()
-    print(f"\n{args.model} ({args.dtype}) on {args.device} ({threads} torch threads), "
-          f"{'plain' if args.plain else 'chat'} prompts, batch size {args.batch_size}, "
-          f"GSM8K max_new_tokens {args.max_new_tokens}, fastest of {args.repeats}\n")
-    print("| task | scoring | n | seconds | examples/s | accuracy | mean prompt tokens | mean generated tokens |")
+    print(
+        f"\n{args.model} ({args.dtype}) on {args.device} ({threads} torch threads), "
+        f"{'plain' if args.plain else 'chat'} prompts, batch size {args.batch_size}, "
+        f"GSM8K max_new_tokens {args.max_new_tokens}, fastest of {args.repeats}\n"
+    )
+    header = [
+        "task",
+        "scoring",
+        "n",
+        "seconds",
+        "examples/s",
+        "accuracy",
+        "mean prompt tokens",
+        "mean generated tokens",
+    ]
+    print("| " + " | ".join(header) + " |")
     print("|---|---|---|---|---|---|---|---|")
     for name, mode, n, seconds, rate, acc, prompt_tokens, new_tokens in rows:
-        print(f"| {name} | {mode} | {n} | {seconds:.1f} | {rate:.2f} | {acc} | {prompt_tokens:.0f} | {new_tokens} |")
+        cells = [name, mode, n, f"{seconds:.1f}", f"{rate:.2f}", acc, f"{prompt_tokens:.0f}", new_tokens]
+        print("| " + " | ".join(map(str, cells)) + " |")
     print("\n(loglik accuracy: sum / per-token mean; chance is 0.20 for CommonsenseQA)")
 
 

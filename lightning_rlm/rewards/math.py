@@ -32,9 +32,11 @@ class GSM8KCorrect:
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> list[float]:
         if self.answer_field not in fields:
-            raise ValueError(f"{self.name}: no {self.answer_field!r} field reached the reward (fields: "
-                             f"{sorted(k for k in fields if k != 'tokenizer')}); give the prompts' jsonl rows a "
-                             f"{self.answer_field!r} field or set answer_field")
+            raise ValueError(
+                f"{self.name}: no {self.answer_field!r} field reached the reward (fields: "
+                f"{sorted(k for k in fields if k != 'tokenizer')}); give the prompts' jsonl rows a "
+                f"{self.answer_field!r} field or set answer_field"
+            )
         refs = fields[self.answer_field]
         if len(refs) != len(completions):
             raise ValueError(f"{self.name}: {len(refs)} references for {len(completions)} completions")

@@ -100,7 +100,9 @@ class Task:
 
     def _read(self, path: str) -> list[Example]:
         file = resolve_data_path(path)
-        return [self.make_example(i, row, f"{file}:{lineno}") for i, (lineno, row) in enumerate(jsonl_rows(file))]
+        return [
+            self.make_example(i, row, f"{file}:{lineno}") for i, (lineno, row) in enumerate(jsonl_rows(file))
+        ]
 
     def examples(self) -> list[Example]:
         """Every example of the task file, in file order (read once)."""
@@ -132,8 +134,10 @@ class Task:
                 pool = self._read(self.fewshot_path) if self.fewshot_path else self.examples()
                 k = self.num_fewshot + (self.fewshot_path is None)
                 if len(pool) < k:
-                    raise ValueError(f"task {self.name!r}: {self.num_fewshot} shots asked but the shot file "
-                                     f"has {len(pool)} rows")
+                    raise ValueError(
+                        f"task {self.name!r}: {self.num_fewshot} shots asked but the shot file "
+                        f"has {len(pool)} rows"
+                    )
                 self._shots = random.Random(self.fewshot_seed).sample(pool, k)
         return self._shots
 
@@ -163,7 +167,9 @@ class GenerationTask(Task):
 
     kind: TaskKind = "generate"
 
-    def __init__(self, path: str, max_new_tokens: int = 256, stop: Optional[list[str]] = None, **kwargs: Any) -> None:
+    def __init__(
+        self, path: str, max_new_tokens: int = 256, stop: Optional[list[str]] = None, **kwargs: Any
+    ) -> None:
         super().__init__(path, **kwargs)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

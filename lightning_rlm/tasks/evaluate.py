@@ -111,39 +111,51 @@ def generate_greedy(
     device = _device(model)
     eos = stop_token_ids(tokenizer, model)
     pad = _pad_id(tokenizer)
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0,
-                              eos_token_id=eos, pad_token_id=pad, num_return_sequences=1)
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        num_return_sequences=1,
+    )
     encoded = [_encode(tokenizer, p, add_special_tokens) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
     out: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         ids, mask = pad_left([encoded[i] for i in rows], pad)  # [B, P]
-        sequences = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                   generation_config=config)  # [B, P + C]
-        completions = sequences[:, ids.shape[1]:].tolist()  # [B, C]
+        sequences = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+        )  # [B, P + C]
+        completions = sequences[:, ids.shape[1] :].tolist()  # [B, C]
         for i, completion in zip(rows, completions):
             cut = next((t for t, tok in enumerate(completion) if tok in eos), len(completion))
             out[i] = hf.decode(completion[:cut], skip_special_tokens=True)
     return out
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str, add_special_tokens: bool = True
-                ) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer: Any, context: str, continuation: str, add_special_tokens: bool = True
+) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids): the continuation's ids are those of `context + continuation` after the
     context's own encoding (lm-eval-harness's split); when the context's encoding is not a prefix of the whole
     one, the two are encoded separately."""
     ctx = _encode(tokenizer, context, add_special_tokens)
     whole = _encode(tokenizer, context + continuation, add_special_tokens)
-    cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else _encode(tokenizer, continuation, False)
+    cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else _encode(tokenizer, continuation, False)
     if not ctx or not cont:
-        raise ValueError(f"empty context or continuation after tokenization: {context[-40:]!r} + {continuation!r}")
+        raise ValueError(
+            f"empty context or continuation after tokenization: {context[-40:]!r} + {continuation!r}"
+        )
     return ctx, cont
 
 
 def _logits_last(model: nn.Module, ids: Tensor, mask: Tensor, keep: int) -> Tensor:
     """Logits of the last `keep` columns of a left-padded batch. [B, T] -> [B, keep, V]."""
-    kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+    kwargs: dict[str, Any] = dict(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+    )
     try:
         logits = model(**kwargs, use_cache=False, logits_to_keep=keep).logits
     except TypeError:  # a model without logits_to_keep / use_cache
@@ -180,17 +192,22 @@ def choice_logliks(
     return _logliks_full(model, tokenizer, encoded, batch_size)
 
 
-def _logliks_full(model: nn.Module, tokenizer: Any, encoded: list[tuple[list[int], list[list[int]]]],
-                  batch_size: int) -> list[list[tuple[float, int]]]:
+def _logliks_full(
+    model: nn.Module, tokenizer: Any, encoded: list[tuple[list[int], list[list[int]]]], batch_size: int
+) -> list[list[tuple[float, int]]]:
     """One left-padded row per (context + continuation); the continuations end in the last columns."""
     device = _device(model)
     pad = _pad_id(tokenizer)
-    rows = [(p, c, ctx + cont, len(cont)) for p, (ctx, conts) in enumerate(encoded) for c, cont in enumerate(conts)]
+    rows = [
+        (p, c, ctx + cont, len(cont))
+        for p, (ctx, conts) in enumerate(encoded)
+        for c, cont in enumerate(conts)
+    ]
     per_batch = max(1, batch_size * max((len(conts) for _, conts in encoded), default=1))
     rows.sort(key=lambda r: -len(r[2]))
     out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(conts) for _, conts in encoded]
     for start in range(0, len(rows), per_batch):
-        batch = rows[start:start + per_batch]
+        batch = rows[start : start + per_batch]
         ids, mask = pad_left([r[2] for r in batch], pad)  # [B, T]
         ids, mask = ids.to(device), mask.to(device)
         width = max(r[3] for r in batch)  # the longest continuation, W
@@ -214,21 +231,27 @@ def _cache_arg(model: nn.Module) -> str:
     return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
 
 
-def _logliks_shared(model: nn.Module, tokenizer: Any, encoded: list[tuple[list[int], list[list[int]]]],
-                    batch_size: int) -> list[list[tuple[float, int]]]:
+def _logliks_shared(
+    model: nn.Module, tokenizer: Any, encoded: list[tuple[list[int], list[list[int]]]], batch_size: int
+) -> list[list[tuple[float, int]]]:
     """Contexts once with a KV cache, then every continuation (right-padded) on its context's cache rows."""
     device = _device(model)
     pad = _pad_id(tokenizer)
     order = sorted(range(len(encoded)), key=lambda p: -len(encoded[p][0]))
     out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(conts) for _, conts in encoded]
     for start in range(0, len(order), batch_size):
-        batch = [p for p in order[start:start + batch_size] if encoded[p][1]]
+        batch = [p for p in order[start : start + batch_size] if encoded[p][1]]
         if not batch:
             continue
         ids, mask = pad_left([encoded[p][0] for p in batch], pad)  # [B, P]
         ids, mask = ids.to(device), mask.to(device)
-        first = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                      use_cache=True, logits_to_keep=1)
+        first = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         first_lp = torch.log_softmax(first.logits[:, -1].float(), dim=-1)  # [B, V] predicts each first token
         cache = getattr(first, "cache", None)
         cache = cache if cache is not None else first.past_key_values
@@ -240,8 +263,13 @@ def _logliks_shared(model: nn.Module, tokenizer: Any, encoded: list[tuple[list[i
         width = cont_ids.shape[1]
         attn = torch.cat([mask[owner], cont_mask], dim=1)  # [R, P+L]
         positions = mask.sum(dim=1)[owner][:, None] + torch.arange(width, device=device)  # [R, L]
-        logits = model(input_ids=cont_ids, attention_mask=attn, position_ids=positions, use_cache=True,
-                       **{_cache_arg(model): cache}).logits  # [R, L, V]
+        logits = model(
+            input_ids=cont_ids,
+            attention_mask=attn,
+            position_ids=positions,
+            use_cache=True,
+            **{_cache_arg(model): cache},
+        ).logits  # [R, L, V]
         token_lp = torch.empty(cont_ids.shape, dtype=torch.float32, device=device)  # [R, L]
         token_lp[:, 0] = first_lp[owner].gather(-1, cont_ids[:, :1]).squeeze(-1)
         if width > 1:
@@ -280,14 +308,23 @@ def _gather_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: r["index"])
 
 
-def _grade_generation(task: GenerationTask, examples: list[Example], completions: list[str]
-                      ) -> list[dict[str, Any]]:
+def _grade_generation(
+    task: GenerationTask, examples: list[Example], completions: list[str]
+) -> list[dict[str, Any]]:
     records = []
     for ex, completion in zip(examples, completions):
         completion = task.cut(completion)
         pred = task.extract(completion)
-        records.append(dict(index=ex.index, question=ex.question, completion=completion, prediction=pred,
-                            gold=ex.gold, correct=task.is_correct(pred, ex)))
+        records.append(
+            dict(
+                index=ex.index,
+                question=ex.question,
+                completion=completion,
+                prediction=pred,
+                gold=ex.gold,
+                correct=task.is_correct(pred, ex),
+            )
+        )
     return records
 
 
@@ -333,10 +370,13 @@ def evaluate(
         if isinstance(task, GenerationTask):
             mode = "generate"
             if scoring not in (None, "generate"):
-                raise ValueError(f"task {task.name!r} is a generation task; scoring={scoring!r} does not apply")
+                raise ValueError(
+                    f"task {task.name!r} is a generation task; scoring={scoring!r} does not apply"
+                )
             prompts = [task.prompt(ex, tokenizer) for ex in examples]
-            completions = generate_greedy(model, tokenizer, prompts, max_new_tokens or task.max_new_tokens,
-                                          batch_size, special)
+            completions = generate_greedy(
+                model, tokenizer, prompts, max_new_tokens or task.max_new_tokens, batch_size, special
+            )
             records = _grade_generation(task, examples, completions)
             keys = ["correct"]
         elif isinstance(task, MultipleChoiceTask):
@@ -345,18 +385,34 @@ def evaluate(
                 raise ValueError(f"scoring must be 'mean', 'sum' or 'letter', got {mode!r}")
             if mode == "letter":
                 prompts = [task.prompt(ex, tokenizer, letter=True) for ex in examples]
-                completions = generate_greedy(model, tokenizer, prompts,
-                                              max_new_tokens or task.letter_max_new_tokens, batch_size, special)
+                completions = generate_greedy(
+                    model,
+                    tokenizer,
+                    prompts,
+                    max_new_tokens or task.letter_max_new_tokens,
+                    batch_size,
+                    special,
+                )
                 records = []
                 for ex, completion in zip(examples, completions):
                     pred = task.extract(completion, ex)
-                    records.append(dict(index=ex.index, question=ex.question, choices=ex.choices,
-                                        completion=completion, prediction=pred, gold=ex.gold,
-                                        correct=pred == ex.gold))
+                    records.append(
+                        dict(
+                            index=ex.index,
+                            question=ex.question,
+                            choices=ex.choices,
+                            completion=completion,
+                            prediction=pred,
+                            gold=ex.gold,
+                            correct=pred == ex.gold,
+                        )
+                    )
                 keys = ["correct"]
             else:
-                pairs = [(task.prompt(ex, tokenizer), [task.continuation(c) for c in ex.choices])
-                         for ex in examples]
+                pairs = [
+                    (task.prompt(ex, tokenizer), [task.continuation(c) for c in ex.choices])
+                    for ex in examples
+                ]
                 scores = choice_logliks(model, tokenizer, pairs, batch_size, special, share_context)
                 records = []
                 for ex, per_choice in zip(examples, scores):
@@ -364,14 +420,27 @@ def evaluate(
                     means = [s / n for s, n in per_choice]
                     by_sum, by_mean = ex.labels[_argmax(sums)], ex.labels[_argmax(means)]
                     pred = by_mean if mode == "mean" else by_sum
-                    records.append(dict(index=ex.index, question=ex.question, choices=ex.choices,
-                                        loglik_sum=sums, loglik_mean=means, choice_sum=by_sum,
-                                        choice_mean=by_mean, correct_sum=by_sum == ex.gold,
-                                        correct_mean=by_mean == ex.gold, prediction=pred, gold=ex.gold,
-                                        correct=pred == ex.gold))
+                    records.append(
+                        dict(
+                            index=ex.index,
+                            question=ex.question,
+                            choices=ex.choices,
+                            loglik_sum=sums,
+                            loglik_mean=means,
+                            choice_sum=by_sum,
+                            choice_mean=by_mean,
+                            correct_sum=by_sum == ex.gold,
+                            correct_mean=by_mean == ex.gold,
+                            prediction=pred,
+                            gold=ex.gold,
+                            correct=pred == ex.gold,
+                        )
+                    )
                 keys = ["correct", "correct_sum", "correct_mean"]
         else:
-            raise TypeError(f"cannot evaluate a {type(task).__name__}: not a GenerationTask or MultipleChoiceTask")
+            raise TypeError(
+                f"cannot evaluate a {type(task).__name__}: not a GenerationTask or MultipleChoiceTask"
+            )
     finally:
         model.train(was_training)
 
@@ -380,7 +449,7 @@ def evaluate(
     result: dict[str, Any] = {"task": task.name, "scoring": mode, "n": n}
     for k, total in zip(keys, totals):
         result[k] = int(total)
-        result["accuracy" + k[len("correct"):]] = total / n if n else 0.0
+        result["accuracy" + k[len("correct") :]] = total / n if n else 0.0
     result["records"] = _gather_records(records)
     return result
 

@@ -78,7 +78,7 @@ def extract_answer(text: str) -> Optional[str]:
     """
     hashes = list(_HASHES_RE.finditer(text))
     if hashes:
-        found = _numbers(text[hashes[-1].end():])
+        found = _numbers(text[hashes[-1].end() :])
         if found:
             return found[0]
     boxed = _BOXED_RE.findall(text)
@@ -88,7 +88,7 @@ def extract_answer(text: str) -> Optional[str]:
             return found[0]
     answer_is = list(_ANSWER_IS_RE.finditer(text))
     if answer_is:
-        found = _numbers(text[answer_is[-1].end():])
+        found = _numbers(text[answer_is[-1].end() :])
         if found:
             return found[0]
     found = _numbers(text)
@@ -108,7 +108,8 @@ class GSM8K(GenerationTask):
         fewshot_seed: seed of the shot draw.
         max_new_tokens: the generation budget.
         stop: strings that end an answer (default: "Question:", where a base model starts the next problem).
-        question_field, answer_field: the jsonl fields (GSM8K's `question` and `answer`, which ends with `#### n`).
+        question_field, answer_field: the jsonl fields (GSM8K's `question`, and `answer` ending with
+            `#### n`).
     """
 
     def __init__(
@@ -125,9 +126,17 @@ class GSM8K(GenerationTask):
         question_field: str = "question",
         answer_field: str = "answer",
     ) -> None:
-        super().__init__(path, max_new_tokens=max_new_tokens, stop=["Question:"] if stop is None else stop,
-                         name=name, template=template, chat=chat, num_fewshot=num_fewshot,
-                         fewshot_path=fewshot_path, fewshot_seed=fewshot_seed)
+        super().__init__(
+            path,
+            max_new_tokens=max_new_tokens,
+            stop=["Question:"] if stop is None else stop,
+            name=name,
+            template=template,
+            chat=chat,
+            num_fewshot=num_fewshot,
+            fewshot_path=fewshot_path,
+            fewshot_seed=fewshot_seed,
+        )
         self.question_field = question_field
         self.answer_field = answer_field
 

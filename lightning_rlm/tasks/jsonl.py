@@ -64,8 +64,17 @@ class JsonlGenerationTask(GenerationTask):
         max_new_tokens: int = 64,
         stop: Optional[list[str]] = None,
     ) -> None:
-        super().__init__(path, max_new_tokens=max_new_tokens, stop=stop, name=name, template=template, chat=chat,
-                         num_fewshot=num_fewshot, fewshot_path=fewshot_path, fewshot_seed=fewshot_seed)
+        super().__init__(
+            path,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            name=name,
+            template=template,
+            chat=chat,
+            num_fewshot=num_fewshot,
+            fewshot_path=fewshot_path,
+            fewshot_seed=fewshot_seed,
+        )
         if match not in ("number", "exact", "contains"):
             raise ValueError(f"match must be 'number', 'exact' or 'contains', got {match!r}")
         if "{answer}" not in answer_template:
@@ -86,8 +95,9 @@ class JsonlGenerationTask(GenerationTask):
         return Example(index=index, question=str(row[self.question_field]), gold=gold, row=row)
 
     def format_shot(self, example: Example) -> str:
-        return self.format_question(example) + self.answer_template.replace("{answer}",
-                                                                            str(example.row[self.answer_field]))
+        return self.format_question(example) + self.answer_template.replace(
+            "{answer}", str(example.row[self.answer_field])
+        )
 
     def extract(self, completion: str) -> Optional[str]:
         if self.match == "number":

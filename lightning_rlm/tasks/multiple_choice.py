@@ -32,8 +32,8 @@ LETTER_TEMPLATE = "Question: {question}\n{choices}\nAnswer with the letter of th
 
 
 def extract_letter(text: str, labels: list[str], choices: Optional[list[str]] = None) -> Optional[str]:
-    """The label a generated answer names: the first standalone label ("B", "(B)", "B."), else the label of the
-    only choice text the answer contains (case-insensitive), else None.
+    """The label a generated answer names: the first standalone label ("B", "(B)", "B."), else the label of
+    the only choice text the answer contains (case-insensitive), else None.
 
     >>> extract_letter(" B. library", ["A", "B", "C"])
     'B'
@@ -64,7 +64,8 @@ class MultipleChoiceTask(Task):
         answer_field: the correct choice: its label ("A"), its 0-based index (an int), or its text.
         name: metric name (default: the file's stem).
         template: the likelihood prompt, with `{question}` (`{choices}` may list the choices too).
-        choice_template: each choice's continuation, with `{choice}` (default " {choice}", "{choice}" with chat).
+        choice_template: each choice's continuation, with `{choice}` (default " {choice}"; "{choice}" with
+            chat).
         letter_template: the prompt of letter scoring, with `{question}` and `{choices}`.
         scoring: the headline accuracy: "mean" (per-token mean log-likelihood), "sum", or "letter".
         letter_max_new_tokens: generation budget of letter scoring.
@@ -90,8 +91,15 @@ class MultipleChoiceTask(Task):
         fewshot_path: Optional[str] = None,
         fewshot_seed: int = 1234,
     ) -> None:
-        super().__init__(path, name=name, template=template, chat=chat, num_fewshot=num_fewshot,
-                         fewshot_path=fewshot_path, fewshot_seed=fewshot_seed)
+        super().__init__(
+            path,
+            name=name,
+            template=template,
+            chat=chat,
+            num_fewshot=num_fewshot,
+            fewshot_path=fewshot_path,
+            fewshot_seed=fewshot_seed,
+        )
         if scoring not in ("mean", "sum", "letter"):
             raise ValueError(f"scoring must be 'mean', 'sum' or 'letter', got {scoring!r}")
         if choice_template is None:
@@ -137,16 +145,24 @@ class MultipleChoiceTask(Task):
             gold_index = choices.index(str(answer).strip())
         else:
             raise ValueError(f"{where}: answer {answer!r} is neither a label {labels}, an index nor a choice")
-        return Example(index=index, question=str(row[self.question_field]), gold=labels[gold_index],
-                       choices=choices, labels=labels, gold_index=gold_index, row=row)
+        return Example(
+            index=index,
+            question=str(row[self.question_field]),
+            gold=labels[gold_index],
+            choices=choices,
+            labels=labels,
+            gold_index=gold_index,
+            row=row,
+        )
 
     def listed_choices(self, example: Example) -> str:
         return "\n".join(f"{label}. {c}" for label, c in zip(example.labels, example.choices))
 
     def format_question(self, example: Example, letter: bool = False) -> str:
         template = self.letter_template if letter else self.template
-        return template.replace("{choices}", self.listed_choices(example)).replace("{question}",
-                                                                                    example.question.strip())
+        return template.replace("{choices}", self.listed_choices(example)).replace(
+            "{question}", example.question.strip()
+        )
 
     def continuation(self, choice: str) -> str:
         return self.choice_template.replace("{choice}", choice)
@@ -164,7 +180,9 @@ class MultipleChoiceTask(Task):
 
     def prompt(self, example: Example, tokenizer: Any, letter: bool = False) -> str:
         """The context of the likelihood scoring, or (letter=True) the prompt of letter generation."""
-        return self.render(tokenizer, self.fewshot_block(example, letter) + self.format_question(example, letter))
+        return self.render(
+            tokenizer, self.fewshot_block(example, letter) + self.format_question(example, letter)
+        )
 
     def extract(self, completion: str, example: Example) -> Optional[str]:
         """The label a letter completion names (None: none)."""
@@ -172,7 +190,8 @@ class MultipleChoiceTask(Task):
 
 
 class CommonsenseQA(MultipleChoiceTask):
-    """CommonsenseQA (five-way multiple choice), defaults for its jsonl (`choices: {label, text}`, `answerKey`).
+    """CommonsenseQA (five-way multiple choice) with defaults for its jsonl (`choices: {label, text}`,
+    `answerKey`).
 
     Args: as :class:`MultipleChoiceTask`, with the dev split under the data roots as `path`.
     """
@@ -194,8 +213,19 @@ class CommonsenseQA(MultipleChoiceTask):
         fewshot_path: Optional[str] = None,
         fewshot_seed: int = 1234,
     ) -> None:
-        super().__init__(path, question_field=question_field, choices_field=choices_field,
-                         answer_field=answer_field, name=name, template=template, choice_template=choice_template,
-                         letter_template=letter_template, scoring=scoring,
-                         letter_max_new_tokens=letter_max_new_tokens, chat=chat, num_fewshot=num_fewshot,
-                         fewshot_path=fewshot_path, fewshot_seed=fewshot_seed)
+        super().__init__(
+            path,
+            question_field=question_field,
+            choices_field=choices_field,
+            answer_field=answer_field,
+            name=name,
+            template=template,
+            choice_template=choice_template,
+            letter_template=letter_template,
+            scoring=scoring,
+            letter_max_new_tokens=letter_max_new_tokens,
+            chat=chat,
+            num_fewshot=num_fewshot,
+            fewshot_path=fewshot_path,
+            fewshot_seed=fewshot_seed,
+        )

@@ -22,7 +22,12 @@ from lightning_rlm.tasks import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PROMPTS = ["Once upon a time", "The cat sat on the mat and looked at the big red", "Tom", "She said that the dog"]
+PROMPTS = [
+    "Once upon a time",
+    "The cat sat on the mat and looked at the big red",
+    "Tom",
+    "She said that the dog",
+]
 
 
 def test_batched_generation_equals_one_at_a_time(tiny_lm):
@@ -56,7 +61,9 @@ def test_gsm8k_generation_runs_and_grades(tiny_lm, need_data):
     assert model.training  # the training flag is restored
     assert result["n"] == 3 and result["scoring"] == "generate" and 0 <= result["accuracy"] <= 1
     for record in result["records"]:
-        assert record["correct"] == (record["prediction"] == record["gold"] and record["prediction"] is not None)
+        assert record["correct"] == (
+            record["prediction"] == record["gold"] and record["prediction"] is not None
+        )
     with pytest.raises(ValueError, match="generation task"):
         evaluate(GSM8K(), model, tok, limit=1, scoring="mean")
 
@@ -99,8 +106,13 @@ def test_one_and_two_processes_give_the_same_accuracy(tiny_llama_dir, tmp_path, 
     assert expected["csqa"]["n"] == 7 and expected["gsm8k"]["n"] == 3
     # spawned children unpickle `_worker` by its module name `tests.tasks.test_evaluate`
     monkeypatch.syspath_prepend(str(REPO_ROOT))
-    mp.start_processes(_worker, args=(_free_port(), str(tiny_llama_dir), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker,
+        args=(_free_port(), str(tiny_llama_dir), str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got == expected, f"rank {rank}"

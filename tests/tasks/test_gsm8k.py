@@ -8,7 +8,10 @@ from lightning_rlm.tasks import GSM8K, extract_answer, normalize_number
 
 CASES = [
     # GSM8K's own format, with the calculator annotations of the reference answers
-    ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18.\n#### 18", "18"),
+    (
+        "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18.\n#### 18",
+        "18",
+    ),
     ("#### 1,000", "1000"),
     ("#### $3.50", "3.5"),
     ("#### -4", "-4"),

@@ -22,8 +22,10 @@ def _build(yaml: str) -> Task:
 
 
 def test_generation_task_from_yaml_runs(tiny_lm, tmp_path):
-    path = _write(tmp_path / "sums.jsonl", [{"q": f"What is {a} plus {a}?", "a": f"It is {2 * a}."}
-                                            for a in range(1, 6)])
+    path = _write(
+        tmp_path / "sums.jsonl",
+        [{"q": f"What is {a} plus {a}?", "a": f"It is {2 * a}."} for a in range(1, 6)],
+    )
     task = _build(f"""
 task:
   class_path: lightning_rlm.tasks.JsonlGenerationTask
@@ -49,9 +51,15 @@ task:
 
 
 def test_choice_task_from_yaml_runs(tiny_lm, tmp_path):
-    rows = [{"prompt": "The sky is", "options": ["blue", "green", "loud"], "label": 0},
-            {"prompt": "Fish live in", "options": ["trees", "water"], "label": "water"},
-            {"prompt": "Two and two make", "options": {"label": ["x", "y"], "text": ["four", "five"]}, "label": "x"}]
+    rows = [
+        {"prompt": "The sky is", "options": ["blue", "green", "loud"], "label": 0},
+        {"prompt": "Fish live in", "options": ["trees", "water"], "label": "water"},
+        {
+            "prompt": "Two and two make",
+            "options": {"label": ["x", "y"], "text": ["four", "five"]},
+            "label": "x",
+        },
+    ]
     path = _write(tmp_path / "mine.jsonl", rows)
     task = _build(f"""
 task:
@@ -68,12 +76,15 @@ task:
     assert letter["n"] == 3 and 0 <= letter["accuracy"] <= 1
 
 
-@pytest.mark.parametrize("match, completion, answer, correct", [
-    ("exact", " Paris.\nMore text", "paris", True),
-    ("exact", "Paris is nice", "Paris", False),
-    ("contains", "I think it is PARIS, France", "Paris", True),
-    ("number", "so 12", "#### 12", True),
-])
+@pytest.mark.parametrize(
+    "match, completion, answer, correct",
+    [
+        ("exact", " Paris.\nMore text", "paris", True),
+        ("exact", "Paris is nice", "Paris", False),
+        ("contains", "I think it is PARIS, France", "Paris", True),
+        ("number", "so 12", "#### 12", True),
+    ],
+)
 def test_match_modes(tmp_path, match, completion, answer, correct):
     path = _write(tmp_path / "t.jsonl", [{"question": "q", "answer": answer}])
     task = JsonlGenerationTask(path=str(path), match=match)

@@ -18,7 +18,9 @@ def test_commonsenseqa_reads_the_real_file(need_data):
     task = CommonsenseQA()
     examples = task.examples()
     assert len(examples) == 1221
-    assert all(ex.labels == list("ABCDE") and len(ex.choices) == 5 and ex.gold in ex.labels for ex in examples)
+    assert all(
+        ex.labels == list("ABCDE") and len(ex.choices) == 5 and ex.gold in ex.labels for ex in examples
+    )
     first = examples[0]
     assert first.choices[first.gold_index] == "bank" and first.gold == "A"
     assert task.prompt(first, None) == f"Question: {first.question}\nAnswer:"
@@ -55,9 +57,13 @@ def test_choice_logliks_equal_a_hand_loop(tiny_lm, need_data, share_context, mon
     need_data("commonsenseqa/dev_rand_split.jsonl")
     model, tok = tiny_lm
     if share_context:  # the shared-context (KV cache) path must really run, not fall back to full rows
-        monkeypatch.setattr(evaluate_module, "_logliks_full", lambda *a: pytest.fail("fell back to full rows"))
+        monkeypatch.setattr(
+            evaluate_module, "_logliks_full", lambda *a: pytest.fail("fell back to full rows")
+        )
     task = CommonsenseQA(num_fewshot=1)
-    result = evaluate(task, model, tok, limit=6, seed=3, batch_size=4, share_context=share_context)  # 2 batches, rows of mixed lengths
+    result = evaluate(
+        task, model, tok, limit=6, seed=3, batch_size=4, share_context=share_context
+    )  # 2 batches, rows of mixed lengths
     assert result["n"] == 6 and result["scoring"] == "mean"
     expected = _hand_loop(model, tok, task, [r["index"] for r in result["records"]])
     for record in result["records"]:
@@ -79,11 +85,20 @@ def test_letter_scoring_runs(tiny_lm, need_data):
     assert {"completion", "prediction", "gold", "correct"} <= set(result["records"][0])
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("B", "B"), (" (C) because", "C"), ("E.", "E"), ("Answer: D", "D"),
-    ("A bank.", "A"),  # the article reads as a label: the first standalone label wins
-    ("the library", "B"), ("bank or library", None), ("nothing", None), ("AB", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("B", "B"),
+        (" (C) because", "C"),
+        ("E.", "E"),
+        ("Answer: D", "D"),
+        ("A bank.", "A"),  # the article reads as a label: the first standalone label wins
+        ("the library", "B"),
+        ("bank or library", None),
+        ("nothing", None),
+        ("AB", None),
+    ],
+)
 def test_extract_letter(text, expected):
     assert extract_letter(text, list("ABCDE"), ["bank", "library", "store", "mall", "york"]) == expected
 
@@ -104,8 +119,11 @@ def test_smollm2_zero_shot_on_20_questions(need_data, capsys):
         task = CommonsenseQA(chat=chat)
         loglik = evaluate(task, model, tok, limit=20, seed=0, batch_size=4)
         letter = evaluate(task, model, tok, limit=20, seed=0, batch_size=10, scoring="letter")
-        for key, value in [("sum", loglik["accuracy_sum"]), ("mean", loglik["accuracy_mean"]),
-                           ("letter", letter["accuracy"])]:
+        for key, value in [
+            ("sum", loglik["accuracy_sum"]),
+            ("mean", loglik["accuracy_mean"]),
+            ("letter", letter["accuracy"]),
+        ]:
             assert 0 <= value <= 1
             lines.append(f"{'chat' if chat else 'plain'} {key}: {value:.2f}")
         assert loglik["n"] == letter["n"] == 20
