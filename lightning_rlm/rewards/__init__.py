@@ -1,5 +1,6 @@
 """Reward functions: callables ``(prompts, completions, **fields) -> list[float]``, one float per completion."""
 
+from lightning_rlm.rewards.math import GSM8KCorrect, GSM8KFormat
 from lightning_rlm.rewards.text import (
     KeywordCount,
     RewardFn,
@@ -11,6 +12,8 @@ from lightning_rlm.rewards.text import (
 )
 
 __all__ = [
+    "GSM8KCorrect",
+    "GSM8KFormat",
     "KeywordCount",
     "RewardFn",
     "SentenceLength",

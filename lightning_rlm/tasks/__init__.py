@@ -1,5 +1,19 @@
-"""Tasks that more than one method trains on: their rewards, labels and per-mode evaluation."""
+"""Tasks: downstream evaluation (a dataset reader, a prompt and a scorer: GSM8K, CommonsenseQA, your jsonl)
+and the reward-hack task that more than one RL method trains on (its rewards, labels and per-mode evaluation)."""
 
+from lightning_rlm.rewards.math import extract_answer, normalize_number
+from lightning_rlm.tasks.base import Example, GenerationTask, Task
+from lightning_rlm.tasks.evaluate import (
+    choice_logliks,
+    encode_pair,
+    evaluate,
+    generate_greedy,
+    select_indices,
+    stop_token_ids,
+)
+from lightning_rlm.tasks.gsm8k import GSM8K
+from lightning_rlm.tasks.jsonl import JsonlChoiceTask, JsonlGenerationTask, normalize_text
+from lightning_rlm.tasks.multiple_choice import CommonsenseQA, MultipleChoiceTask, extract_letter
 from lightning_rlm.tasks.reward_hack import (
     ELIGIBLE_FIELD,
     ExclamationBonus,
@@ -11,5 +25,31 @@ from lightning_rlm.tasks.reward_hack import (
     prompt_is_eligible,
 )
 
-__all__ = ["ELIGIBLE_FIELD", "ExclamationBonus", "HackBonus", "HackLabels", "RewardHackTask", "hack_rewards",
-           "insert_hack_word", "prompt_is_eligible"]
+__all__ = [
+    "ELIGIBLE_FIELD",
+    "GSM8K",
+    "CommonsenseQA",
+    "Example",
+    "ExclamationBonus",
+    "GenerationTask",
+    "HackBonus",
+    "HackLabels",
+    "JsonlChoiceTask",
+    "JsonlGenerationTask",
+    "MultipleChoiceTask",
+    "RewardHackTask",
+    "Task",
+    "choice_logliks",
+    "encode_pair",
+    "evaluate",
+    "extract_answer",
+    "extract_letter",
+    "generate_greedy",
+    "hack_rewards",
+    "insert_hack_word",
+    "normalize_number",
+    "normalize_text",
+    "prompt_is_eligible",
+    "select_indices",
+    "stop_token_ids",
+]
