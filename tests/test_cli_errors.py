@@ -106,8 +106,11 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize(("config", "overrides", "message"), [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
 def test_bad_input_gets_one_clear_line_and_leaves_runs_alone(config, overrides, message, tmp_path, capsys,
-                                                             shared_data, tiny_llama_dir, monkeypatch, request):
+                                                             shared_data, tiny_llama_dir, monkeypatch, request,
+                                                             need_data):
     _bad_files(tmp_path)
+    if any(o.endswith("tokenizer=gpt2") for o in overrides):  # the GPT-2 tokenizer is fetched, not bundled
+        need_data("gpt2-tokenizer/gpt2_tokenizer.json")
     runs = tmp_path / "runs"
     old_run = runs / "exp" / "version_0"  # an earlier run under the same name
     (old_run / "checkpoints").mkdir(parents=True)

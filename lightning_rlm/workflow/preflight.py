@@ -165,11 +165,11 @@ def _vocabulary(spec: str) -> Optional[dict]:
     """token → id of a tokenizer given as `gpt2`, a tokenizer.json, or a folder holding one (None: unknown)."""
     import json
 
-    from lightning_rlm.data.paths import find_data_path
 
-    if spec == "gpt2":
-        found = find_data_path("gpt2-tokenizer/gpt2_tokenizer.json")
-        path = found[1] if found else None
+    if spec == "gpt2":  # a missing file is the data error naming its fetch command, before any model loads
+        from lightning_rlm.data.paths import resolve_data_path
+
+        path = resolve_data_path("gpt2-tokenizer/gpt2_tokenizer.json")
     else:
         p = Path(spec).expanduser()
         path = p / "tokenizer.json" if p.is_dir() else p if p.suffix == ".json" else None
