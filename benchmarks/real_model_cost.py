@@ -70,8 +70,7 @@ def one(config: Path, steps: int, precision: str, small: bool) -> dict:
     timer = StepTimes()
     args = ["--config", str(config), *(_small(config.parent.name) if small else []),
             f"--trainer.max_steps={steps + 1}", "--trainer.limit_val_batches=0", f"--trainer.precision={precision}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false",
-            "--trainer.enable_checkpointing=false"]
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
     cli = RLMCLI(args=args, run=False)
     cli.trainer.callbacks.append(timer)
     for cb in list(cli.trainer.callbacks):  # no checkpoint files from a benchmark
