@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -47,16 +48,11 @@ class LMWindowDataModule(TextDataModule):
     def __init__(
         self,
         source: TextSource,
-        tokenizer: str = "char",
-        tokenizer_vocab_size: int = 2048,
         block_size: int = 128,
         cross_documents: bool = True,
-        batch_size: int = 32,
-        val_fraction: float = 0.1,
-        seed: int = 1234,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(source, tokenizer, tokenizer_vocab_size, batch_size, val_fraction, seed, num_workers)
+        super().__init__(source, **kwargs)
         check_at_least(1, block_size=block_size)
         self.block_size = block_size
         self.cross_documents = cross_documents

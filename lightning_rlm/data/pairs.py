@@ -22,11 +22,10 @@ from __future__ import annotations
 import logging
 import random
 import re
-from typing import Optional
+from typing import Any, Optional
 
 from lightning_rlm.checks import check_at_least
 from lightning_rlm.data.base import TextDataModule, split_rows_by_seed
-from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.data.prefix_completion import PairDataset, PrefixCompletionDataModule
 from lightning_rlm.data.sources import TextSource
 from lightning_rlm.data.tokenizers import build_tokenizer
@@ -62,20 +61,17 @@ class PairsDataModule(TextDataModule):
         source: TextSource,
         prompt_field: str = "prompt",
         completion_field: str = "completion",
-        tokenizer: str = "gpt2",
-        tokenizer_vocab_size: int = 2048,
         max_prompt_tokens: Optional[int] = 256,
         max_completion_tokens: Optional[int] = 256,
         prompt_template: Optional[str] = None,
         add_eos: bool = False,
+        tokenizer: str = "gpt2",
         batch_size: int = 8,
-        val_fraction: float = 0.1,
-        seed: int = 1234,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
         if source.resolved_format() == "text":
             raise ValueError("PairsDataModule needs rows with fields (jsonl, parquet or hf), not plain text")
-        super().__init__(source, tokenizer, tokenizer_vocab_size, batch_size, val_fraction, seed, num_workers)
+        super().__init__(source, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
         check_at_least(1, max_prompt_tokens=max_prompt_tokens, max_completion_tokens=max_completion_tokens)
         self.set_prompt_format(prompt_template)
         self.prompt_field = prompt_field
@@ -157,22 +153,11 @@ class KeywordPrefixCompletionDataModule(PrefixCompletionDataModule):
         keyword: str = "happy",
         min_prefix_tokens: int = 8,
         filter_val: bool = False,
-        tokenizer: str = "gpt2",
-        tokenizer_vocab_size: int = 2048,
-        completion_tokens: int = 32,
-        prefix_tokens: int = 64,
-        prompt_template: Optional[str] = None,
-        chat: Optional[ChatFormat] = None,
-        batch_size: int = 8,
-        val_fraction: float = 0.1,
-        seed: int = 1234,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(source, tokenizer, tokenizer_vocab_size, completion_tokens, prefix_tokens,
-                         prompt_template=prompt_template, chat=chat, batch_size=batch_size,
-                         val_fraction=val_fraction, seed=seed, num_workers=num_workers)
-        if not 1 <= min_prefix_tokens <= prefix_tokens:
-            raise ValueError(f"min_prefix_tokens must be in [1, prefix_tokens={prefix_tokens}], "
+        super().__init__(source, **kwargs)
+        if not 1 <= min_prefix_tokens <= self.prefix_tokens:
+            raise ValueError(f"min_prefix_tokens must be in [1, prefix_tokens={self.prefix_tokens}], "
                              f"got {min_prefix_tokens}")
         self.keyword = keyword
         self.pattern = keyword_pattern(keyword)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Optional
+from typing import Any, Optional
 
 from torch.utils.data import Dataset
 
@@ -64,18 +64,15 @@ class PrefixCompletionDataModule(TextDataModule):
     def __init__(
         self,
         source: TextSource,
-        tokenizer: str = "gpt2",
-        tokenizer_vocab_size: int = 2048,
         completion_tokens: int = 32,
         prefix_tokens: int = 64,
         prompt_template: Optional[str] = None,
         chat: Optional[ChatFormat] = None,
+        tokenizer: str = "gpt2",
         batch_size: int = 8,
-        val_fraction: float = 0.1,
-        seed: int = 1234,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(source, tokenizer, tokenizer_vocab_size, batch_size, val_fraction, seed, num_workers)
+        super().__init__(source, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
         check_at_least(1, completion_tokens=completion_tokens, prefix_tokens=prefix_tokens)
         self.set_prompt_format(prompt_template, chat)
         self.completion_tokens = completion_tokens

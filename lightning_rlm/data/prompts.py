@@ -11,7 +11,7 @@ first `prompt_tokens` tokens is the point of `prompt_tokens`; how many prompts w
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 from lightning_rlm.checks import check_at_least
 from lightning_rlm.data.base import TextDataModule, split_documents_by_seed, split_rows_by_seed
@@ -43,23 +43,21 @@ class PromptDataModule(TextDataModule):
         self,
         source: Optional[TextSource] = None,
         prompts: Optional[list[str]] = None,
-        tokenizer: str = "gpt2",
         prompt_tokens: Optional[int] = 16,
         prompt_template: Optional[str] = None,
         chat: Optional[ChatFormat] = None,
-        batch_size: int = 2,
-        val_fraction: float = 0.1,
         max_val_prompts: Optional[int] = 64,
-        seed: int = 1234,
-        num_workers: int = 0,
+        tokenizer: str = "gpt2",
+        batch_size: int = 2,
+        **kwargs: Any,
     ) -> None:
         if (source is None) == (prompts is None):
             raise ValueError("PromptDataModule needs exactly one of `source` or `prompts`")
         if prompts is not None and not prompts:
             raise ValueError("`prompts` is an empty list")
         check_at_least(1, prompt_tokens=prompt_tokens)
-        super().__init__(source or TextSource(path="<prompts>"), tokenizer, 0, batch_size, val_fraction, seed,
-                         num_workers)
+        super().__init__(source or TextSource(path="<prompts>"), tokenizer=tokenizer, batch_size=batch_size,
+                         **kwargs)
         self.set_prompt_format(prompt_template, chat)
         self.prompts = prompts
         self.prompt_tokens = prompt_tokens

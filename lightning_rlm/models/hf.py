@@ -134,7 +134,10 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     if hf is None or not hf.supports_gradient_checkpointing:
         raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no Hugging Face model that supports it")
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_policy(name_or_path: str, dtype: Optional[str] = None):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.rewards.math import extract_answer
 from lightning_rlm.tasks.base import Example, GenerationTask
 
@@ -53,27 +52,14 @@ class GSM8K(GenerationTask):
         self,
         path: str = "gsm8k/test.jsonl",
         name: Optional[str] = "gsm8k",
-        template: str = "Question: {question}\nAnswer:",
-        chat: Optional[ChatFormat] = None,
-        num_fewshot: int = 0,
         fewshot_path: Optional[str] = "gsm8k/train.jsonl",
-        fewshot_seed: int = 1234,
-        max_new_tokens: int = 256,
         stop: Optional[list[str]] = None,
         question_field: str = "question",
         answer_field: str = "answer",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            path,
-            max_new_tokens=max_new_tokens,
-            stop=["Question:"] if stop is None else stop,
-            name=name,
-            template=template,
-            chat=chat,
-            num_fewshot=num_fewshot,
-            fewshot_path=fewshot_path,
-            fewshot_seed=fewshot_seed,
-        )
+        stop = ["Question:"] if stop is None else stop
+        super().__init__(path, name=name, fewshot_path=fewshot_path, stop=stop, **kwargs)
         self.question_field = question_field
         self.answer_field = answer_field
 

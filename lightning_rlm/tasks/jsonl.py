@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional
 
-from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.tasks.base import Example, GenerationTask
 from lightning_rlm.tasks.gsm8k import extract_answer
 from lightning_rlm.tasks.multiple_choice import MultipleChoiceTask
@@ -54,27 +53,11 @@ class JsonlGenerationTask(GenerationTask):
         question_field: str = "question",
         answer_field: str = "answer",
         match: Match = "number",
-        name: Optional[str] = None,
-        template: str = "Question: {question}\nAnswer:",
         answer_template: str = " {answer}",
-        chat: Optional[ChatFormat] = None,
-        num_fewshot: int = 0,
-        fewshot_path: Optional[str] = None,
-        fewshot_seed: int = 1234,
         max_new_tokens: int = 64,
-        stop: Optional[list[str]] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            path,
-            max_new_tokens=max_new_tokens,
-            stop=stop,
-            name=name,
-            template=template,
-            chat=chat,
-            num_fewshot=num_fewshot,
-            fewshot_path=fewshot_path,
-            fewshot_seed=fewshot_seed,
-        )
+        super().__init__(path, max_new_tokens=max_new_tokens, **kwargs)
         if match not in ("number", "exact", "contains"):
             raise ValueError(f"match must be 'number', 'exact' or 'contains', got {match!r}")
         if "{answer}" not in answer_template:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional
 
-from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.tasks.base import Example, Task
 
 Scoring = Literal["mean", "sum", "letter"]
@@ -80,30 +79,17 @@ class MultipleChoiceTask(Task):
         question_field: str = "question",
         choices_field: str = "choices",
         answer_field: str = "answer",
-        name: Optional[str] = None,
-        template: str = "Question: {question}\nAnswer:",
         choice_template: Optional[str] = None,
         letter_template: str = LETTER_TEMPLATE,
         scoring: Scoring = "mean",
         letter_max_new_tokens: int = 8,
-        chat: Optional[ChatFormat] = None,
-        num_fewshot: int = 0,
-        fewshot_path: Optional[str] = None,
-        fewshot_seed: int = 1234,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            path,
-            name=name,
-            template=template,
-            chat=chat,
-            num_fewshot=num_fewshot,
-            fewshot_path=fewshot_path,
-            fewshot_seed=fewshot_seed,
-        )
+        super().__init__(path, **kwargs)
         if scoring not in ("mean", "sum", "letter"):
             raise ValueError(f"scoring must be 'mean', 'sum' or 'letter', got {scoring!r}")
         if choice_template is None:
-            choice_template = "{choice}" if chat is not None else " {choice}"
+            choice_template = "{choice}" if self.chat is not None else " {choice}"
         if "{choice}" not in choice_template:
             raise ValueError(f"choice_template must contain '{{choice}}', got {choice_template!r}")
         for slot in ("{question}", "{choices}"):
@@ -199,33 +185,8 @@ class CommonsenseQA(MultipleChoiceTask):
     def __init__(
         self,
         path: str = "commonsenseqa/dev_rand_split.jsonl",
-        question_field: str = "question",
-        choices_field: str = "choices",
         answer_field: str = "answerKey",
         name: Optional[str] = "commonsenseqa",
-        template: str = "Question: {question}\nAnswer:",
-        choice_template: Optional[str] = None,
-        letter_template: str = LETTER_TEMPLATE,
-        scoring: Scoring = "mean",
-        letter_max_new_tokens: int = 8,
-        chat: Optional[ChatFormat] = None,
-        num_fewshot: int = 0,
-        fewshot_path: Optional[str] = None,
-        fewshot_seed: int = 1234,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            path,
-            question_field=question_field,
-            choices_field=choices_field,
-            answer_field=answer_field,
-            name=name,
-            template=template,
-            choice_template=choice_template,
-            letter_template=letter_template,
-            scoring=scoring,
-            letter_max_new_tokens=letter_max_new_tokens,
-            chat=chat,
-            num_fewshot=num_fewshot,
-            fewshot_path=fewshot_path,
-            fewshot_seed=fewshot_seed,
-        )
+        super().__init__(path, answer_field=answer_field, name=name, **kwargs)

@@ -39,7 +39,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).train()
         if checkpointing:
             enable_gradient_checkpointing(model)
-            assert model.is_gradient_checkpointing
+            assert model.is_activation_checkpointing
         completion_logprobs(model, ids, mask, 4).sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():
