@@ -18,6 +18,7 @@ import json
 import resource
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -70,7 +71,9 @@ def one(config: Path, steps: int, precision: str, small: bool) -> dict:
     timer = StepTimes()
     args = ["--config", str(config), *(_small(config.parent.name) if small else []),
             f"--trainer.max_steps={steps + 1}", "--trainer.limit_val_batches=0", f"--trainer.precision={precision}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false",
+            # configs, completions and rollouts the callbacks write go to a scratch folder, not the working one
+            f"--trainer.default_root_dir={tempfile.mkdtemp(prefix='lrlm-bench-')}"]
     cli = RLMCLI(args=args, run=False)
     cli.trainer.callbacks.append(timer)
     for cb in list(cli.trainer.callbacks):  # no checkpoint files from a benchmark
