@@ -59,8 +59,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_rlm.adapters import add_lora, frozen_copy, reference_mode
-from lightning_rlm.distributed import all_gather_objects
 from lightning_rlm.data.pairs import keyword_pattern
+from lightning_rlm.distributed import all_gather_objects
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses.kl import KL_AGGREGATES, KL_DIRECTIONS, aggregate_kl, kl_barrier, per_position_kl
 from lightning_rlm.metrics.text import RepeatedNgramLoop
