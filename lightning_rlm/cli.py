@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_rlm.callbacks.checkpointing import RNGStates, RunCheckpoint, stop_signal
+from lightning_rlm.callbacks.downstream import DownstreamEvaluation
 from lightning_rlm.workflow.preflight import check_checkpoint, preflight
 from lightning_rlm.workflow.run_folders import (
     KeepConfigs,
@@ -71,6 +72,9 @@ class RLMCLI(LightningCLI):
         # Always keep last.ckpt (also at the end of training), so any run can be resumed with --ckpt_path last.
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        # Downstream tasks (GSM8K, CommonsenseQA, ...) at validation/test; none unless a config lists some,
+        # e.g. --config configs/presets/eval_reasoning.yaml
+        parser.add_lightning_class_args(DownstreamEvaluation, "evaluation")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, name the run after its config file, then check the config before anything is built.

@@ -558,6 +558,11 @@ class GANRL(L.LightningModule):
         return self.generate(list(prompts)).completion_texts
 
     # ----- optimisation and state ------------------------------------------------------------------------------------
+    def downstream_lms(self) -> dict[str, tuple[nn.Module, Any]]:
+        """The LM that downstream evaluation scores (:mod:`lightning_rlm.callbacks.downstream`): the generator
+        (the policy with its LoRA on; the discriminator head is not part of it)."""
+        return {"": (self.policy, self.tokenizer)}
+
     def configure_optimizers(self):
         """Adapter and head each get AdamW (no weight decay) with warm-up and a linear decay."""
         h = self.hparams

@@ -187,6 +187,10 @@ class GRPO(L.LightningModule):
         ref_model = frozen_copy(policy) if (h.lora_rank is None and h.beta > 0) else None
         return (add_lora(policy, h.lora_rank, h.lora_alpha, h.use_rslora) if h.lora_rank else policy), ref_model
 
+    def downstream_lms(self) -> dict[str, tuple[nn.Module, Any]]:
+        """The LM that downstream evaluation scores (:mod:`lightning_rlm.callbacks.downstream`): the policy with its adapters on, as it samples."""
+        return {"": (self.policy, self.tokenizer)}
+
     # ----- rollout and scoring -------------------------------------------------------------------------------
     def _sampling_generator(self) -> torch.Generator:
         if self.generator is None or self.generator.device != self.device:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
@@ -84,6 +84,15 @@ class LanguageModel(VocabFromData, TokenWindowSteps, L.LightningModule):
             except ValueError as e:
                 raise ValueError(f"model.init_args.sample_prompt={prompt!r}: {e}; use text the tokenizer "
                                  "can encode (for a char vocabulary, characters of the corpus)") from None
+
+    def downstream_lms(self) -> dict[str, tuple[nn.Module, Any]]:
+        """The LM that downstream evaluation scores (:mod:`lightning_rlm.callbacks.downstream`): the network,
+        when it is a Hugging Face causal LM with a Hugging Face tokenizer (not the GRU or char baselines)."""
+        if not hasattr(self.net, "generate") or getattr(self.tokenizer, "hf", None) is None:
+            raise ValueError(f"evaluation.tasks: the {type(self.net).__name__} network with a "
+                             f"{type(self.tokenizer).__name__} cannot answer downstream tasks; use an HF causal "
+                             "LM network (lightning_rlm.models.hf) with an HF tokenizer")
+        return {"": (self.net, self.tokenizer)}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.net(input_ids)  # [B, T, V]

@@ -387,6 +387,10 @@ class SFTKLBarrier(L.LightningModule):
         log_text(self, "round/generations", "\n".join(lines), step=k)
 
     # ----- optimisation and state -------------------------------------------------------------------------
+    def downstream_lms(self) -> dict[str, tuple[nn.Module, Any]]:
+        """The LM that downstream evaluation scores (:mod:`lightning_rlm.callbacks.downstream`): the policy."""
+        return {"": (self.policy, self.tokenizer)}
+
     def configure_optimizers(self):
         h = self.hparams  # AdamW, linear warm-up then a constant rate
         return adamw_warmup([{"params": [p for p in self.policy.parameters() if p.requires_grad]}], lr=h.lr,

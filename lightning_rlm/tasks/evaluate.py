@@ -351,6 +351,8 @@ def evaluate(
         file order, from every rank) carry `index, question, prediction, gold, correct` and the completion
         (generation) or the choices and their log-likelihoods (likelihood scoring).
     """
+    if getattr(model, "forwards_to_wrapped", False):  # an adapter wrapper: its adapters live in the model's Linears
+        model = model.model
     subset = select_indices(len(task), limit, seed)
     rank, world = _dist()
     examples = [task.examples()[i] for i in subset[rank::world]]
