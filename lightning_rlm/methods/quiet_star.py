@@ -22,8 +22,15 @@ seed's "always including the null prompt baseline". Attention: `engine: dense` i
 every position's thought, `diagonal` the context block + own-thought band (see
 `lightning_rlm/models/thought_attention.py`); both give the same loss and gradients.
 
+Padded batches: a batch may carry `attention_mask` [B, L] (1 real, 0 padding, left or right; missing means
+all real, as LMWindow's windows are). Padding is masked in the model (never attended, position ids count
+real tokens), and every mean above and in the logs is over real label positions only (mask 1 and label
+not -100), mask-weighted: sum(x * m) / sum(m). Thinking positions are columns shared by the batch, drawn
+among those holding a real token in some row; a thought at a row's padding has weight 0 everywhere (loss,
+reward, baseline, stats).
+
 Logs (train/ and val/): `nll` (the model's next-token NLL: mixed at thinking positions, base elsewhere;
-comparable with the LM baselines' `loss`), `nll_base` (the base path alone, all positions),
+comparable with the LM baselines' `loss`), `nll_base` (the base path alone, all real positions),
 `nll_thought` and `nll_base_at_thought` (next token at thinking positions with and without the thought),
 `nll_post` (the post-thought prediction alone, before mixing),
 `gap` (their difference; < 0 means thoughts help) and `gap_easy|medium|hard` (by the base NLL of that
@@ -194,10 +201,16 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             self.generator = torch.Generator(self.device).manual_seed(seed)
         return self.generator
 
-    def thought_positions(self, length: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """[Lq] positions to think at in a window of `length` tokens."""
+    def thought_positions(self, length: int, generator: Optional[torch.Generator],
+                          real: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[Lq] positions to think at in a window of `length` tokens. `real` [length] bool: the columns that
+        hold a real token in some row of the batch; the others (padding in every row) are never picked."""
         h = self.hparams
         pos = torch.arange(0, length, h.think_every)
+        if real is not None:
+            keep = real.cpu()[pos]
+            if bool(keep.any()):  # a batch of padding only: think anywhere, every weight is 0 anyway
+                pos = pos[keep]
         if h.think_positions is not None and h.think_positions < pos.numel():
             pick = torch.randperm(pos.numel(), generator=generator, device=generator.device if generator else None)
             pos = pos[pick[: h.think_positions].cpu()].sort().values
@@ -206,45 +219,66 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
     # ----- objective ------------------------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, torch.Tensor], generator: Optional[torch.Generator],
                        thought_tokens: Optional[torch.Tensor] = None) -> tuple[dict[str, torch.Tensor], ThinkOutput]:
-        """Loss and detached statistics for windows {"input_ids", "labels"} [B, L]; `thought_tokens`
-        [B * n_passes, Lq, n_ahead - 2] replaces sampling (tests run both engines on the same thoughts)."""
+        """Loss and detached statistics for windows {"input_ids", "labels"} [B, L] and, for padded batches,
+        "attention_mask" [B, L] (1 real, 0 padding; missing: all real). `thought_tokens`
+        [B * n_passes, Lq, n_ahead - 2] replaces sampling (tests run both engines on the same thoughts).
+
+        Padding is masked (see `QuietStarLM.think`) and every mean is over real label positions only: a label
+        counts where the attention mask is 1 and the label is not -100; a thought counts where its position's
+        label does, a talk target where its own label does too."""
         h = self.hparams
         ids, labels = batch["input_ids"], batch["labels"]  # [B, L]
         B, L_ = ids.shape
         P, J = h.n_passes, h.n_talk
-        positions = self.thought_positions(L_, generator)
+        attention_mask = batch.get("attention_mask")  # [B, L] or None
+        real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        label_ok = real & (labels != -100)  # [B, L] the positions every mean is over
+        positions = self.thought_positions(L_, generator, None if attention_mask is None else real.any(0))
         out = self.net.think(ids, positions, h.n_ahead, J, P, h.engine, h.thought_temperature, generator,
-                             thought_tokens=thought_tokens, null_thought=h.null_thought_baseline)
+                             thought_tokens=thought_tokens, null_thought=h.null_thought_baseline,
+                             attention_mask=attention_mask)
         V = out.base_logits.shape[-1]
         Lq = positions.numel()
         base_tok_nll = F.cross_entropy(out.base_logits.float().reshape(-1, V), labels.reshape(-1),
-                                       reduction="none").view(B, L_)  # [B, L]
+                                       reduction="none").view(B, L_)  # [B, L] (0 at -100)
+        lw = label_ok.to(base_tok_nll.dtype)  # [B, L]
+        pos_w = lw[:, positions]  # [B, Lq] thoughts at real label positions
         targets = labels[:, out.talk_index]  # [B, Lq, J]
-        valid = out.talk_valid.to(out.talk_logits.dtype)  # [Lq, J]
+        # a talk target counts if it is inside the window and it and its thought's position are real labels
+        valid = out.talk_valid[None] & label_ok[:, out.talk_index] & label_ok[:, positions, None]  # [B, Lq, J]
+        valid = valid.float()
+        n_talk = (valid.sum() * P).clamp(min=1)
+        thought_w = pos_w[:, None].expand(B, P, Lq)  # [B, P, Lq]
+        n_thought = thought_w.sum().clamp(min=1)
+        n_pos = pos_w.sum().clamp(min=1)
 
         def talk_logp(logits: torch.Tensor, rows: int) -> torch.Tensor:  # logits [B*rows, Lq, J, V]
             tgt = targets.repeat_interleave(rows, 0)
             return -F.cross_entropy(logits.float().reshape(-1, V), tgt.reshape(-1),
                                     reduction="none").view(B, rows, Lq, J)
 
+        def over_thoughts(x: torch.Tensor) -> torch.Tensor:  # [B, P, Lq] -> mean over real thoughts
+            return (x * thought_w).sum() / n_thought
+
         logp = talk_logp(out.talk_logits, P)  # [B, P, Lq, J]
-        talk_nll = -(logp * valid).sum() / (valid.sum() * B * P)
+        talk_nll = -(logp * valid[:, None]).sum() / n_talk
         with torch.set_grad_enabled(h.post_loss_beta != 0 and torch.is_grad_enabled()):
             post_logp = talk_logp(out.post_logits, P)  # the thought's own prediction, before mixing
         mixed = h.reward_logits == "mixed"
-        reward = ((logp if mixed else post_logp) * valid).sum(-1).detach()  # [B, P, Lq]
-        post_nll = -(post_logp * valid).sum() / (valid.sum() * B * P)
+        reward = ((logp if mixed else post_logp) * valid[:, None]).sum(-1).detach()  # [B, P, Lq]
+        post_nll = -(post_logp * valid[:, None]).sum() / n_talk
         null_reward = None  # [B, Lq, 1]
         if out.null_talk_logits is not None:
             null_logp = talk_logp(out.null_talk_logits if mixed else out.null_post_logits, 1)  # [B, 1, Lq, J]
-            null_reward = (null_logp * valid).sum(-1).transpose(1, 2)
-        # the baseline compares the P thoughts of one position: put them on the last dim
+            null_reward = (null_logp * valid[:, None]).sum(-1).transpose(1, 2)
+        # the baseline compares the P thoughts of one (row, position): put them on the last dim; a padding
+        # position's thoughts all have reward 0, so they never reach a real position's baseline
         advantage = reward - leave_one_out_baseline(reward.transpose(1, 2), null_reward).transpose(1, 2)
         if h.clamp_negative_advantage:
             advantage = advantage.clamp(min=0)
         thought_logp = out.thought_logprob.view(B, P, Lq, -1).sum(-1)  # [B, P, Lq]
-        policy_loss = -(advantage * thought_logp).mean()
-        base_nll = base_tok_nll.mean()
+        policy_loss = -over_thoughts(advantage * thought_logp)
+        base_nll = (base_tok_nll * lw).sum() / lw.sum().clamp(min=1)
         loss = h.base_loss_beta * base_nll + h.talk_loss_beta * talk_nll
         if h.post_loss_beta != 0:
             loss = loss + h.post_loss_beta * post_nll
@@ -255,25 +289,33 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             nll_thought = -logp[..., 0].mean(1)  # [B, Lq] next token after the thought, mean over passes
             nll_base_at = base_tok_nll[:, positions]  # [B, Lq]
             gap = nll_thought - nll_base_at
-            # the model's own next-token NLL: mixed where it thinks, base elsewhere
-            nll = (base_tok_nll.sum() - nll_base_at.sum() + nll_thought.sum()) / base_tok_nll.numel()
+            # the model's own next-token NLL: mixed where it thinks, base elsewhere (real labels only)
+            nll = (((base_tok_nll * lw).sum() - (nll_base_at * pos_w).sum() + (nll_thought * pos_w).sum())
+                   / lw.sum().clamp(min=1))
+            sel_ok = pos_w.bool()  # [B, Lq]
+            adv_real = advantage[thought_w.bool()]
+            entropy = out.thought_entropy.view(B, P, Lq, -1)  # [B, P, Lq, M]
             stats = {
-                "loss": loss, "nll": nll, "nll_base": base_nll.detach(), "nll_thought": nll_thought.mean(),
-                "nll_base_at_thought": nll_base_at.mean(), "gap": gap.mean(), "talk_nll": talk_nll.detach(),
-                "nll_post": -post_logp[..., 0].mean(), "post_nll": post_nll.detach(),
-                "reward": reward.mean(), "advantage_std": advantage.std() if advantage.numel() > 1 else advantage.sum(),
-                "policy_loss": policy_loss.detach(), "thought_entropy": out.thought_entropy.mean()
-                if out.thought_entropy.numel() else torch.zeros((), device=self.device),
+                "loss": loss, "nll": nll, "nll_base": base_nll.detach(),
+                "nll_thought": (nll_thought * pos_w).sum() / n_pos,
+                "nll_base_at_thought": (nll_base_at * pos_w).sum() / n_pos, "gap": (gap * pos_w).sum() / n_pos,
+                "talk_nll": talk_nll.detach(), "nll_post": over_thoughts(-post_logp[..., 0]),
+                "post_nll": post_nll.detach(), "reward": over_thoughts(reward),
+                "advantage_std": adv_real.std() if adv_real.numel() > 1 else adv_real.sum(),
+                "policy_loss": policy_loss.detach(),
+                "thought_entropy": over_thoughts(entropy.mean(-1)) if entropy.numel()
+                else torch.zeros((), device=self.device),
             }
             lo, hi = h.gap_buckets
             for name, sel in (("easy", nll_base_at < lo), ("medium", (nll_base_at >= lo) & (nll_base_at < hi)),
                               ("hard", nll_base_at >= hi)):
+                sel = sel & sel_ok
                 if bool(sel.any()):
                     stats[f"gap_{name}"] = gap[sel].mean()
-            if out.mix_weight is not None:
-                stats["mix_weight"] = out.mix_weight.mean()
+            if out.mix_weight is not None:  # [N, Lq, J, 1]: mean over the real thoughts' J talk steps
+                stats["mix_weight"] = over_thoughts(out.mix_weight.view(B, P, Lq, J).mean(-1))
             if null_reward is not None:
-                stats["null_reward"] = null_reward.mean()
+                stats["null_reward"] = (null_reward[..., 0] * pos_w).sum() / n_pos
         return stats, out
 
     # ----- training ---------------------------------------------------------------------------------------
@@ -324,10 +366,16 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
     @torch.no_grad()
     def thought_lines(self, batch: dict[str, torch.Tensor], out: ThinkOutput, n: int,
                       context_tokens: int = 12) -> list[str]:
-        """`context → ⟨thought⟩ → prediction (true, p base → p mixed)` for n thinking positions of row 0."""
+        """`context → ⟨thought⟩ → prediction (true, p base → p mixed)` for n thinking positions of row 0 (its
+        real tokens only when the batch has an attention mask)."""
         ids, labels = batch["input_ids"][0], batch["labels"][0]
+        mask = batch.get("attention_mask")
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask[0].bool()
         positions = out.talk_index[:, 0].tolist()
-        picks = torch.linspace(0, len(positions) - 1, min(n, len(positions))).long().unique().tolist()
+        qs = [q for q, t in enumerate(positions) if bool(real[t])]
+        if not qs:
+            return []
+        picks = [qs[i] for i in torch.linspace(0, len(qs) - 1, min(n, len(qs))).long().unique().tolist()]
         lines = []
         for q in picks:
             t = positions[q]
@@ -335,14 +383,17 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             p_base = out.base_logits[0, t].float().softmax(-1)[true].item()
             mixed = out.talk_logits[0, q, 0].float().softmax(-1)  # pass 0 of row 0
             thought = self._decode(out.thought_tokens[0, q].tolist())
-            lines.append(f"`{self._decode(ids[max(0, t + 1 - context_tokens): t + 1].tolist())}` → ⟨t⟩`{thought}`⟨/t⟩"
+            context = ids[: t + 1][real[: t + 1]][-context_tokens:]
+            lines.append(f"`{self._decode(context.tolist())}` → ⟨t⟩`{thought}`⟨/t⟩"
                          f" → **`{self._decode([int(mixed.argmax())])}`** (true `{self._decode([true])}`, "
                          f"p {p_base:.2f} → {mixed[true].item():.2f})")
         return lines
 
     def log_thoughts(self, batch: dict[str, torch.Tensor], out: ThinkOutput) -> None:
         if self.trainer.is_global_zero and self.hparams.sample_positions:
-            log_text(self, "thoughts", "  \n".join(self.thought_lines(batch, out, self.hparams.sample_positions)))
+            lines = self.thought_lines(batch, out, self.hparams.sample_positions)
+            if lines:  # none when row 0 is all padding
+                log_text(self, "thoughts", "  \n".join(lines))
 
     @torch.no_grad()
     def sample_text(self, prompt: str, max_new_tokens: int) -> str:

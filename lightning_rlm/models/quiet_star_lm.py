@@ -15,6 +15,12 @@ talk tokens. Sampling steps run one forward each over all positions; the end mar
 are known once the last thought token is, so they run as one forward of J + 1 steps per position. All of
 it attends through `thought_attention` (`dense` or `diagonal`, same numbers).
 
+Padding: with `attention_mask` [B, L] (1 real, 0 padding; left or right) padding is masked: no real token
+and no thought attends to a padding token, and position ids count real tokens only (`position_ids_from_mask`;
+a thought at t continues from t's position id). A row's outputs at its real positions are then those of the
+row alone; outputs at padding positions are finite and meaningless. Without a mask (or all ones) nothing
+changes.
+
 Mixing: talk logits = base + w * (post - base) with w from an MLP over [h_base(t+j), h_post(t, j)] whose
 last layer starts at zero weights, so training starts as the base model: `linear` w is the raw output
 (exactly 0 at first, unbounded: w < 0 extrapolates away from the thought), `sigmoid` w = sigmoid(raw),
@@ -139,11 +145,16 @@ class QuietStarLM(nn.Module):
     # ----- training forward -----------------------------------------------------------------------------
     def think(self, input_ids: Tensor, positions: Tensor, n_ahead: int, n_talk: int, passes: int = 1,
               engine: Engine = "diagonal", temperature: float = 1.0, generator: Optional[torch.Generator] = None,
-              thought_tokens: Optional[Tensor] = None, null_thought: bool = False) -> ThinkOutput:
+              thought_tokens: Optional[Tensor] = None, null_thought: bool = False,
+              attention_mask: Optional[Tensor] = None) -> ThinkOutput:
         """Thoughts at `positions` [Lq] of windows `input_ids` [B, L]; see the module docstring.
 
         `thought_tokens` [B * passes, Lq, n_ahead - 2] replaces sampling (tests use it to run both engines
         on the same thoughts). `null_thought` also scores an empty thought (<sot><eot>) without a graph.
+        `attention_mask` [B, L] (1 real, 0 padding, left or right): padding is never attended, by the window
+        or by the thoughts, and position ids count real tokens only, so a row's outputs at its real positions
+        do not depend on its padding. Outputs at padding positions are finite but meaningless (the caller
+        gives them no weight). None, or all ones, is the unpadded computation.
         """
         if n_ahead < 2 or n_talk < 1 or passes < 1:
             raise ValueError(f"need n_ahead >= 2 (it counts both markers), n_talk >= 1, passes >= 1; "
@@ -154,15 +165,27 @@ class QuietStarLM(nn.Module):
         self.check_positions(L + n_ahead + n_talk)
         dev = input_ids.device
         positions = positions.to(dev)
-        state = ThoughtAttentionState(engine, positions, P)
+        key_mask: Optional[Tensor] = None  # [B, L] bool, None: every token is real
+        if attention_mask is not None:
+            if attention_mask.shape != (B, L):
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {(B, L)}")
+            attention_mask = attention_mask.to(dev)
+            if not bool(attention_mask.all()):  # all ones: the unpadded (is_causal) path, bit for bit
+                key_mask = attention_mask.bool()
+        if key_mask is None:
+            base_pos = torch.arange(L, device=dev)[None].expand(B, L)  # [B, L]
+        else:
+            base_pos = position_ids_from_mask(key_mask)  # [B, L] real tokens counted, padding not
+        # the position id of each thinking position t, per thought row: the thought continues from it
+        think_pos = base_pos[:, positions].repeat_interleave(P, dim=0)  # [N, Lq]
+        state = ThoughtAttentionState(engine, positions, P, key_mask)
         with use_thought_attention(self.lm, state):
-            base_logits, base_hidden = self._forward(self.embed(input_ids),
-                                                     torch.arange(L, device=dev)[None].expand(B, L))
+            base_logits, base_hidden = self._forward(self.embed(input_ids), base_pos)
             state.mode = "thought"
             cur = self.marker("start").expand(N, Lq, -1)  # [N, Lq, D] the next input of every thought
             toks, logps, ents = [], [], []
             for i in range(M):
-                logits, _ = self._forward(cur, (positions + 1 + i)[None].expand(N, Lq))  # [N, Lq, V]
+                logits, _ = self._forward(cur, think_pos + 1 + i)  # [N, Lq, V]
                 logp = (logits.float() / temperature).log_softmax(-1)
                 if thought_tokens is None:
                     tok = sample_categorical(logp.detach().exp().reshape(N * Lq, -1), generator).view(N, Lq)
@@ -173,12 +196,12 @@ class QuietStarLM(nn.Module):
                 with torch.no_grad():
                     ents.append(-(logp.exp() * logp).sum(-1))
                 cur = self.embed(tok)
-            post_logits, post_hidden = self._final_block(input_ids, positions, cur, M, J, P)
+            post_logits, post_hidden = self._final_block(input_ids, positions, think_pos, cur, M, J, P)
             null_logits = None
             if null_thought:
                 with torch.no_grad(), use_thought_attention(self.lm, state.fork(passes=1)):
                     start = self.marker("start").expand(B, Lq, -1)
-                    null_post, null_hidden = self._final_block(input_ids, positions, start, 0, J, 1)
+                    null_post, null_hidden = self._final_block(input_ids, positions, think_pos[::P], start, 0, J, 1)
         # the base prediction of x_{t+1+j} comes from position t + j
         talk_index = positions[:, None] + torch.arange(J, device=dev)  # [Lq, J]
         talk_valid = talk_index < L
@@ -201,10 +224,11 @@ class QuietStarLM(nn.Module):
             null_talk_logits=null_logits, null_post_logits=null_post.detach() if null_thought else None,
         )
 
-    def _final_block(self, input_ids: Tensor, positions: Tensor, last: Tensor, M: int, J: int, P: int,
-                     ) -> tuple[Tensor, Tensor]:
-        """One forward of [last thought input, <eot>, x_{t+1} .. x_{t+J-1}] per position; returns the outputs
-        at <eot> and the talk tokens: logits [N, Lq, J, V], hidden [N, Lq, J, D]."""
+    def _final_block(self, input_ids: Tensor, positions: Tensor, think_pos: Tensor, last: Tensor, M: int, J: int,
+                     P: int) -> tuple[Tensor, Tensor]:
+        """One forward of [last thought input, <eot>, x_{t+1} .. x_{t+J-1}] per position; `think_pos` [N, Lq] is
+        the position id of each row's t. Returns the outputs at <eot> and the talk tokens: logits
+        [N, Lq, J, V], hidden [N, Lq, J, D]."""
         B, L = input_ids.shape
         N, Lq, D = last.shape
         dev = input_ids.device
@@ -212,8 +236,8 @@ class QuietStarLM(nn.Module):
         talk = self.embed(talk_ids).repeat_interleave(P, dim=0)  # [N, Lq, J-1, D]
         end = self.marker("end").expand(N, Lq, 1, D)
         block = torch.cat([last[:, :, None], end, talk], dim=2)  # [N, Lq, J+1, D]
-        pos = positions[:, None] + 1 + M + torch.arange(J + 1, device=dev)  # [Lq, J+1]
-        logits, hidden = self._forward(block.reshape(N, Lq * (J + 1), D), pos.reshape(1, -1).expand(N, -1))
+        pos = think_pos[:, :, None] + 1 + M + torch.arange(J + 1, device=dev)  # [N, Lq, J+1]
+        logits, hidden = self._forward(block.reshape(N, Lq * (J + 1), D), pos.reshape(N, -1))
         logits = logits.view(N, Lq, J + 1, -1)[:, :, 1:]
         hidden = hidden.view(N, Lq, J + 1, -1)[:, :, 1:]
         return logits, hidden

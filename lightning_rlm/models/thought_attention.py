@@ -24,6 +24,11 @@ projections and position encodings (RoPE or absolute). `use_thought_attention(lm
 it for the duration of a call and back; the model's own mask building is skipped (a custom attention has
 none), and this function builds the masks above. Attention dropout is not applied inside it.
 
+Padding is masked in both engines: `state.key_mask` [B, L] marks the window's real tokens, and a padding key
+is hidden from every query, in the window's causal pass and in every thought step (the caller gives position
+ids that count real tokens only). A query with no real key left (a padding token before any real one, or a
+thought at such a position) keeps itself, or its own thought's steps, so no softmax row is empty.
+
 Calls, in order, inside one `use_thought_attention` block:
   1. `state.mode = "context"`: the model's forward over the window [B, L]. Causal attention; every layer's
      keys/values are kept (with their graph) as the context.

@@ -45,7 +45,7 @@ def test_losses_by_hand(clamp, reward_logits, post_beta, tiny_llama_dir, monkeyp
                   clamp_negative_advantage=clamp, reward_logits=reward_logits, base_loss_beta=1.0,
                   talk_loss_beta=1.0, policy_loss_beta=1.0, post_loss_beta=post_beta)
     monkeypatch.setattr(m.net, "think", lambda *a, **k: scripted_output())
-    monkeypatch.setattr(m, "thought_positions", lambda length, g: torch.tensor([0]))
+    monkeypatch.setattr(m, "thought_positions", lambda length, g, real=None: torch.tensor([0]))
     batch = {"input_ids": torch.tensor([[5, 1]]), "labels": torch.tensor([[1, 0]])}
     stats, _ = m.compute_losses(batch, None)
     r0, r1 = math.log(3 / 4), math.log(1 / 2)  # log p_mix of the target after thoughts 0 and 1
@@ -166,3 +166,89 @@ def test_bad_arguments_fail_at_construction(tiny_llama_dir):
         QuietStar(model_name_or_path=str(tiny_llama_dir), thought_init_text="")
     with pytest.raises(ValueError, match="model_type"):
         QuietStar(model_config={"hidden_size": 8})
+
+
+# ----- padded batches ------------------------------------------------------------------------------------------
+TINY_LLAMA = {**TINY_QWEN2, "model_type": "llama"}
+
+
+def padded_rows(seqs: list[torch.Tensor], sides: list[str], width: int, pad: int = 0) -> dict[str, torch.Tensor]:
+    """Windows input = seq[:-1], labels = seq[1:], each padded to `width` on its side (labels there: pad)."""
+    ids, labels, mask = [], [], []
+    for s, side in zip(seqs, sides):
+        n = s.numel() - 1
+        fill = torch.full((width - n,), pad)
+        real = torch.ones(n, dtype=torch.long)
+        cat = (lambda a, b: torch.cat([b, a])) if side == "left" else (lambda a, b: torch.cat([a, b]))
+        ids.append(cat(s[:-1], fill))
+        labels.append(cat(s[1:], fill))
+        mask.append(cat(real, torch.zeros_like(fill)))
+    return {"input_ids": torch.stack(ids), "labels": torch.stack(labels), "attention_mask": torch.stack(mask)}
+
+
+def test_nll_base_on_a_padded_batch_is_the_mean_nll_over_real_labels():
+    """Reference by hand: a plain HF forward of each row's real tokens alone, its NLL summed over its real
+    labels (a -100 label skipped), divided by the number of real labels of the batch."""
+    torch.manual_seed(0)
+    m = QuietStar(model_config=TINY_LLAMA, vocab_size=64, n_ahead=4, n_talk=2, n_passes=2, think_positions=5)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 64, (n + 1,), generator=g) for n in (12, 7, 9)]
+    batch = padded_rows(seqs, ["left", "left", "right"], width=12)
+    batch["labels"][0, 4] = -100  # an ignored label inside a real row
+    stats, out = m.compute_losses(batch, torch.Generator().manual_seed(1))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b, s in enumerate(seqs):
+            x, y = s[:-1], s[1:].clone()
+            if b == 0:
+                y[4] = -100
+            logits = m.net.lm(input_ids=x[None]).logits[0]
+            total += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            count += int((y != -100).sum())
+    assert count == 11 + 7 + 9
+    assert stats["nll_base"].item() == pytest.approx(total / count, abs=1e-5)
+    # the unmasked mean over every position (what it was) is a different number
+    V = out.base_logits.shape[-1]
+    lab = batch["labels"].clamp(min=0)
+    everything = torch.nn.functional.cross_entropy(out.base_logits.reshape(-1, V), lab.reshape(-1)).item()
+    assert abs(everything - total / count) > 1e-2
+    assert all(torch.isfinite(v) for v in stats.values())
+
+
+def test_thinking_positions_skip_columns_that_are_padding_in_every_row():
+    m = QuietStar(model_config=TINY_LLAMA, vocab_size=64, think_every=2)
+    real = torch.tensor([False] * 3 + [True] * 7)
+    assert m.thought_positions(10, None, real).tolist() == [4, 6, 8]
+    assert m.thought_positions(10, None).tolist() == [0, 2, 4, 6, 8]
+    m.hparams.think_positions = 2
+    for seed in range(5):
+        picked = m.thought_positions(10, torch.Generator().manual_seed(seed), real)
+        assert len(picked) == 2 and all(int(t) in (4, 6, 8) for t in picked)
+
+
+@pytest.mark.parametrize("engine", ["dense", "diagonal"])
+def test_method_losses_and_gradients_do_not_depend_on_padding(engine):
+    """The same two rows, left-padded to width 10 and to width 13: every loss, statistic and gradient is the
+    same (columns padded in every row are not thought at, so the thoughts line up column for column)."""
+    torch.manual_seed(0)
+    m = QuietStar(model_config=TINY_LLAMA, vocab_size=64, n_ahead=4, n_talk=3, n_passes=2, engine=engine,
+                  null_thought_baseline=True)
+    torch.nn.init.normal_(m.net.mixing_head[-1].weight, std=0.3)  # let the thoughts reach the loss
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 64, (n + 1,), generator=g) for n in (10, 6)]
+    narrow, wide = padded_rows(seqs, ["left", "left"], 10), padded_rows(seqs, ["left", "left"], 13)
+    _, first = m.compute_losses(narrow, torch.Generator().manual_seed(1))
+    results = []
+    for batch in (narrow, wide):
+        m.zero_grad()
+        stats, out = m.compute_losses(batch, None, thought_tokens=first.thought_tokens)
+        stats["loss"].backward()
+        results.append(({k: v.item() for k, v in stats.items()},
+                        {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}))
+    (s0, g0), (s1, g1) = results
+    assert s0.keys() == s1.keys()
+    for k in s0:
+        assert s1[k] == pytest.approx(s0[k], abs=1e-5), k
+    assert g0.keys() == g1.keys()
+    worst = max((g0[k] - g1[k]).abs().max().item() for k in g0)
+    assert worst <= 1e-5, worst

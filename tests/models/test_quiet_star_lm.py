@@ -181,3 +181,71 @@ def test_gpt2_positions_past_the_model_are_a_clear_error():
     m = wrapped("gpt2")
     with pytest.raises(ValueError, match="n_positions=64"):
         m.think(windows(B=1, L=60), torch.arange(60), n_ahead=8, n_talk=2)
+
+
+# ----- padding ------------------------------------------------------------------------------------------------
+def compare_padded_row_with_row_alone(m: QuietStarLM, side: str, engine: str, pad: int = 3, n: int = 8) -> float:
+    """Row 1 of a batch is `x` padded by `pad` on `side`; returns the largest difference, over its real
+    positions, between the batch's outputs and those of `x` alone (same thoughts)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(1, V, (1, n), generator=g)  # [1, n]
+    L = n + pad
+    other = torch.randint(1, V, (1, L), generator=g)
+    pads = torch.zeros(1, pad, dtype=torch.long)
+    row, mask_row = (torch.cat([pads, x], 1), torch.cat([pads, torch.ones_like(x)], 1)) if side == "left" else \
+        (torch.cat([x, pads], 1), torch.cat([torch.ones_like(x), pads], 1))
+    ids, mask = torch.cat([other, row]), torch.cat([torch.ones_like(other), mask_row])  # [2, L]
+    off = pad if side == "left" else 0  # batch column of x's position 0
+    P, M, J = 2, 3, 3
+    th = torch.randint(1, V, (2 * P, L, M), generator=g)  # [N, Lq=L, M]
+    kw = {"n_ahead": M + 2, "n_talk": J, "passes": P, "engine": engine, "null_thought": True}
+    padded = m.think(ids, torch.arange(L), thought_tokens=th, attention_mask=mask, **kw)
+    alone = m.think(x, torch.arange(n), thought_tokens=th[P:, off: off + n], **kw)
+    real = slice(off, off + n)
+    valid = alone.talk_valid[None, :, :, None]  # [1, n, J, 1]: talk targets inside x
+    diffs = [
+        padded.base_logits[1, real] - alone.base_logits[0],
+        (padded.talk_logits[P:, real] - alone.talk_logits) * valid,
+        (padded.post_logits[P:, real] - alone.post_logits) * valid,
+        (padded.mix_weight[P:, real] - alone.mix_weight) * valid,
+        (padded.null_talk_logits[1:, real] - alone.null_talk_logits) * valid,
+        padded.thought_logprob[P:, real] - alone.thought_logprob,
+    ]
+    # per-token NLL of the base and of the mixed prediction after the thought (targets x[1:])
+    tgt = x[0, 1:]
+    nll = torch.nn.functional.cross_entropy
+    diffs.append(nll(padded.base_logits[1, real][:-1], tgt, reduction="none")
+                 - nll(alone.base_logits[0, :-1], tgt, reduction="none"))
+    diffs.append(nll(padded.talk_logits[P:, real][:, :-1, 0].flatten(0, 1), tgt.repeat(P), reduction="none")
+                 - nll(alone.talk_logits[:, :-1, 0].flatten(0, 1), tgt.repeat(P), reduction="none"))
+    assert all(torch.isfinite(t).all() for t in (padded.base_logits, padded.talk_logits, padded.thought_logprob))
+    return max(d.abs().max().item() for d in diffs)
+
+
+@pytest.mark.parametrize("engine", ["dense", "diagonal"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_padded_row_gives_the_outputs_of_the_row_alone(engine, side):
+    """Padding is never attended (by the window or the thoughts) and positions count real tokens: base,
+    post-thought, mixed logits, thought log-probs and the empty thought at x's real positions match x alone."""
+    with torch.no_grad():
+        worst = compare_padded_row_with_row_alone(wrapped("llama"), side, engine)
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+def test_left_padding_is_masked_for_other_models(kind):
+    with torch.no_grad():
+        worst = compare_padded_row_with_row_alone(wrapped(kind), "left", "diagonal")
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("engine", ["dense", "diagonal"])
+def test_no_mask_and_an_all_ones_mask_are_the_same_computation(engine):
+    m = wrapped("llama")
+    x = windows()
+    runs = [m.think(x, torch.tensor([0, 4, 9]), n_ahead=5, n_talk=2, passes=2, engine=engine, null_thought=True,
+                    generator=torch.Generator().manual_seed(0), attention_mask=mask)
+            for mask in (None, torch.ones_like(x))]
+    for name in ("base_logits", "talk_logits", "post_logits", "mix_weight", "thought_tokens", "thought_logprob",
+                 "null_talk_logits"):
+        assert torch.equal(getattr(runs[0], name), getattr(runs[1], name)), name
