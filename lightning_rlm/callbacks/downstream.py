@@ -11,7 +11,8 @@ sharded over DDP ranks with the counts all-reduced) and the callback logs
     eval/<task>[/<variant>]/accuracy      (likelihood scoring adds accuracy_sum and accuracy_mean)
     eval/<task>[/<variant>]/n             the number of examples behind it
 
-plus a TensorBoard text table of the first `table_rows` graded answers (rank 0). Moments: the end of every
+(with `think_probe`, seed 001's think-or-not probe too: `eval/<task>[/<variant>]/think/...`), plus a
+TensorBoard text table of the first `table_rows` graded answers (rank 0). Moments: the end of every
 validation epoch (`every_n_steps: null`, the default; the sanity check is skipped), or every
 `every_n_steps` training steps instead; and the end of every `validate` / `test` run, so
 `lightning-rlm validate --config <run>.yaml --config configs/presets/eval_reasoning.yaml [--ckpt_path ...]`
@@ -31,6 +32,7 @@ from lightning_rlm.checks import check_at_least
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.tasks.base import Task
 from lightning_rlm.tasks.evaluate import evaluate
+from lightning_rlm.tasks.think import think_or_not
 
 __all__ = ["DownstreamEvaluation", "records_to_markdown"]
 
@@ -67,6 +69,9 @@ class DownstreamEvaluation(Callback):
         variants: the model variants to score (None: all the method offers, e.g. Quiet-STaR's `base` and
             `thoughts`).
         table_rows: graded answers shown in the TensorBoard text table (0: none).
+        think_probe: also run seed 001's "think or not" probe (:func:`lightning_rlm.tasks.think.think_or_not`):
+            logs `eval/<task>[/<variant>]/think/{accuracy_thought,accuracy_null,changed,fixed,broken}`.
+        think_tokens: the thought's token budget in the probe.
     """
 
     def __init__(
@@ -79,10 +84,13 @@ class DownstreamEvaluation(Callback):
         max_new_tokens: Optional[int] = None,
         variants: Optional[list[str]] = None,
         table_rows: int = 4,
+        think_probe: bool = False,
+        think_tokens: int = 128,
     ) -> None:
         check_at_least(1, limit=limit, batch_size=batch_size, every_n_steps=every_n_steps,
                        max_new_tokens=max_new_tokens)
         check_at_least(0, table_rows=table_rows)
+        check_at_least(1, think_tokens=think_tokens)
         self.tasks = list(tasks or [])
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
@@ -94,6 +102,8 @@ class DownstreamEvaluation(Callback):
         self.max_new_tokens = max_new_tokens
         self.variants = variants
         self.table_rows = table_rows
+        self.think_probe = think_probe
+        self.think_tokens = think_tokens
         self._last_step = -1
 
     # ----- what to score -------------------------------------------------------------------------------------
@@ -139,6 +149,13 @@ class DownstreamEvaluation(Callback):
                     logged[f"{prefix}/{k}"] = float(v)
                 if self.table_rows and trainer.is_global_zero:
                     log_text(pl_module, f"{prefix}/answers", records_to_markdown(result["records"], self.table_rows))
+                if self.think_probe:
+                    probe = think_or_not(task, model, tokenizer, limit=self.limit, seed=self.seed,
+                                         batch_size=self.batch_size, think_tokens=self.think_tokens)
+                    for k in ("accuracy_thought", "accuracy_null", "changed", "fixed", "broken"):
+                        pl_module.log(f"{prefix}/think/{k}", float(probe[k]), on_step=on_step, on_epoch=not on_step,
+                                      batch_size=1)
+                        logged[f"{prefix}/think/{k}"] = float(probe[k])
         return logged
 
     # ----- when -------------------------------------------------------------------------------------------

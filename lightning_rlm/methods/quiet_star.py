@@ -52,7 +52,7 @@ from lightning_rlm.distributed import generator_states, own_generator
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses import leave_one_out_baseline
 from lightning_rlm.methods.token_window import TokenWindowSteps, VocabFromData
-from lightning_rlm.models.quiet_star_lm import MixingHead, QuietStarLM, ThinkOutput
+from lightning_rlm.models.quiet_star_lm import MixingHead, QuietStarLM, ThinkingCausalLM, ThinkOutput
 from lightning_rlm.models.thought_attention import Engine
 
 
@@ -191,6 +191,14 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         init = marker_init(lm, init_ids, h.thought_init_text, unk_id) if init_ids is not None else None
         lm.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         return QuietStarLM(lm, init, h.embedding_grad_scale, h.mixing_head)
+
+    def downstream_lms(self) -> dict[str, tuple[torch.nn.Module, Any]]:
+        """What downstream evaluation scores (:mod:`lightning_rlm.callbacks.downstream`): ``base``, the base
+        path without thoughts, and ``thoughts``, the thinking model (a thought before every generated token;
+        thought-mixed likelihoods of each answer)."""
+        h, tok = self.hparams, self.hf_tokenizer if self.hf_tokenizer is not None else self.tokenizer
+        thinking = ThinkingCausalLM(self.net, h.n_ahead, h.engine, h.thought_temperature)
+        return {"base": (self.net.lm, tok), "thoughts": (thinking, tok)}
 
     def setup(self, stage: str) -> None:
         self.build_from_data()  # a random model gets the tokenizer's vocab; a built one is checked against it

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from types import SimpleNamespace
+from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +49,7 @@ from lightning_rlm.models.decoding import position_ids_from_mask, sample_categor
 from lightning_rlm.models.static_cache import StaticCacheDecoder
 from lightning_rlm.models.thought_attention import Engine, ThoughtAttentionState, use_thought_attention
 
-__all__ = ["MixingHead", "QuietStarLM", "ThinkOutput", "ThinkingGeneration"]
+__all__ = ["MixingHead", "QuietStarLM", "ThinkOutput", "ThinkingCausalLM", "ThinkingGeneration"]
 
 MixingHead = Literal["sigmoid", "linear", "off"]
 
@@ -246,13 +247,14 @@ class QuietStarLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 32,
                  n_ahead: int = 8, temperature: float = 1.0, thought_temperature: float = 1.0,
-                 generator: Optional[torch.Generator] = None, eos_token_id: Optional[int] = None,
-                 pad_token_id: int = 0, return_thoughts: bool = False, output_logits: bool = False,
+                 generator: Optional[torch.Generator] = None,
+                 eos_token_id: Optional[int | list[int]] = None, pad_token_id: int = 0, return_thoughts: bool = False, output_logits: bool = False,
                  use_cache: bool = True, static_cache: bool = True) -> ThinkingGeneration:
         """Think before every token. `input_ids` [B, T0] left-padded (`attention_mask` marks real tokens).
 
         temperature 0 picks the most likely token (thoughts are still sampled at `thought_temperature`).
-        Thoughts are hidden unless `return_thoughts`; rows stop at `eos_token_id` (pad after it).
+        Thoughts are hidden unless `return_thoughts`; rows stop at `eos_token_id` (an id or a list of stop ids;
+        pad after it).
         """
         if n_ahead < 2 or max_new_tokens < 1 or temperature < 0 or thought_temperature <= 0:
             raise ValueError(f"need n_ahead >= 2, max_new_tokens >= 1, temperature >= 0, thought_temperature > 0; "
@@ -263,6 +265,8 @@ class QuietStarLM(nn.Module):
             raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 for every row")
         M = n_ahead - 2
         self.check_positions(T0 + max_new_tokens + n_ahead)
+        stops = None if eos_token_id is None else torch.tensor(
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
         decoder = _make_decoder(self, B, T0 + max_new_tokens + n_ahead + 1, use_cache, static_cache)
         pos = position_ids_from_mask(mask)  # [B, T0]
         base_l, base_h = decoder.prefill(input_ids, pos, mask)
@@ -304,8 +308,8 @@ class QuietStarLM(nn.Module):
             thoughts.append(torch.stack(zs, -1) if zs else tok.new_zeros(B, 0))
             all_logits.append(mixed)
             next_pos = next_pos + 1
-            if eos_token_id is not None:
-                finished = finished | (tok == eos_token_id)
+            if stops is not None:
+                finished = finished | torch.isin(tok, stops)
                 if bool(finished.all()):
                     break
         return ThinkingGeneration(
@@ -313,6 +317,56 @@ class QuietStarLM(nn.Module):
             thoughts=torch.stack(thoughts, 1) if return_thoughts else None,
             logits=torch.stack(all_logits, 1) if output_logits else None,
         )
+
+
+class ThinkingCausalLM(nn.Module):
+    """A :class:`QuietStarLM` behind the two calls of a Hugging Face causal LM that downstream evaluation makes
+    (:mod:`lightning_rlm.tasks.evaluate`), so tasks score the model *with* thoughts:
+
+    * ``generate(input_ids, attention_mask, generation_config)``: :meth:`QuietStarLM.generate`, a thought
+      before every token, the token picked greedily from the mixed logits (thoughts sampled at
+      `thought_temperature` from a generator seeded with `seed` at every call), stopping at the config's EOS
+      ids; returns ``[B, P + new]`` like HF;
+    * ``forward(input_ids, attention_mask, logits_to_keep=k).logits``: ``[B, k, V]`` thought-mixed next-token
+      logits at the last k positions (one thought each, n_talk = 1), so a choice's log-likelihood is taken
+      under the thinking model. No KV cache (``use_cache=True`` raises NotImplementedError, and evaluation
+      scores one full row per choice).
+    """
+
+    def __init__(self, net: QuietStarLM, n_ahead: int, engine: Engine = "diagonal",
+                 thought_temperature: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        self.net = net
+        self.n_ahead, self.engine, self.thought_temperature, self.seed = n_ahead, engine, thought_temperature, seed
+        self.train(net.training)  # evaluation restores this flag afterwards: keep the wrapped model's
+
+    @property
+    def generation_config(self) -> Any:
+        return getattr(self.net.lm, "generation_config", None)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        return torch.Generator(device).manual_seed(self.seed)
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, logits_to_keep: int = 0,
+                use_cache: bool = False, **_: Any) -> SimpleNamespace:
+        if use_cache:
+            raise NotImplementedError("ThinkingCausalLM keeps no KV cache")
+        L = input_ids.shape[1]
+        keep = logits_to_keep or L
+        positions = torch.arange(L - keep, L, device=input_ids.device)  # [k]
+        out = self.net.think(input_ids, positions, self.n_ahead, n_talk=1, engine=self.engine,
+                             temperature=self.thought_temperature, generator=self._generator(input_ids.device),
+                             attention_mask=attention_mask)
+        return SimpleNamespace(logits=out.talk_logits[:, :, 0])  # [B, k, V] mixed, after each thought
+
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, generation_config: Any = None,
+                 **_: Any) -> Tensor:
+        cfg = generation_config
+        gen = self.net.generate(input_ids, attention_mask, max_new_tokens=cfg.max_new_tokens, n_ahead=self.n_ahead,
+                                temperature=0.0, thought_temperature=self.thought_temperature,
+                                generator=self._generator(input_ids.device), eos_token_id=cfg.eos_token_id,
+                                pad_token_id=cfg.pad_token_id)
+        return torch.cat([input_ids, gen.tokens], dim=1)  # [B, P + new]
 
 
 # ----- decoders for generation: prefill, extend by embeddings, roll back -------------------------------------

@@ -24,8 +24,12 @@ from lightning_rlm.tasks.reward_hack import (
     insert_hack_word,
     prompt_is_eligible,
 )
+from lightning_rlm.tasks.think import NULL_THOUGHT, think_or_not, with_think_block
 
 __all__ = [
+    "NULL_THOUGHT",
+    "think_or_not",
+    "with_think_block",
     "ELIGIBLE_FIELD",
     "GSM8K",
     "CommonsenseQA",

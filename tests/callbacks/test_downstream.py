@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_rlm.callbacks.downstream import DownstreamEvaluation, records_to_markdown
 from lightning_rlm.cli import RLMCLI
-from lightning_rlm.tasks import JsonlChoiceTask, JsonlGenerationTask, evaluate
+from lightning_rlm.tasks import JsonlChoiceTask, JsonlGenerationTask, evaluate, think_or_not
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -69,7 +69,8 @@ def test_user_tasks_from_yaml_are_logged_in_a_short_fit(tmp_path, tiny_llama_dir
 
 def test_validate_logs_what_evaluate_computes(tmp_path, tiny_llama_dir):
     preset = write_tasks(tmp_path)
-    cli = RLMCLI(args=["validate", *grpo_args(tmp_path, tiny_llama_dir, preset)])  # the bare model
+    cli = RLMCLI(args=["validate", *grpo_args(tmp_path, tiny_llama_dir, preset, "--evaluation.think_probe=true",
+                                              "--evaluation.think_tokens=4")])  # the bare model
     metrics = cli.trainer.callback_metrics
     policy, tok = cli.model.policy, cli.model.tokenizer
     colours = JsonlChoiceTask(str(tmp_path / "colours.jsonl"), choices_field="options", answer_field="label")
@@ -79,6 +80,9 @@ def test_validate_logs_what_evaluate_computes(tmp_path, tiny_llama_dir):
     assert metrics["eval/colours/accuracy_sum"].item() == pytest.approx(direct["accuracy_sum"])
     assert metrics["eval/sums/accuracy"].item() == pytest.approx(evaluate(sums, policy, tok, limit=5, seed=3)["accuracy"])
     assert metrics["eval/colours/n"].item() == 5
+    probe = think_or_not(colours, policy, tok, limit=5, seed=3, think_tokens=4)
+    for k in ("accuracy_thought", "accuracy_null", "changed", "fixed", "broken"):
+        assert metrics[f"eval/colours/think/{k}"].item() == pytest.approx(probe[k])
 
 
 def test_adapter_wrappers_are_scored_with_their_adapters_on(tiny_llama_dir, tmp_path):
@@ -125,3 +129,26 @@ def test_markdown_table_shows_the_chosen_answer_text():
     table = records_to_markdown(records, rows=2).splitlines()
     assert table[2] == "| Q\\|1 | green | B | A | False |"
     assert table[3] == "| Q2 | it is 5 ok | 5 | 5 | True |"
+
+
+def test_quiet_star_is_scored_with_and_without_thoughts(tmp_path, tiny_chat_llama_dir):
+    preset = write_tasks(tmp_path)
+    cli = RLMCLI(args=[
+        "validate", "--config", str(CONFIGS / "quiet_star/smollm2_tinystories.yaml"), "--config", str(preset),
+        "--model.init_args.model_name_or_path", str(tiny_chat_llama_dir),
+        "--data.init_args.tokenizer", str(tiny_chat_llama_dir), "--data.init_args.block_size=16",
+        "--model.init_args.sample_every_n_steps=0", "--trainer.limit_val_batches=1",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu"])
+    metrics = cli.trainer.callback_metrics
+    for variant in ("base", "thoughts"):
+        assert metrics[f"eval/sums/{variant}/n"].item() == 5
+        assert f"eval/colours/{variant}/accuracy_mean" in metrics
+    lms = cli.model.downstream_lms()
+    colours = JsonlChoiceTask(str(tmp_path / "colours.jsonl"), choices_field="options", answer_field="label")
+    base, thinking = (evaluate(colours, *lms[v], limit=5, seed=3) for v in ("base", "thoughts"))
+    assert metrics["eval/colours/base/accuracy_sum"].item() == pytest.approx(base["accuracy_sum"])
+    assert metrics["eval/colours/thoughts/accuracy_sum"].item() == pytest.approx(thinking["accuracy_sum"])
+    # the thinking model's answer likelihoods are its own, not the base path's
+    assert [r["loglik_sum"] for r in base["records"]] != [r["loglik_sum"] for r in thinking["records"]]
+    assert not cli.model.net.training or cli.model.training  # evaluation left the train/eval flags as they were

@@ -249,3 +249,43 @@ def test_no_mask_and_an_all_ones_mask_are_the_same_computation(engine):
     for name in ("base_logits", "talk_logits", "post_logits", "mix_weight", "thought_tokens", "thought_logprob",
                  "null_talk_logits"):
         assert torch.equal(getattr(runs[0], name), getattr(runs[1], name)), name
+
+
+def test_thinking_causal_lm_logits_are_the_thought_mixed_ones_of_each_row_alone():
+    from lightning_rlm.models.quiet_star_lm import ThinkingCausalLM
+
+    m = wrapped("llama")
+    lm = ThinkingCausalLM(m, n_ahead=2, engine="dense")  # empty thoughts: no draw, rows comparable alone
+    ids = windows(B=2, L=7)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        logits = lm(input_ids=ids, attention_mask=mask, logits_to_keep=3).logits  # [B, 3, V]
+        for b, start in ((0, 0), (1, 3)):
+            row = ids[b : b + 1, start:]
+            ref = m.think(row, torch.arange(row.shape[1] - 3, row.shape[1]), n_ahead=2, n_talk=1, engine="dense")
+            torch.testing.assert_close(logits[b], ref.talk_logits[0, :, 0], atol=1e-5, rtol=0)
+        # and they are not the base model's (the mixing head is open)
+        assert not torch.allclose(logits[0], m.lm(ids[:1]).logits[0, -3:], atol=1e-3)
+    with pytest.raises(NotImplementedError):
+        lm(input_ids=ids, use_cache=True)
+
+
+def test_thinking_causal_lm_generate_is_seeded_greedy_thinking_and_stops_at_any_stop_id():
+    from types import SimpleNamespace
+
+    from lightning_rlm.models.quiet_star_lm import ThinkingCausalLM
+
+    m = wrapped("llama")
+    lm = ThinkingCausalLM(m, n_ahead=4, seed=5)
+    prompt = windows(B=2, L=5)
+    cfg = SimpleNamespace(max_new_tokens=5, eos_token_id=[V - 2, V - 3], pad_token_id=0)
+    out = lm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=cfg)
+    ref = m.generate(prompt, max_new_tokens=5, n_ahead=4, temperature=0, generator=torch.Generator().manual_seed(5),
+                     eos_token_id=[V - 2, V - 3])
+    assert torch.equal(out[:, :5], prompt) and torch.equal(out[:, 5:], ref.tokens)
+    assert torch.equal(lm.generate(input_ids=prompt, generation_config=cfg), out)  # the same thoughts every call
+    first = int(ref.tokens[0, 0])
+    stopped = m.generate(prompt, max_new_tokens=3, n_ahead=4, temperature=0, generator=torch.Generator().manual_seed(5),
+                         eos_token_id=[V - 1, first], pad_token_id=V - 4)
+    assert stopped.tokens[0, 0] == first and (stopped.tokens[0, 1:] == V - 4).all()
