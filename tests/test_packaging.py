@@ -3,8 +3,9 @@ its dependency layer, runs as a user and bakes in no offline switch, and CI that
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
