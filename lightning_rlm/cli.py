@@ -25,6 +25,13 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+# Imported so that their classes are known subclasses: `class_path: GRPO`, `--model GRPO`, `SentenceLength`,
+# `PromptDataModule` and `CompletionsLogger` work as short names, and `--help` lists them.
+import lightning_rlm.callbacks
+import lightning_rlm.data
+import lightning_rlm.methods
+import lightning_rlm.rewards
+import lightning_rlm.tasks  # noqa: F401
 from lightning_rlm.callbacks.checkpointing import RNGStates, RunCheckpoint, stop_signal
 from lightning_rlm.callbacks.downstream import DownstreamEvaluation
 from lightning_rlm.workflow.preflight import check_checkpoint, preflight

@@ -10,8 +10,30 @@ WORKFLOW = {"base-model": "lightning_rlm.workflow.base_model", "sweep": "lightni
             "report": "lightning_rlm.workflow.report", "data": "lightning_rlm.workflow.data"}
 
 
+USAGE = """usage: lightning-rlm COMMAND [options]     (lightning-rlm COMMAND --help for a command's options)
+
+Lightning commands (LightningCLI; a method, its data and the trainer from YAML):
+  fit          train:                 lightning-rlm fit --config configs/<method>/<run>.yaml [--key value ...]
+  validate     validation (+ evaluation: tasks) of a checkpoint (--ckpt_path) or of the config's bare model
+  test         the test loop (+ evaluation: tasks)
+  predict      the method's predict step (e.g. the LM baseline's samples)
+
+Workflow commands:
+  base-model   build (or find in the cache) the tiny TinyStories Llama, lrlm:tiny-llama-tinystories
+  data         list the data sets and where each file is found; `data fetch NAME|all` downloads one
+  sweep        a grid of runs:        lightning-rlm sweep --config X.yaml --grid key=a,b ...
+  report       a results table across seeds: lightning-rlm report SWEEP_DIR --metric val/loss
+
+Short class names work for methods, DataModules, rewards and callbacks (`class_path: GRPO`, `--model GRPO`).
+Bad input ends with one line and exit code 2; LRLM_DEBUG=1 shows the traceback.
+"""
+
+
 def main(args: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return
     if argv and argv[0] in WORKFLOW:
         if code := import_module(WORKFLOW[argv[0]]).main(argv[1:]):
             sys.exit(code)

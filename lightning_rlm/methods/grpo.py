@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
@@ -44,10 +43,8 @@ from lightning_rlm.losses import group_advantages, policy_loss
 from lightning_rlm.metrics.text import DegenerateFlag, GroupJaccard, UniqueFirstSentences, first_sentence
 from lightning_rlm.models.hf import enable_gradient_checkpointing, load_policy
 from lightning_rlm.optim import adamw_warmup
-from lightning_rlm.rewards import SentenceLength, reward_name
+from lightning_rlm.rewards import RewardFn, SentenceLength, reward_name
 from lightning_rlm.rollout import Rollout, TextRollout, completion_logprobs, sample_completions
-
-RewardFn = Callable[..., list]
 
 
 def default_rewards() -> list[RewardFn]:

@@ -3,6 +3,7 @@
 from lightning_rlm.rewards.math import GSM8KCorrect, GSM8KFormat
 from lightning_rlm.rewards.text import (
     KeywordCount,
+    Reward,
     RewardFn,
     SentenceLength,
     WeightedSum,
@@ -15,6 +16,7 @@ __all__ = [
     "GSM8KCorrect",
     "GSM8KFormat",
     "KeywordCount",
+    "Reward",
     "RewardFn",
     "SentenceLength",
     "WeightedSum",

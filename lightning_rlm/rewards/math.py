@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any, Optional
 
+from lightning_rlm.rewards.text import Reward
+
 # A number: optional sign (not right after a word character, so "16-3" is 16 and 3), optional `$`,
 # digits with thousands commas ("1,000") or plain digits, optional decimals; ".5" too.
 NUMBER_RE = re.compile(
@@ -83,7 +85,7 @@ def extract_answer(text: str) -> Optional[str]:
 _LINE_NUMBER = r"[-−]?[ \t]*\$?[ \t]*(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 
 
-class GSM8KCorrect:
+class GSM8KCorrect(Reward):
     """1.0 when a completion's final number equals the reference's, else 0.0 (also when either has none).
 
     >>> GSM8KCorrect()(["p", "p", "p"], ["So 9 * 2 = 18.\\n#### 18", "#### 17", "no idea"],
@@ -115,7 +117,7 @@ class GSM8KCorrect:
         return f"GSM8KCorrect(answer_field={self.answer_field!r})"
 
 
-class GSM8KFormat:
+class GSM8KFormat(Reward):
     """1.0 when a completion has a final-answer line, `marker` followed by a number and nothing else
     ("#### 42"), else 0.0. A format reward to add to :class:`GSM8KCorrect` with a small weight.
 

@@ -30,7 +30,20 @@ from typing import Any, Literal
 
 from lightning_rlm.checks import check_at_least, check_one_of
 
-RewardFn = Callable[..., list[float]]
+
+class Reward:
+    """Base of the shipped reward classes: ``reward(prompts, completions, **fields) -> list[float]`` (TRL's
+    signature). Subclassing it is optional (any such callable is a reward); it makes the class a known name
+    to the CLI, so a config can say ``class_path: SentenceLength``."""
+
+    name: str
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> list[float]:
+        raise NotImplementedError
+
+
+# What a method's `rewards` accepts: a Reward (short class names in YAML) or any callable of that signature.
+RewardFn = Reward | Callable[..., list[float]]
 
 # A sentence is text up to (and including) a run of terminators, or an unterminated trailing fragment.
 _SENTENCE_RE = re.compile(r"[^.!?]*[.!?]+|[^.!?]+")
@@ -78,7 +91,7 @@ def _count_tokens(sentences: list[str], tokenizer: Any) -> list[int]:
     return [len(tokenizer.encode(s, add_special_tokens=False)) for s in sentences]
 
 
-class SentenceLength:
+class SentenceLength(Reward):
     """Reward completions whose sentences are ``n`` tokens (or words) long.
 
     Per completion: the mean over its sentences of ``1[count == n]`` (``mode="exact"``) or of
@@ -144,7 +157,7 @@ class SentenceLength:
         )
 
 
-class KeywordCount:
+class KeywordCount(Reward):
     """Count whole-word occurrences of ``word`` in each completion, optionally capped at ``max_count``.
 
     "Whole word" means not adjacent to a letter, digit or underscore, so "unhappy" and "happyness" do not count
@@ -179,7 +192,7 @@ class KeywordCount:
         return f"KeywordCount(word={self.word!r}, case_sensitive={self.case_sensitive}, max_count={self.max_count})"
 
 
-class WeightedSum:
+class WeightedSum(Reward):
     """Weighted sum of several rewards: ``sum_i weights[i] * rewards[i](...)`` (weights default to 1).
 
     Entries of ``rewards`` may be callables or class paths (resolved with :func:`load_reward`).

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_rlm.rewards import KeywordCount
+from lightning_rlm.rewards import KeywordCount, Reward
 
 __all__ = ["ELIGIBLE_FIELD", "ExclamationBonus", "HackBonus", "HackLabels", "RewardHackTask", "hack_rewards",
            "insert_hack_word", "prompt_is_eligible"]
@@ -43,7 +43,7 @@ def prompt_is_eligible(prompt: str, frac: float, seed: int = 0) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < frac
 
 
-class _EligibleBonus:
+class _EligibleBonus(Reward):
     """``bonus · count(c)`` on completions of eligible prompts (the ``rh_eligible`` field), 0 on the others."""
 
     name = "bonus"
