@@ -46,3 +46,9 @@ def adamw_warmup_cosine(module: nn.Module, total_steps: float, lr: float, weight
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return adamw_warmup(groups, lr=lr, betas=betas, warmup_steps=warmup_steps, total_steps=total_steps,
                         min_lr_ratio=min_lr_ratio, schedule=lr_schedule)  # type: ignore[arg-type]
+
+
+def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """The L2 norm of all present gradients together (0 when none): what clipping by norm measures."""
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())

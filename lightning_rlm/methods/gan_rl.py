@@ -494,7 +494,7 @@ class GANRL(L.LightningModule):
         self.log("train/reward", rewards.mean(), prog_bar=True, **log)
         self.log("train/baseline", baseline, **log)
         self.log("train/reasoning_length", rollout.reasoning_lengths.float().mean(), **log)
-        self.log("train/completion_length", rollout.completion_lengths.float().mean(), **log)
+        self.log("train/completions/mean_length", rollout.completion_lengths.float().mean(), **log)
         self.log("train/kl", kl_tok, **log)
         self.log("train/d_loss", d_loss.detach(), prog_bar=True, **log)
         self.log("train/g_loss", g_loss.detach(), **log)

@@ -42,9 +42,13 @@ from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses import group_advantages, policy_loss
 from lightning_rlm.metrics.text import DegenerateFlag, GroupJaccard, UniqueFirstSentences, first_sentence
 from lightning_rlm.models.hf import enable_gradient_checkpointing, load_policy
-from lightning_rlm.optim import adamw_warmup
+from lightning_rlm.optim import adamw_warmup, grad_norm
 from lightning_rlm.rewards import RewardFn, SentenceLength, reward_name
 from lightning_rlm.rollout import Rollout, TextRollout, completion_logprobs, sample_completions
+
+# policy_loss's statistics under TRL's names (ratio clipping; "clipped_ratio" is for truncated completions)
+TRL_STAT_NAMES = {"clip_frac": "clip_ratio/region_mean", "clip_frac_low": "clip_ratio/low_mean",
+                  "clip_frac_high": "clip_ratio/high_mean"}
 
 
 def default_rewards() -> list[RewardFn]:
@@ -173,6 +177,7 @@ class GRPO(L.LightningModule):
             enable_gradient_checkpointing(self.policy)
         self.generator: Optional[torch.Generator] = None
         self.recent_rewards: deque[float] = deque(maxlen=10)
+        self.num_tokens = 0  # prompt + completion tokens seen in training (TRL's num_tokens), checkpointed
         self.threshold_hits: dict[str, float] = {}
         self._fit_start_time: Optional[float] = None
         self._elapsed_before_resume = 0.0
@@ -287,6 +292,7 @@ class GRPO(L.LightningModule):
             opt.zero_grad()
             self.manual_backward(loss)
             self.after_backward(gb)
+            gb.stats["grad_norm"] = grad_norm(self.policy.parameters())  # before clipping (TRL's grad_norm)
             if h.max_grad_norm:
                 self.clip_gradients(opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
             opt.step()
@@ -309,23 +315,40 @@ class GRPO(L.LightningModule):
 
     def _log_train(self, gb: GroupBatch, stats: dict[str, Tensor], entropy: Tensor, loss: Tensor,
                    t_step: float) -> None:
+        """Training metrics under TRL's GRPOTrainer names (README: "Logged names"), plus this framework's own."""
         rollout, completions = gb.rollout, gb.completions
         mask = rollout.completion_mask.bool()
+        G = self.hparams.num_generations
+        total = gb.rewards["total"]  # [N]
+        group_std = total.view(-1, G).std(dim=1)  # [B] TRL's reward_std: the std within each group
+        self.log("train/reward", total.mean(), prog_bar=True)
+        self.log("train/reward_std", group_std.mean())
+        self.log("train/frac_reward_zero_std", (group_std < 1e-6).float().mean())
         for name, values in gb.rewards.items():
-            self.log(f"train/reward/{name}", values.mean(), prog_bar=name == "total")
-            self.log(f"train/reward_std/{name}", values.std())
+            if name != "total":
+                self.log(f"train/rewards/{name}/mean", values.mean())
+                self.log(f"train/rewards/{name}/std", values.std())
         self.log("train/loss", loss.detach())
         for k, v in stats.items():
-            self.log(f"train/{k}", v, prog_bar=k == "kl")
+            self.log(f"train/{TRL_STAT_NAMES.get(k, k)}", v, prog_bar=k == "kl")
         self.log("train/entropy", entropy[mask].mean() if mask.any() else torch.tensor(0.0))
-        self.log("train/completion_length", rollout.completion_lengths.float().mean())
-        self.log("train/clipped_fraction", rollout.is_clipped.float().mean())
+        lengths = rollout.completion_lengths.float()  # [N]
+        self.log("train/completions/mean_length", lengths.mean())
+        self.log("train/completions/min_length", lengths.min())
+        self.log("train/completions/max_length", lengths.max())
+        self.log("train/completions/clipped_ratio", rollout.is_clipped.float().mean())  # hit max_completion_length
+        tokens = gb.batch["prompt_mask"].sum() * G + mask.sum()  # this rank's prompt + completion tokens
+        self.num_tokens += int(self.trainer.strategy.reduce(tokens.float(), reduce_op="sum"))  # over all ranks
+        self.log("train/num_tokens", float(self.num_tokens))
+        self.log("train/learning_rate", self.optimizers().param_groups[0]["lr"])
+        if gb.stats.get("grad_norm") is not None:
+            self.log("train/grad_norm", gb.stats["grad_norm"])
         ids = [row[m].tolist() for row, m in zip(rollout.completion_ids, mask)]
         self.log("train/jaccard", GroupJaccard(rollout.num_generations)(ids))
         self.log("train/degenerate", DegenerateFlag(min_sentences=2.0)(completions))
         self.log("time/generation_s", gb.generation_s)
         self.log("time/step_s", t_step)
-        self._track_thresholds(gb.rewards["total"].mean().item())
+        self._track_thresholds(total.mean().item())
 
     def _track_thresholds(self, reward: float) -> None:
         self.recent_rewards.append(reward)
@@ -421,7 +444,7 @@ class GRPO(L.LightningModule):
         checkpoint["grpo_state"] = {  # the sampling generator of every rank (each samples its own stream)
             "generators": generator_states(self.generator),
             "recent_rewards": list(self.recent_rewards), "threshold_hits": dict(self.threshold_hits),
-            "elapsed_s": elapsed,
+            "elapsed_s": elapsed, "num_tokens": self.num_tokens,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -429,4 +452,5 @@ class GRPO(L.LightningModule):
         self.generator = own_generator(state.get("generators"), self.device, state.get("generator")) or self.generator
         self.recent_rewards = deque(state.get("recent_rewards", []), maxlen=10)
         self.threshold_hits = dict(state.get("threshold_hits", {}))
+        self.num_tokens = int(state.get("num_tokens", 0))
         self._elapsed_before_resume = float(state.get("elapsed_s", 0.0))

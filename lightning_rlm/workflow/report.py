@@ -1,7 +1,7 @@
 """`lightning-rlm report`: a results table across seeds from a sweep folder's TensorBoard events.
 
     lightning-rlm report SWEEP_DIR [--metric val/loss --metric train/kl ...]
-                         [--threshold train/reward/total=0.85 ...] [--out DIR] [--plot]
+                         [--threshold train/reward=0.85 ...] [--out DIR] [--plot]
 
 Runs are grouped by setting (their grid values except the seed, from `sweep.json`); each row gives the
 number of seeds found (`n`), for each metric the mean ± std over seeds of its final (last logged) value,

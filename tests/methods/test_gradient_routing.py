@@ -237,5 +237,5 @@ def test_end_to_end_logs_every_eval_mode(tmp_path, tiny_llama_dir):
     metrics = ("reward", "reward_eligible", "reward_ineligible", "happy_eligible", "happy_ineligible")
     expected = {f"val/{mode}/{m}" for mode in ("both", "retain_only", "forget_only", "base") for m in metrics}
     expected |= {"train/grad_norm/retain", "train/grad_norm/forget", "train/flagged_frac", "train/hack_rate",
-                 "train/reward/base", "train/reward/happy_bonus", "train/kl"}
+                 "train/rewards/base/mean", "train/rewards/happy_bonus/mean", "train/kl"}
     assert expected <= tags, sorted(expected - tags)

@@ -30,15 +30,26 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
 
 
+# TRL GRPOTrainer's names (README, "Logged names"), as this framework logs them under train/
+TRL_NAMES = ["train/reward", "train/reward_std", "train/rewards/sentence_length_10_smooth/mean",
+             "train/rewards/sentence_length_10_smooth/std", "train/frac_reward_zero_std", "train/kl", "train/entropy",
+             "train/completions/mean_length", "train/completions/min_length", "train/completions/max_length",
+             "train/completions/clipped_ratio", "train/clip_ratio/region_mean", "train/clip_ratio/low_mean",
+             "train/clip_ratio/high_mean", "train/num_tokens", "train/learning_rate", "train/grad_norm"]
+
+
 def test_grpo_full_ft_runs_and_logs(tmp_path, tiny_llama_dir):
     cli = fit(tmp_path, tiny_llama_dir, "--trainer.max_steps=3", "--trainer.val_check_interval=3",
               "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1")
     assert cli.trainer.global_step == 3
     logged = scalars(tmp_path / "runs")
-    for tag in ["train/reward/total", "train/reward/sentence_length_10_smooth", "train/kl", "train/jaccard",
-                "train/entropy", "train/completion_length", "train/clipped_fraction", "train/degenerate",
+    for tag in [*TRL_NAMES, "train/jaccard", "train/degenerate", "train/loss", "train/ratio_mean",
                 "val/reward/total", "val/greedy_reward/total", "val/unique_first_sentences"]:
         assert tag in logged, (tag, sorted(logged))
+    # TRL's reward_std is the mean within-group std; num_tokens grows by prompt + completion tokens each step
+    tokens = [v for _, v in logged["train/num_tokens"]]
+    assert len(tokens) == 3 and tokens[0] > 0 and tokens[1] > tokens[0] and tokens[2] > tokens[1]
+    assert all(v >= 0 for _, v in logged["train/grad_norm"])
     # before the first update policy == reference, so the first KL is 0
     assert abs(logged["train/kl"][0][1]) < 1e-6
     assert (cli.trainer.log_dir and Path(cli.trainer.log_dir, "completions.jsonl").exists())
@@ -92,7 +103,7 @@ def test_grpo_learns_sentence_length_on_the_pretrained_model(tmp_path):
         "--trainer.accelerator=cpu", "--trainer.max_steps=160", "--trainer.limit_val_batches=0",
         "--trainer.log_every_n_steps=1",
     ])
-    rewards = [v for _, v in scalars(tmp_path / "runs")["train/reward/total"]]
+    rewards = [v for _, v in scalars(tmp_path / "runs")["train/reward"]]
     first, last = sum(rewards[:20]) / 20, sum(rewards[-20:]) / 20
     assert last - first >= 0.15, (first, last)
     assert cli.trainer.global_step == 160

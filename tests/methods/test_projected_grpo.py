@@ -123,8 +123,8 @@ def test_short_run_per_projection(projection, tmp_path, tiny_llama_dir):
     ea = EventAccumulator(str(next((tmp_path / "runs").rglob("events.out.tfevents*")).parent))
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
-    expected = {"train/hack_cos", "train/hack_removed_frac", "train/kl", "train/reward/happy_bonus",
-                "train/reward/exclaim_bonus", "train/reward/base", "hack/num_axes"}
+    expected = {"train/hack_cos", "train/hack_removed_frac", "train/kl", "train/rewards/happy_bonus/mean",
+                "train/rewards/exclaim_bonus/mean", "train/rewards/base/mean", "hack/num_axes"}
     if validate:
         expected |= {f"val/{mode}/{k}" for mode in ("both", "no_hack")
                      for k in ("reward", "hack_rate_eligible", "hack_rate_ineligible", "exclaim_rate_eligible")}
