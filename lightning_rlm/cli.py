@@ -99,6 +99,10 @@ class RLMCLI(LightningCLI):
         if configs and init is not None and init.get("name") == "default":
             path = Path(str(configs[0]))
             init.name = f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+        # --trainer.default_root_dir moves the default run folder too: <root>/<config folder>/<config name>/
+        root = cfg.trainer.get("default_root_dir")
+        if root and init is not None and init.get("save_dir") == DEFAULT_LOG_ROOT:
+            init.save_dir = str(root)
         if subcommand:
             preflight(cfg, subcommand)
             resolve_ckpt_path_last(cfg, subcommand)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from lightning_rlm.cli import RLMCLI
 from lightning_rlm.methods import GRPO
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_short_class_names_resolve(tmp_path, tiny_llama_dir):
@@ -45,3 +48,16 @@ def test_top_level_help_lists_every_command():
     assert out.returncode == 0, out.stderr
     for command in ("fit", "validate", "test", "predict", "base-model", "sweep", "report", "data"):
         assert f"  {command}" in out.stdout, (command, out.stdout)
+
+
+def test_default_root_dir_moves_the_run_folder(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "elsewhere"
+    RLMCLI(args=["fit", "--config", str(CONFIGS / "grpo/sentence_length_10_smooth.yaml"),
+                 "--model.init_args.model_name_or_path", str(tiny_llama_dir), "--data.init_args.tokenizer",
+                 str(tiny_llama_dir), "--trainer.default_root_dir", str(root), "--trainer.max_steps=1",
+                 "--trainer.limit_val_batches=0", "--model.init_args.num_generations=2",
+                 "--model.init_args.max_completion_length=4", "--trainer.enable_progress_bar=false"])
+    run = root / "grpo" / "sentence_length_10_smooth" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and list(run.glob("events.out.tfevents*"))
+    assert not (tmp_path / "runs").exists()
