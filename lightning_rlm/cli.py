@@ -34,6 +34,7 @@ import lightning_rlm.rewards
 import lightning_rlm.tasks  # noqa: F401
 from lightning_rlm.callbacks.checkpointing import RNGStates, RunCheckpoint, stop_signal
 from lightning_rlm.callbacks.downstream import DownstreamEvaluation
+from lightning_rlm.callbacks.predictions import PredictionsWriter
 from lightning_rlm.workflow.preflight import check_checkpoint, preflight
 from lightning_rlm.workflow.run_folders import (
     KeepConfigs,
@@ -82,6 +83,8 @@ class RLMCLI(LightningCLI):
         # Downstream tasks (GSM8K, CommonsenseQA, ...) at validation/test; none unless a config lists some,
         # e.g. --config configs/presets/eval_reasoning.yaml
         parser.add_lightning_class_args(DownstreamEvaluation, "evaluation")
+        # `predict` writes what predict_step returns to <run folder>/predictions.jsonl
+        parser.add_lightning_class_args(PredictionsWriter, "predictions")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, name the run after its config file, then check the config before anything is built.

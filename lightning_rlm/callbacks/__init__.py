@@ -10,12 +10,14 @@ from lightning_rlm.callbacks.checkpointing import RNGStates, RunCheckpoint, Stop
 from lightning_rlm.callbacks.completions import CompletionsLogger
 from lightning_rlm.callbacks.downstream import DownstreamEvaluation
 from lightning_rlm.callbacks.mauve import MauveCallback
+from lightning_rlm.callbacks.predictions import PredictionsWriter
 from lightning_rlm.callbacks.rollout import all_gather_objects, get_rollout, per_completion, per_group
 
 __all__ = [
     "CompletionsLogger",
     "DownstreamEvaluation",
     "MauveCallback",
+    "PredictionsWriter",
     "RNGStates",
     "RunCheckpoint",
     "StopAt",

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from torch.utils.data import DataLoader
+
 from lightning_rlm.checks import check_at_least
 from lightning_rlm.data.base import TextDataModule, split_documents_by_seed, split_rows_by_seed
 from lightning_rlm.data.chat import ChatFormat
@@ -65,6 +67,7 @@ class PromptDataModule(TextDataModule):
         self.max_val_prompts = max_val_prompts
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
+        self.predict_set: PairDataset | None = None
 
     def prepare_data(self) -> None:
         pass  # the policy's tokenizer is loaded, never trained here
@@ -86,6 +89,9 @@ class PromptDataModule(TextDataModule):
         return {"prompt": text, "prompt_ids": ids, **fields}
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":  # every prompt, in file order, no split and no cap
+            self.setup_predict()
+            return
         if self.train_set is not None:
             return
         self.tokenizer = build_tokenizer(self.tokenizer_spec)
@@ -118,3 +124,21 @@ class PromptDataModule(TextDataModule):
             log.info("%d prompts were cut to their first prompt_tokens=%d tokens (prompt_tokens: null keeps "
                      "whole prompts)", self.cut, self.prompt_tokens)
         self.train_set, self.val_set = PairDataset(train), PairDataset(val)
+
+    def setup_predict(self) -> None:
+        """`predict_set`: every prompt of `prompts` or `source` (rows keep their fields), in order."""
+        if self.predict_set is not None:
+            return
+        self.tokenizer = build_tokenizer(self.tokenizer_spec)
+        if self.prompts is not None:
+            rows, field = [{"text": p} for p in self.prompts], "text"
+        else:
+            rows, field = self.source.read_rows(), self.source.text_field
+        examples = [e for r in rows if (e := self._example(r, field)) is not None]
+        if not examples:
+            raise ValueError(f"predict: no prompts of at least prompt_tokens={self.prompt_tokens} tokens in "
+                             f"{self.source.describe()!r}")
+        self.predict_set = PairDataset(examples)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_set, shuffle=False)

@@ -27,6 +27,7 @@ override these hooks and `build_policy` / `prepare_batch` / `score` / `param_gro
 from __future__ import annotations
 
 import time
+import warnings
 from collections import deque
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -177,6 +178,7 @@ class GRPO(L.LightningModule):
             enable_gradient_checkpointing(self.policy)
         self.generator: Optional[torch.Generator] = None
         self.recent_rewards: deque[float] = deque(maxlen=10)
+        self._warned_predict_rewards = False
         self.num_tokens = 0  # prompt + completion tokens seen in training (TRL's num_tokens), checkpointed
         self.threshold_hits: dict[str, float] = {}
         self._fit_start_time: Optional[float] = None
@@ -390,6 +392,25 @@ class GRPO(L.LightningModule):
             ids = [row[m].tolist() for row, m in zip(sampled.completion_ids, sampled.completion_mask.bool())]
             self.log(f"{split}/jaccard", GroupJaccard(G)(ids), sync_dist=True, batch_size=n_prompts)
         return {"rollout": self.text_rollout(batch, texts, rewards, None, G)}
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """`eval_num_generations` sampled completions per prompt, with their rewards when the rewards can be
+        computed from the prompt rows (a reward needing a field the rows lack is left out, with a warning).
+        `lightning-rlm predict` writes them to `predictions.jsonl` (:class:`~lightning_rlm.callbacks.
+        PredictionsWriter`)."""
+        G = self.hparams.eval_num_generations
+        texts = self.decode(self.rollout(batch, G))
+        try:
+            rewards: dict[str, list[float]] = {k: v.tolist() for k, v in self.score(batch, texts, G).items()}
+        except ValueError as e:
+            if not self._warned_predict_rewards:
+                warnings.warn(f"predict: completions are written without rewards ({e})", stacklevel=2)
+                self._warned_predict_rewards = True
+            rewards = {}
+        return [{"prompt": batch["prompt"][i // G], "sample": i % G, "completion": text,
+                 **({"rewards": {k: v[i] for k, v in rewards.items()}} if rewards else {})}
+                for i, text in enumerate(texts)]
 
     def on_validation_epoch_end(self) -> None:
         self._fixed_prompt_eval("val")

@@ -1,0 +1,42 @@
+"""`lightning-rlm predict` of an RL method: a prompts file in, one JSON line per sampled completion out."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_rlm.callbacks import PredictionsWriter
+from lightning_rlm.cli import RLMCLI
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_grpo_predict_writes_completions_with_rewards(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\nThe little dog\nA girl named Lily\n")
+    override = tmp_path / "prompts.yaml"
+    override.write_text(f"data:\n  init_args:\n    source: {{preset: null, path: {prompts}, separator: \"\\n\"}}\n"
+                        "    prompt_tokens: null\n")
+    args = ["predict", "--config", str(CONFIGS / "grpo/sentence_length_10_smooth.yaml"), "--config", str(override),
+            "--model.init_args.model_name_or_path", str(tiny_llama_dir), "--data.init_args.tokenizer",
+            str(tiny_llama_dir),
+            "--model.init_args.eval_num_generations=2", "--model.init_args.max_completion_length=6",
+            "--trainer.enable_progress_bar=false"]
+    cli = RLMCLI(args=args)
+    files = list(Path(cli.trainer.log_dir).glob("predictions*.jsonl"))
+    assert [f.name for f in files] == ["predictions.jsonl"]
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert [(r["prompt"], r["sample"]) for r in rows] == [(p, s) for p in ("Once upon a time", "The little dog",
+                                                                           "A girl named Lily") for s in (0, 1)]
+    assert all(isinstance(r["completion"], str) and set(r["rewards"]) == {"sentence_length_10_smooth", "total"}
+               for r in rows)
+    # a second predict run writes a new file, never into the first one
+    cli = RLMCLI(args=[*args, "--trainer.logger.init_args.version", Path(cli.trainer.log_dir).name])
+    assert sorted(f.name for f in Path(cli.trainer.log_dir).glob("predictions*.jsonl")) == [
+        "predictions-1.jsonl", "predictions.jsonl"]
+
+
+def test_writer_refuses_a_file_that_is_not_jsonl():
+    with pytest.raises(ValueError, match="must end with .jsonl"):
+        PredictionsWriter(filename="out.txt")
