@@ -1,4 +1,4 @@
-"""`lightning-rlm report`: a results table across seeds from a sweep folder's TensorBoard events.
+"""`lightning-rlm report`: a results table across seeds from a sweep folder's logs (TensorBoard or CSV).
 
     lightning-rlm report SWEEP_DIR [--metric val/loss --metric train/kl ...]
                          [--threshold train/reward=0.85 ...] [--out DIR] [--plot]
@@ -30,6 +30,7 @@ from typing import Optional
 from lightning_rlm.workflow.sweep import DONE_FILE, SEED_KEYS, is_seed_key, read_sweep, setting_name
 
 EVENTS_GLOB = "events.out.tfevents.*"
+CSV_NAME = "metrics.csv"  # what Lightning's CSVLogger writes
 IGNORED_TAGS = ("hp_metric",)
 
 Point = tuple[int, float, float]  # (step, value, wall time)
@@ -60,30 +61,52 @@ class Threshold:
 
 # ----- reading events ------------------------------------------------------------------------------------------
 def load_scalars(folder: Path) -> tuple[dict[str, list[Point]], float]:
-    """All scalars of the event files under `folder` (resumed runs append files: later writes win)."""
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-
+    """All scalars under `folder`: TensorBoard event files, and CSVLogger `metrics.csv` files (resumed runs
+    append files: later writes win)."""
     merged: dict[str, dict[int, tuple[float, float]]] = {}
     start = float("inf")
-    for path in sorted(folder.rglob(EVENTS_GLOB)):
+
+    def add(tag: str, step: int, value: float, wall: float) -> None:
+        if tag in IGNORED_TAGS:
+            return
+        points = merged.setdefault(tag, {})
+        if step not in points or wall >= points[step][1]:
+            points[step] = (value, wall)
+
+    event_files = sorted(folder.rglob(EVENTS_GLOB))
+    if event_files:
+        from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+    for path in event_files:
         acc = EventAccumulator(str(path), size_guidance={SCALARS: 0}).Reload()  # 0: keep every point
         try:
             start = min(start, acc.FirstEventTimestamp())
         except ValueError:  # an empty file
             continue
         for tag in acc.Tags()["scalars"]:
-            if tag in IGNORED_TAGS:
-                continue
-            points = merged.setdefault(tag, {})
             for ev in acc.Scalars(tag):
-                if ev.step not in points or ev.wall_time >= points[ev.step][1]:
-                    points[ev.step] = (ev.value, ev.wall_time)
+                add(tag, ev.step, ev.value, ev.wall_time)
+    for path in sorted(folder.rglob(CSV_NAME)):
+        # CSVLogger: one row per logging call, a column per metric (empty where not logged); no wall time, so
+        # the file's modification time stands for all its rows (thresholds' seconds are n/a for CSV-only runs)
+        wall = path.stat().st_mtime
+        with path.open(newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                step = row.get("step")
+                if not step:
+                    continue
+                for tag, value in row.items():
+                    if tag in ("step", "epoch") or value in ("", None):
+                        continue
+                    try:
+                        add(tag, int(float(step)), float(value), wall)
+                    except ValueError:
+                        continue
     scalars = {tag: [(s, v, w) for s, (v, w) in sorted(pts.items())] for tag, pts in merged.items()}
-    return scalars, (start if scalars else 0.0)
+    return scalars, (start if scalars and start != float("inf") else 0.0)
 
 
 def has_events(folder: Path) -> bool:
-    return any(folder.rglob(EVENTS_GLOB))
+    return any(folder.rglob(EVENTS_GLOB)) or any(folder.rglob(CSV_NAME))
 
 
 def setting_from_name(name: str) -> str:
@@ -111,7 +134,7 @@ def find_runs(sweep_dir: Path) -> tuple[list[RunData], list[str], Optional[dict]
             runs.append(RunData(entry["name"], setting, folder, done=(folder / DONE_FILE).exists()))
     else:
         folders = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and has_events(p))
-        if not folders and any(sweep_dir.glob(EVENTS_GLOB)):
+        if not folders and (any(sweep_dir.glob(EVENTS_GLOB)) or (sweep_dir / CSV_NAME).exists()):
             folders = [sweep_dir]
         runs = [RunData(p.name, setting_from_name(p.name), p) for p in folders]
     for run in runs:

@@ -140,3 +140,31 @@ def test_tiny_gru_sweep_end_to_end(tmp_path, monkeypatch, shared_data):
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for n in names[:3] for p in (sdir / n).rglob("*")
              if p.is_file()}
     assert after == before
+
+
+def test_a_csv_logged_run_gets_text_logs_and_a_report(tmp_path, tiny_llama_dir, capsys):
+    """Any Lightning logger: a CSVLogger run keeps its scalars (metrics.csv), its text (text.jsonl) and its
+    completions, and `report` reads the CSV."""
+    import json
+
+    from lightning_rlm.cli import RLMCLI
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    runs = tmp_path / "csv_runs"
+    for seed in (1, 2):
+        RLMCLI(args=["fit", "--config", str(configs / "grpo/sentence_length_10_smooth.yaml"),
+                     "--model.init_args.model_name_or_path", str(tiny_llama_dir), "--data.init_args.tokenizer",
+                     str(tiny_llama_dir), "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                     f"--trainer.logger.save_dir={runs}", f"--trainer.logger.name=seed={seed}",
+                     f"--seed_everything={seed}", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+                     "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+                     "--model.init_args.num_generations=2", "--model.init_args.max_completion_length=6",
+                     "--model.init_args.eval_samples=2", "--trainer.enable_progress_bar=false"])
+        run = runs / f"seed={seed}" / "version_0"
+        assert "train/reward" in (run / "metrics.csv").read_text().splitlines()[0].split(",")
+        texts = [json.loads(line) for line in (run / "text.jsonl").read_text().splitlines()]
+        assert any(t["tag"] == "val/fixed_prompt_samples" and "| # |" in t["text"] for t in texts)
+        assert (run / "completions.jsonl").is_file()
+    assert report.main([str(runs), "--metric", "train/reward"]) == 0
+    out = capsys.readouterr().out
+    assert "train/reward" in out and "| 2 |" in out.replace(" 2 |", "| 2 |") or "2" in out
