@@ -4,6 +4,7 @@
     lightning-rlm base-model [--force]      build (or find in the cache) the tiny TinyStories Llama
     lightning-rlm sweep --config X.yaml --grid key=a,b ...    a grid of runs (lightning_rlm/workflow)
     lightning-rlm report SWEEP_DIR --metric val/loss          a results table across seeds
+    lightning-rlm export --ckpt_path X.ckpt --out DIR [--merge]   the trained LM as a Hugging Face folder
 
 Methods own their optimizers (`auto_configure_optimizers=False`). Runs log to TensorBoard under
 `runs/<config folder>/<config name>/version_N` unless the config names a logger, keep `last.ckpt`

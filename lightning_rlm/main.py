@@ -7,7 +7,8 @@ from importlib import import_module
 from typing import Optional
 
 WORKFLOW = {"base-model": "lightning_rlm.workflow.base_model", "sweep": "lightning_rlm.workflow.sweep",
-            "report": "lightning_rlm.workflow.report", "data": "lightning_rlm.workflow.data"}
+            "report": "lightning_rlm.workflow.report", "data": "lightning_rlm.workflow.data",
+            "export": "lightning_rlm.workflow.export"}
 
 
 USAGE = """usage: lightning-rlm COMMAND [options]     (lightning-rlm COMMAND --help for a command's options)

@@ -89,6 +89,9 @@ class LoRABranch(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(F.linear(x, self.A), self.B) * self.scale  # [..., D_out]
 
+    def delta_weight(self) -> Tensor:
+        return (self.B @ self.A) * self.scale  # [D_out, D_in]
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}"
 
@@ -122,6 +125,11 @@ class DualLoRALinear(WrappedLinear):
             # values selected, not blended: same output; flagged rows send no gradient to the retain adapter
             out = torch.where(routed, out.detach(), out)
         return out
+
+    def delta_weight(self) -> Optional[Tensor]:
+        st = self._state
+        deltas = [b.delta_weight() for b, on in ((self.retain, st.retain_on), (self.forget, st.forget_on)) if on]
+        return sum(deltas[1:], deltas[0]) if deltas else None
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)  # [N, T, D_out]

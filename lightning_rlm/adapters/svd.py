@@ -208,6 +208,10 @@ class SVDLinear(WrappedLinear):
             return None
         return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
+    def delta_weight(self) -> Optional[Tensor]:
+        s = self._scale()  # [r]
+        return None if s is None else (self.U * s) @ self.Vh  # [D_out, D_in] = U diag(s) Vᵀ
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)  # [..., D_out], exactly the base layer's output
         s = self._scale()  # [r]

@@ -6,7 +6,8 @@ whose names end in a target) and swaps each for a wrapper. `LinearWrappingModel`
 that only forwards calls (``forwards_to_wrapped`` tells the static-cache sampler it may look inside), and
 the one adapter protocol of the methods: ``adapters(mode)`` switches the two adapters for a block (the
 modes name which are on; ``base`` is neither) and ``reference()`` is the KL reference (both off, eval
-mode, no grad).
+mode, no grad). ``merge_and_unload(mode)`` folds the adapters of a mode into the Linears' weights and returns
+the plain model (what ``lightning-rlm export`` saves): each wrapper gives its update as ``delta_weight()``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class WrappedLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base.out_features
+
+    def delta_weight(self) -> Optional[Tensor]:
+        """The weight update ``[D_out, D_in]`` of the adapters switched on now (``None``: none is on), so that
+        ``base(x) + adapters(x) == x @ (W + delta_weight()).T + b``."""
+        raise NotImplementedError
 
 
 def wrap_linears(model: nn.Module, target_modules: Optional[Sequence[str]],
@@ -104,6 +110,26 @@ class LinearWrappingModel(nn.Module):
                 yield self
         finally:
             self.train(was_training)
+
+    @torch.no_grad()
+    def merge_and_unload(self, mode: str) -> nn.Module:
+        """The wrapped model with the adapters of ``mode`` folded into plain ``nn.Linear`` weights.
+
+        In place: every wrapper is replaced by its base Linear with ``W + ΔW`` (ΔW computed in the adapters'
+        dtype, fp32 on a 16-bit base, then cast to the weight's dtype), so this wrapper is spent afterwards.
+        The result is the Hugging Face model itself (``save_pretrained`` / ``from_pretrained`` as usual).
+        """
+        with self.adapters(mode):
+            for name, module in list(self.model.named_modules()):
+                if not isinstance(module, WrappedLinear):
+                    continue
+                base = module.base
+                delta = module.delta_weight()
+                if delta is not None:
+                    base.weight.copy_((base.weight.to(delta.dtype) + delta).to(base.weight.dtype))
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent_name), child, base)
+        return self.model
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

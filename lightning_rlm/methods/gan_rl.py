@@ -83,6 +83,7 @@ from lightning_rlm.data.collate import pad_left
 from lightning_rlm.distributed import generator_states, own_generator
 from lightning_rlm.logging_utils import append_jsonl_line
 from lightning_rlm.losses import kl_penalty
+from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.hf import load_policy
 from lightning_rlm.optim import adamw_warmup
 from lightning_rlm.rollout import (
@@ -562,6 +563,11 @@ class GANRL(L.LightningModule):
         """The LM that downstream evaluation scores (:mod:`lightning_rlm.callbacks.downstream`): the generator
         (the policy with its LoRA on; the discriminator head is not part of it)."""
         return {"": (self.policy, self.tokenizer)}
+
+    def exportable_lm(self, adapter_mode: Optional[str] = None) -> ExportableLM:
+        """What `lightning-rlm export` writes: the generator (the LoRA policy, merged or as a PEFT adapter);
+        the discriminator head stays in the checkpoint."""
+        return ExportableLM(self.policy, self.tokenizer, description="the generator (discriminator head left out)")
 
     def configure_optimizers(self):
         """Adapter and head each get AdamW (no weight decay) with warm-up and a linear decay."""

@@ -22,9 +22,10 @@ sends a flagged completion's gradient only to the forget adapter while an unflag
         ref_logp = both adapters off (the base model);  loss = GRPO policy_loss (+ beta · KL)
         with policy.route(flagged): forward  ->  backward  (retain gets no gradient from flagged rows)
 
-At deployment the forget adapter is ablated (``retain_only``). Every validation samples the held-out prompts
-in four modes, ``both``, ``retain_only``, ``forget_only`` and ``base``, and logs per mode the base reward and
-the hack count on eligible and ineligible prompts (``val/retain_only/happy_eligible``, ...).
+At deployment the forget adapter is ablated (``retain_only``, what ``lightning-rlm export`` writes by default).
+Every validation samples the held-out prompts in four modes, ``both``, ``retain_only``, ``forget_only`` and
+``base``, and logs per mode the base reward and the hack count on eligible and ineligible prompts
+(``val/retain_only/happy_eligible``, ...).
 
 The non-routed baseline (``routing: false``) runs through the same code with both adapters and no routing:
 two always-on adapters sum to one LoRA of rank ``retain_rank + forget_rank`` (a block factorisation with
@@ -77,6 +78,8 @@ class GradientRouting(RewardHackTask, GRPO):
     """
 
     fixed_args = ("lora_rank", "lora_alpha")
+    # exported with the forget adapter ablated (retain_only: the deployed model) unless told otherwise
+    export_adapter_modes = ("retain_only", "both", "forget_only", "base")
 
     def __init__(
         self,

@@ -42,6 +42,7 @@ from lightning_rlm.distributed import generator_states, own_generator
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses import group_advantages, policy_loss
 from lightning_rlm.metrics.text import DegenerateFlag, GroupJaccard, UniqueFirstSentences, first_sentence
+from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.hf import enable_gradient_checkpointing, load_policy
 from lightning_rlm.optim import adamw_warmup, grad_norm
 from lightning_rlm.rewards import RewardFn, SentenceLength, reward_name
@@ -115,6 +116,8 @@ class GRPO(L.LightningModule):
     fixed_args: ClassVar[tuple[str, ...]] = ()
     # Optimizes in training_step itself: the CLI refuses Trainer-side accumulation and clipping up front.
     manual_optimization = True
+    # adapter modes `lightning-rlm export` can fold in (the default first); none: the policy as it samples
+    export_adapter_modes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -194,6 +197,14 @@ class GRPO(L.LightningModule):
     def downstream_lms(self) -> dict[str, tuple[nn.Module, Any]]:
         """The LM that downstream evaluation scores (:mod:`lightning_rlm.callbacks.downstream`): the policy with its adapters on, as it samples."""
         return {"": (self.policy, self.tokenizer)}
+
+    def exportable_lm(self, adapter_mode: Optional[str] = None) -> ExportableLM:
+        """What `lightning-rlm export` writes: the policy (full weights, or LoRA to merge or save as a PEFT
+        adapter); with two adapters (subclasses), those of `adapter_mode` (default: the first of
+        `export_adapter_modes`, the deployed model) folded in."""
+        mode = adapter_mode or (self.export_adapter_modes[0] if self.export_adapter_modes else None)
+        what = f"the policy, adapter mode {mode}" if mode else "the policy"
+        return ExportableLM(self.policy, self.tokenizer, adapter_mode=mode, description=what)
 
     # ----- rollout and scoring -------------------------------------------------------------------------------
     def _sampling_generator(self) -> torch.Generator:

@@ -24,6 +24,7 @@ from torch import nn
 from lightning_rlm.checks import check_positive
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.methods.token_window import TokenWindowSteps, VocabFromData
+from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.gru_lm import GRULanguageModel
 from lightning_rlm.models.hf import HFCausalLM
 
@@ -93,6 +94,14 @@ class LanguageModel(VocabFromData, TokenWindowSteps, L.LightningModule):
                              f"{type(self.tokenizer).__name__} cannot answer downstream tasks; use an HF causal "
                              "LM network (lightning_rlm.models.hf) with an HF tokenizer")
         return {"": (self.net, self.tokenizer)}
+
+    def exportable_lm(self, adapter_mode: Optional[str] = None) -> ExportableLM:
+        """What `lightning-rlm export` writes: the HF causal LM inside an `HFCausalLM` network (the GRU LM has
+        no Hugging Face form); its tokenizer is the DataModule's (the export takes the one the run saved)."""
+        if not isinstance(self.net, HFCausalLM):
+            raise ValueError(f"the {type(self.net).__name__} network is not a Hugging Face model; only "
+                             "HFCausalLM networks (lightning_rlm.models.HFCausalLM) can be exported")
+        return ExportableLM(self.net.model, getattr(self.tokenizer, "hf", None), description="the network")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.net(input_ids)  # [B, T, V]

@@ -105,6 +105,8 @@ class ProjectedGRPO(RewardHackTask, GRPO):
     """
 
     fixed_args = ("lora_rank", "lora_alpha", "use_rslora")
+    # exported with δS_hack ablated (no_hack: the deployed model; equal to `both` unless projection=route)
+    export_adapter_modes = ("no_hack", "both", "hack_only", "base")
 
     def __init__(
         self,

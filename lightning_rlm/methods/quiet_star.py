@@ -52,7 +52,14 @@ from lightning_rlm.distributed import generator_states, own_generator
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses import leave_one_out_baseline
 from lightning_rlm.methods.token_window import TokenWindowSteps, VocabFromData
-from lightning_rlm.models.quiet_star_lm import MixingHead, QuietStarLM, ThinkingCausalLM, ThinkOutput
+from lightning_rlm.models.exportable import ExportableLM
+from lightning_rlm.models.quiet_star_lm import (
+    THOUGHTS_FILE,
+    MixingHead,
+    QuietStarLM,
+    ThinkingCausalLM,
+    ThinkOutput,
+)
 from lightning_rlm.models.thought_attention import Engine
 
 
@@ -199,6 +206,18 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         h, tok = self.hparams, self.hf_tokenizer if self.hf_tokenizer is not None else self.tokenizer
         thinking = ThinkingCausalLM(self.net, h.n_ahead, h.engine, h.thought_temperature)
         return {"base": (self.net.lm, tok), "thoughts": (thinking, tok)}
+
+    def exportable_lm(self, adapter_mode: Optional[str] = None) -> ExportableLM:
+        """What `lightning-rlm export` writes: the LM with its trained weights (the base path, no thoughts), and
+        beside it `quiet_star.pt`: the thought markers, the mixing head and the thinking settings
+        (`QuietStarLM.from_export` rebuilds the thinking model). The tokenizer is the run's when the model
+        was built from a config (the DataModule's)."""
+        h = self.hparams
+        extras = {THOUGHTS_FILE: {**self.net.thought_state(), "thinking": {
+            "n_ahead": h.n_ahead, "n_talk": h.n_talk, "engine": h.engine,
+            "thought_temperature": h.thought_temperature}}}
+        return ExportableLM(self.net.lm, self.hf_tokenizer, extras=extras,
+                            description=f"the LM (base path); thought markers and mixing head in {THOUGHTS_FILE}")
 
     def setup(self, stage: str) -> None:
         self.build_from_data()  # a random model gets the tokenizer's vocab; a built one is checked against it

@@ -64,6 +64,7 @@ from lightning_rlm.distributed import all_gather_objects
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses.kl import KL_AGGREGATES, KL_DIRECTIONS, aggregate_kl, kl_barrier, per_position_kl
 from lightning_rlm.metrics.text import RepeatedNgramLoop
+from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.hf import enable_gradient_checkpointing, load_policy
 from lightning_rlm.optim import adamw_warmup
 from lightning_rlm.rollout import position_ids_from_mask, sample_completions
@@ -390,6 +391,10 @@ class SFTKLBarrier(L.LightningModule):
     def downstream_lms(self) -> dict[str, tuple[nn.Module, Any]]:
         """The LM that downstream evaluation scores (:mod:`lightning_rlm.callbacks.downstream`): the policy."""
         return {"": (self.policy, self.tokenizer)}
+
+    def exportable_lm(self, adapter_mode: Optional[str] = None) -> ExportableLM:
+        """What `lightning-rlm export` writes: the student (full weights, or LoRA merged or as a PEFT adapter)."""
+        return ExportableLM(self.policy, self.tokenizer, description="the fine-tuned student")
 
     def configure_optimizers(self):
         h = self.hparams  # AdamW, linear warm-up then a constant rate

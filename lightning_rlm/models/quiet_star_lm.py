@@ -33,12 +33,18 @@ token, roll the cache back to the fork and append the token. The appended token 
 marker share one forward, the last thought token and the end marker another: M + 1 forwards per token. Llama/Mistral/Qwen2 use the preallocated
 `StaticCacheDecoder` (roll back = reuse the slots), others HF's `DynamicCache` (`crop`); `use_cache=False`
 recomputes the whole prefix for every forward (the benchmark's baseline).
+
+Export (`lightning-rlm export`): the LM is saved as a Hugging Face folder and everything else, the markers
+and the mixing head (`thought_state`), as `quiet_star.pt` (`THOUGHTS_FILE`) beside it; `QuietStarLM.from_export`
+rebuilds the model from the folder.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal, Optional
 
@@ -52,6 +58,7 @@ from lightning_rlm.models.thought_attention import Engine, ThoughtAttentionState
 __all__ = ["MixingHead", "QuietStarLM", "ThinkOutput", "ThinkingCausalLM", "ThinkingGeneration"]
 
 MixingHead = Literal["sigmoid", "linear", "off"]
+THOUGHTS_FILE = "quiet_star.pt"  # beside an exported LM: the markers and the mixing head (`thought_state`)
 
 
 @dataclass
@@ -135,6 +142,33 @@ class QuietStarLM(nn.Module):
         if self.mixing == "sigmoid":
             w = torch.sigmoid(w)
         return base_logits + w * (post_logits - base_logits), w
+
+    # ----- export ---------------------------------------------------------------------------------------
+    def thought_state(self) -> dict[str, Any]:
+        """What is not part of the LM, on the CPU: the markers as stored (``start_param``, ``end_param``; used
+        multiplied by ``embedding_grad_scale``, see `marker`), the mixing kind and the mixing head's weights."""
+        head = self.mixing_head
+        return {"start_param": self.start_param.detach().cpu().clone(),
+                "end_param": self.end_param.detach().cpu().clone(),
+                "embedding_grad_scale": float(self.embedding_grad_scale), "mixing": self.mixing,
+                "mixing_head": None if head is None else {k: v.detach().cpu().clone()
+                                                          for k, v in head.state_dict().items()}}
+
+    @classmethod
+    def from_export(cls, directory: str | os.PathLike, **from_pretrained_kwargs: Any) -> QuietStarLM:
+        """The model of an exported folder: the LM (`AutoModelForCausalLM.from_pretrained(directory, ...)`) and
+        the markers and mixing head of its `quiet_star.pt`."""
+        from transformers import AutoModelForCausalLM
+
+        state = torch.load(Path(directory) / THOUGHTS_FILE, map_location="cpu", weights_only=True)
+        lm = AutoModelForCausalLM.from_pretrained(str(directory), **from_pretrained_kwargs)
+        net = cls(lm, None, state["embedding_grad_scale"], state["mixing"])
+        with torch.no_grad():
+            net.start_param.copy_(state["start_param"])
+            net.end_param.copy_(state["end_param"])
+        if net.mixing_head is not None:
+            net.mixing_head.load_state_dict(state["mixing_head"])
+        return net.to(lm.device)
 
     def check_positions(self, length: int) -> None:
         """Absolute position embeddings (GPT-2) end at the model's size: say so before any forward."""

@@ -64,11 +64,9 @@ def check_folders(cfg: Namespace) -> None:
                 break
 
 
-def check_checkpoint(cfg: Namespace) -> None:
-    """`ckpt_path` is a readable checkpoint of the same method (and base model) as the config."""
-    ckpt_path = cfg.get("ckpt_path")
-    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
-        return
+def read_checkpoint(ckpt_path: Any) -> dict[str, Any]:
+    """The checkpoint at `ckpt_path`, memory-mapped (its tensors are not read); one clear ValueError naming the
+    path when it is missing, truncated or not a checkpoint."""
     p = Path(str(ckpt_path)).expanduser()
     if not p.is_file():
         raise ValueError(f"ckpt_path={str(ckpt_path)!r}: no such file")
@@ -82,6 +80,17 @@ def check_checkpoint(cfg: Namespace) -> None:
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means the same to the user
         raise ValueError(f"ckpt_path={str(ckpt_path)!r}: not a readable checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"ckpt_path={str(ckpt_path)!r}: not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+def check_checkpoint(cfg: Namespace) -> None:
+    """`ckpt_path` is a readable checkpoint of the same method (and base model) as the config."""
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+        return
+    ckpt = read_checkpoint(ckpt_path)
     hp = ckpt.get("hyper_parameters") or {}
     model = cfg.get("model")
     want, have = str(getattr(model, "class_path", "") or ""), str(hp.get("_class_path", "") or "")
