@@ -17,13 +17,14 @@ Lightning commands (LightningCLI; a method, its data and the trainer from YAML):
   fit          train:                 lightning-rlm fit --config configs/<method>/<run>.yaml [--key value ...]
   validate     validation (+ evaluation: tasks) of a checkpoint (--ckpt_path) or of the config's bare model
   test         the test loop (+ evaluation: tasks)
-  predict      the method's predict step (e.g. the LM baseline's samples)
+  predict      sample: GRPO-family completions of a prompts file, the LM baseline's samples -> predictions.jsonl
 
 Workflow commands:
   base-model   build (or find in the cache) the tiny TinyStories Llama, lrlm:tiny-llama-tinystories
   data         list the data sets and where each file is found; `data fetch NAME|all` downloads one
   sweep        a grid of runs:        lightning-rlm sweep --config X.yaml --grid key=a,b ...
   report       a results table across seeds: lightning-rlm report SWEEP_DIR --metric val/loss
+  export       a trained policy as an HF folder: lightning-rlm export --ckpt_path RUN_OR_CKPT --out DIR [--merge]
 
 Short class names work for methods, DataModules, rewards and callbacks (`class_path: GRPO`, `--model GRPO`).
 Bad input ends with one line and exit code 2; LRLM_DEBUG=1 shows the traceback.
