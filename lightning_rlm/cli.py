@@ -47,6 +47,21 @@ from lightning_rlm.workflow.run_folders import (
 )
 
 DEFAULT_LOG_ROOT = "runs"
+# the final metrics shown beside the config in TensorBoard's HParams tab
+HPARAMS_METRIC_PREFIXES = ("val/", "test/", "eval/", "train/reward", "train/loss", "train/kl")
+
+
+def flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as `{"model.init_args.lr": 1e-4, ...}`; lists and None become strings (HParams values
+    must be numbers, strings or booleans)."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flat_config(v, f"{prefix}{k}."))
+        return out
+    key = prefix[:-1]
+    out[key] = tree if isinstance(tree, (int, float, str, bool)) else str(tree)
+    return out
 
 # Lightning's own deprecation noise from torch's pytree (not actionable for users).
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
@@ -59,7 +74,7 @@ class RLMCLI(LightningCLI):
                  parser_kwargs: Optional[dict] = None, **kwargs) -> None:
         kwargs.setdefault("trainer_defaults", {
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": DEFAULT_LOG_ROOT, "name": "default"}},
+                       "init_args": {"save_dir": DEFAULT_LOG_ROOT, "name": "default", "default_hp_metric": False}},
             # DataModules shard each global batch over processes themselves (lightning_rlm.data.sampler).
             "use_distributed_sampler": False,
         })
@@ -113,6 +128,22 @@ class RLMCLI(LightningCLI):
             check_checkpoint(cfg)  # also the file `last` resolved to
             check_run_folder(cfg, subcommand)
             remember_runs(cfg)  # a run that fails before it logs anything leaves no empty version folder
+
+    def after_fit(self) -> None:
+        """TensorBoard's HParams tab: the whole resolved config (model, data, trainer) beside the run's final
+        metrics, under `hparams/<name>` so the curves of the metrics themselves stay untouched."""
+        trainer = self.trainer
+        if trainer.logger is None or not trainer.is_global_zero:
+            return
+        metrics = {f"hparams/{k}": float(v) for k, v in trainer.callback_metrics.items()
+                   if getattr(v, "numel", lambda: 1)() == 1 and k.startswith(HPARAMS_METRIC_PREFIXES)}
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        params = {k: v for k, v in flat_config(config.as_dict()).items() if not k.startswith(("config", "ckpt_path"))}
+        try:
+            trainer.logger.log_hyperparams(params, metrics=metrics) if metrics else trainer.logger.log_hyperparams(params)
+        except TypeError:  # a logger whose log_hyperparams takes no metrics
+            trainer.logger.log_hyperparams(params)
+        trainer.logger.save()  # flushed now, not when the writer is next flushed or closed
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
