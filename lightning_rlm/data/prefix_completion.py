@@ -14,7 +14,7 @@ import logging
 import random
 from typing import Any, Optional
 
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_rlm.checks import check_at_least
 from lightning_rlm.data.base import TextDataModule
@@ -121,3 +121,6 @@ class PrefixCompletionDataModule(TextDataModule):
             self.val_set = PairDataset(self._examples(self.val_docs, "val", 1))
         self.save_tokenizer()
 
+    def predict_dataloader(self) -> DataLoader:
+        """`predict` runs on the held-out windows (their ground-truth completions ride along)."""
+        return self.val_dataloader()

@@ -536,6 +536,18 @@ class GANRL(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         return self._eval_step(batch, "test")
 
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """The generator's reasoning and completion for each held-out prefix, beside its ground truth and the
+        discriminator's P(real) (`lightning-rlm predict` writes them to `predictions.jsonl`)."""
+        prefixes, truths = list(batch["prefix"]), list(batch["completion"])
+        rollout = self.generate(prefixes)
+        _, _, d_prob, _, rewards = self._score(rollout, truths)
+        return [{"prefix": p, "reasoning": r, "completion": c, "ground_truth": t, "d_prob": float(d),
+                 "reward": float(w)}
+                for p, r, c, t, d, w in zip(prefixes, rollout.reasoning_texts, rollout.completion_texts, truths,
+                                            d_prob.tolist(), rewards.tolist())]
+
     def _eval_step(self, batch: dict[str, Any], split: str) -> dict[str, Any]:
         prefixes, truths = list(batch["prefix"]), list(batch["completion"])
         rollout = self.generate(prefixes)

@@ -40,3 +40,21 @@ def test_grpo_predict_writes_completions_with_rewards(tmp_path, tiny_llama_dir, 
 def test_writer_refuses_a_file_that_is_not_jsonl():
     with pytest.raises(ValueError, match="must end with .jsonl"):
         PredictionsWriter(filename="out.txt")
+
+
+def test_gan_rl_predict_writes_generations_beside_the_ground_truth(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = RLMCLI(args=["predict", "--config", str(CONFIGS / "gan_rl/05_pile.yaml"),
+                       "--model.init_args.model_name_or_path", str(tiny_llama_dir), "--data.init_args.tokenizer",
+                       str(tiny_llama_dir), "--data.init_args.source.preset=tinystories",
+                       "--data.init_args.source.max_documents=40", "--model.init_args.reasoning_tokens=3",
+                       "--model.init_args.completion_tokens=5", "--data.init_args.completion_tokens=5",
+                       "--data.init_args.prefix_tokens=12", "--trainer.limit_predict_batches=2",
+                       "--trainer.callbacks=[]", "--trainer.enable_progress_bar=false"])
+    rows = [json.loads(line) for line in (Path(cli.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
+    val = cli.datamodule.val_set
+    n = min(len(val), 2 * cli.datamodule.batch_size)  # every held-out window, up to 2 batches
+    assert len(rows) == n > 0
+    assert [r["prefix"] for r in rows] == [val[i]["prefix"] for i in range(n)]
+    assert [r["ground_truth"] for r in rows] == [val[i]["completion"] for i in range(n)]
+    assert all(0.0 <= r["d_prob"] <= 1.0 and isinstance(r["completion"], str) for r in rows)
