@@ -69,6 +69,7 @@ class LanguageModel(VocabFromData, TokenWindowSteps, L.LightningModule):
         self.save_hyperparameters(ignore=["network"])
         self.network_fn = network
         self.net: Optional[nn.Module] = None
+        self._sampled_at = -1  # global step of the last logged sample
         if vocab_size is not None:
             self._build(vocab_size)
 
@@ -160,8 +161,9 @@ class LanguageModel(VocabFromData, TokenWindowSteps, L.LightningModule):
         return tok.decode(prompt_ids), tok.decode(new[0])
 
     def log_sample(self) -> None:
-        if not self.trainer.is_global_zero or self.tokenizer is None:
-            return
+        if not self.trainer.is_global_zero or self.tokenizer is None or self._sampled_at == self.trainer.global_step:
+            return  # (the end of fit after a step that already logged its sample logs none)
+        self._sampled_at = self.trainer.global_step
         prompt, cont = self.sample_text()
         text = f"**{prompt}**{cont}"
         log_text(self, "samples", text.replace("\n", "  \n"))  # two trailing spaces keep markdown line breaks

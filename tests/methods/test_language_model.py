@@ -110,3 +110,20 @@ def test_other_subcommands(subcommand, tmp_path, shared_data):
         assert len(preds) == 1 and len(preds[0]) == 2 and all(isinstance(p, str) for p in preds[0])
     else:
         assert f"{'val' if subcommand == 'validate' else 'test'}/loss" in cli.trainer.callback_metrics
+
+
+def test_each_sample_is_logged_once(tmp_path):
+    """A sample every 2 steps over 4 steps: steps 2 and 4, and none again at the end of fit (step 4)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    dm = LMWindowDataModule(TextSource(preset="shakespeare"), block_size=32, batch_size=4)
+    lm = LanguageModel(network=lambda v: GRULanguageModel(v, embed_dim=8, hidden_size=16, num_layers=1),
+                       sample_every_n_steps=2, sample_tokens=8)
+    trainer = L.Trainer(max_steps=4, limit_val_batches=0, accelerator="cpu", logger=TensorBoardLogger(tmp_path),
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(lm, dm)
+    steps = [event.step for path in Path(trainer.log_dir).glob("events.out.tfevents*")
+             for event in EventFileLoader(str(path)).Load()
+             for value in event.summary.value if value.tag.startswith("samples")]
+    assert sorted(steps) == [2, 4]
