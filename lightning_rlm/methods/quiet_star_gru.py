@@ -10,7 +10,9 @@ Objective, for every position t and each of K = `trice_samples` thoughts z_k:
     r_k      = sum_{j < n_talk} log p(x_{t+1+j} | z_k, x_{<=t+j})
                - length_penalty * |z_k| - punish_unfinished * [z_k hit max_reasoning_len]
     A_k      = r_k - mean_{i != k} r_i                      (leave-one-out baseline)
-    loss     = nll_loss_beta * mean(nll)
+               (null_thought_baseline: r_k - (sum_{i != k} r_i + r_null) / K, r_null the empty thought's reward)
+               (reward_bound b: A_k clipped to [-b, b], or b * tanh(A_k / b))
+    loss     = nll_loss_beta * mean(nll)              (train_nll_num n: the mean over thoughts k < n only)
                + policy_loss_beta * ( -mean(A_k * log pi(z_k | x_{<=t})) - entropy_coef * mean token entropy )
 
 The NLL trains the base LM, the interpreter and the heads; only the policy term (REINFORCE, reward
@@ -32,24 +34,33 @@ Departures from the papers:
 
 Logs: train/val NLL with thoughts (`nll`, also `loss`), the base path alone (`nll_base`), the gap, the
 policy loss, mean reward, fraction of empty and unfinished thoughts, mean thought length, token
-entropy, the mixing weight; every `sample_every_n_steps` a TensorBoard text of context -> thought ->
-next token.
+entropy (and its max with `log_thought_entropy_max`), the mixing weight, the empty thought's reward
+(`null_reward`, with `null_thought_baseline`), the fraction of bounded advantages (`frac_bounded`, with
+`reward_bound`); every `sample_every_n_steps` a TensorBoard text of context -> thought -> next token.
+
+The knobs of seed 001 added to the GRU experiments (`null_thought_baseline`, `train_nll_num`,
+`neuter_dropout_base`, `parameter_groups`, `reward_bound`, `detach_interpreter`,
+`log_thought_entropy_max`) all default to off, which is the method as it was before them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lightning_rlm.checks import check_fraction, check_positive
+from lightning_rlm.checks import check_at_least, check_fraction, check_one_of, check_positive
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses import leave_one_out_baseline
 from lightning_rlm.methods.token_window import TokenWindowSteps, VocabFromData
 from lightning_rlm.models.quiet_star_gru import Combine, QuietStarGRUNet, QuietStarOutput
+from lightning_rlm.optim import adamw_warmup
+
+GROUP_ROLES = ("base", "reasoner", "interpreter", "heads")  # keys of parameter_groups
+GROUP_SETTINGS = ("lr", "weight_decay")
 
 
 class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
@@ -72,10 +83,21 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
         use_base_lm: False: predict from the thought vector alone.
         pretrained_base, pretrained_reasoner: `.ckpt` of a GRU `LanguageModel` to start the base LM and/or
             the reasoner from (loaded at the start of fit, not when resuming).
+        neuter_dropout_base: dropout probability on the base LM's state where it enters the heads, in
+            training only (0: off). Seed 001's `neuter_dropout_base` (tried 0.2, 0.5, 0.875) "to simulate a
+            weak model which would always use the reasoner"; the notebook does not say where its dropout
+            sits, here it is on the base state h_t (all n_talk heads, `nll_base` and the null thought see
+            the same mask), with the usual 1/(1-p) scaling and nothing at evaluation.
+        detach_interpreter: the thought vector enters the heads detached: no NLL (talk) or policy loss
+            reaches the interpreter through it, so it stays at its initialisation while the heads learn
+            to read it. Seed 001's "try just detaching the gradient from the interpreter" (is the gain
+            from the interpreter's input at all?). A GRU/embedding that `weight_groups` shares with the
+            base LM or the reasoner still learns through that role.
     Thoughts:
         max_reasoning_len: thought tokens at most (0: empty thoughts, same parameters, no reasoning).
         variable_len: the reasoner may end a thought early (else every thought has max_reasoning_len tokens).
-        trice_samples: thoughts per position (K, >= 2 for the leave-one-out baseline).
+        trice_samples: thoughts per position (K, >= 2 for the leave-one-out baseline, unless
+            null_thought_baseline).
         thought_temperature: sampling temperature of the reasoner (log-probs are of the tempered policy).
         n_talk: reward = log-likelihood of the next n_talk tokens.
     Objective:
@@ -84,8 +106,34 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
         punish_unfinished: reward penalty for a thought that hits max_reasoning_len without ending.
         length_penalty: reward penalty per thought token.
         entropy_encouragement_coef: bonus on the reasoner's mean token entropy.
+        null_thought_baseline: the empty thought's reward joins every thought's leave-one-out baseline,
+            b_k = (sum_{i != k} r_i + r_null) / K, as in `QuietStar` (seed 001: "test out always including
+            the null prompt baseline ... will bias the gradient, but perhaps it will reduce the variance").
+            r_null is the reward of the thought that is just the end-of-thought token (what an empty sampled
+            thought gets), scored by the same heads, no gradient. With K = 1 it is the whole baseline.
+        train_nll_num: how many of the K thoughts per position the NLL loss averages over, the first n
+            (thoughts are i.i.d., so any n); None: all K. Seed 001's `train_nll_num` (1, 2, 4 with
+            trice_samples=4: "try training the NLL head less?"). The policy loss still uses all K
+            and the logged `nll` is still the mean over all K; `nll_trained` logs the trained part.
+        reward_bound: bound b > 0 on the advantage A_k (reward minus baseline) that multiplies
+            log pi(z_k); None: unbounded. Seed 001: "I should clip the gradient or bound the reward ...
+            bound of +/- 0.1". As in Quiet-STaR's code, the "reward" bounded there is the baseline-
+            subtracted one: a bound on the raw log-likelihood (about -2 nats/char) would make every
+            thought's reward equal.
+        reward_bound_mode: `clip` (clamp to [-b, b]) or `tanh` (b * tanh(A / b): smooth, ~A near 0).
     Optimisation and logging: as `LanguageModel` (AdamW, warmup + constant/cosine); `sample_every_n_steps`
         logs `sample_positions` thoughts of the current batch as TensorBoard text (0: never).
+        parameter_groups: per-role AdamW settings, {role: {"lr": ..., "weight_decay": ...}} with roles
+            `base`, `reasoner`, `interpreter` (embedding and GRU each; the reasoner also its policy head)
+            and `heads` (LM heads, projection, concat/mix MLPs); an unnamed role or setting takes `lr` /
+            `weight_decay`, biases and other vectors are never decayed, the schedule scales every group.
+            A module shared by `weight_groups` belongs to the first of base, interpreter, reasoner
+            (naming two roles that share one with different settings is an error). None: one lr and
+            weight decay for all, as before. Seed 001 records only `parameter_groups=1`, tried "to fix the
+            model performance degrading as reasoner/interpreter increases in size", not its groups or rates.
+        log_thought_entropy_max: also log `thought_entropy_max`, the largest per-step entropy of the
+            reasoner's policy over the batch's sampled thought steps (seed 001: "I need to fix the mean
+            reasoning entropy calculation. Maybe look at max instead.").
     """
 
     exact_vocab = True  # the end-of-thought id is vocab_size
@@ -108,6 +156,8 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
         use_base_lm: bool = True,
         pretrained_base: Optional[str] = None,
         pretrained_reasoner: Optional[str] = None,
+        neuter_dropout_base: float = 0.0,
+        detach_interpreter: bool = False,
         max_reasoning_len: int = 8,
         variable_len: bool = True,
         trice_samples: int = 4,
@@ -118,6 +168,10 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
         punish_unfinished: float = 0.0,
         length_penalty: float = 0.0,
         entropy_encouragement_coef: float = 0.0,
+        null_thought_baseline: bool = False,
+        train_nll_num: Optional[int] = None,
+        reward_bound: Optional[float] = None,
+        reward_bound_mode: Literal["clip", "tanh"] = "clip",
         lr: float = 3e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
@@ -126,9 +180,22 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
         min_lr_ratio: float = 0.1,
         sample_every_n_steps: int = 100,
         sample_positions: int = 4,
+        parameter_groups: Optional[dict[str, dict[str, float]]] = None,
+        log_thought_entropy_max: bool = False,
     ) -> None:
         super().__init__()
-        check_positive(lr=lr)
+        check_positive(lr=lr, reward_bound=reward_bound)
+        check_one_of("reward_bound_mode", reward_bound_mode, ("clip", "tanh"))
+        if train_nll_num is not None and not 1 <= train_nll_num <= trice_samples:
+            raise ValueError(f"train_nll_num must be in [1, trice_samples={trice_samples}], got {train_nll_num}")
+        for role, settings in (parameter_groups or {}).items():
+            check_one_of("a parameter_groups role", role, GROUP_ROLES)
+            for key, value in settings.items():
+                check_one_of(f"a parameter_groups[{role!r}] setting", key, GROUP_SETTINGS)
+                if key == "lr":
+                    check_positive(**{f"parameter_groups.{role}.lr": value})
+                else:
+                    check_at_least(0.0, **{f"parameter_groups.{role}.weight_decay": value})
         if max_reasoning_len < 0 or trice_samples < 1 or n_talk < 1 or thought_temperature <= 0:
             raise ValueError(f"need max_reasoning_len >= 0, trice_samples >= 1, n_talk >= 1 and "
                              f"thought_temperature > 0; got {max_reasoning_len}, {trice_samples}, {n_talk}, "
@@ -149,7 +216,7 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
             reasoner_hidden_dim=h.reasoner_hidden_dim, interpreter_hidden_dim=h.interpreter_hidden_dim,
             num_layers=h.num_layers, weight_groups=h.weight_groups, share_lm_head=h.share_lm_head,
             combine=h.combine, linear_lm_head=h.linear_lm_head, use_reasoner=h.use_reasoner,
-            use_base_lm=h.use_base_lm,
+            use_base_lm=h.use_base_lm, base_dropout=h.neuter_dropout_base, detach_interpreter=h.detach_interpreter,
         )
 
     def setup(self, stage: str) -> None:
@@ -177,6 +244,7 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
             input_ids, trice_samples=h.trice_samples, max_reasoning_len=h.max_reasoning_len,
             variable_len=h.variable_len, temperature=h.thought_temperature, reasoner_grad=reasoner_grad,
             n_talk=h.n_talk, gate_hold=self.gate_hold(), gate_start=h.gate_start or 0.5,
+            null_thought=h.null_thought_baseline and h.use_reasoner,
         )
 
     # ----- objective -----------------------------------------------------------------------------------------
@@ -198,16 +266,30 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
                                       reduction="none").view(J, B, T, K)  # [J, B, T, K]
         nll = -token_logp[0].mean()
         stats: dict[str, torch.Tensor] = {"nll": nll.detach()}
+        nll_trained = nll
+        if h.train_nll_num is not None:  # seed 001: only the first n of the K thoughts train through the NLL
+            nll_trained = -token_logp[0, ..., : h.train_nll_num].mean()
+            stats["nll_trained"] = nll_trained.detach()
         if out.base_logits is not None:
             nll_base = F.cross_entropy(out.base_logits.detach().float().reshape(-1, V), labels.reshape(-1))
             stats["nll_base"] = nll_base
             stats["gap"] = nll.detach() - nll_base
-        loss = h.nll_loss_beta * nll
+        loss = h.nll_loss_beta * nll_trained
         th = out.thoughts
         if th is not None:
             reward = (token_logp * in_window).sum(0).detach()  # [B, T, K]
             reward = reward - h.length_penalty * th.lengths - h.punish_unfinished * th.unfinished.float()
-            advantage = reward - leave_one_out_baseline(reward)  # [B, T, K]
+            null_reward = None  # [B, T, 1]: the empty thought's reward (no length, never unfinished)
+            if out.null_logits is not None:
+                null_logp = -F.cross_entropy(out.null_logits.float().reshape(-1, V), shifted.reshape(-1),
+                                             reduction="none").view(J, B, T)
+                null_reward = (null_logp * in_window[..., 0]).sum(0)[..., None].detach()
+                stats["null_reward"] = null_reward.mean()
+            advantage = reward - leave_one_out_baseline(reward, null_reward)  # [B, T, K]
+            if h.reward_bound is not None:
+                b = h.reward_bound
+                stats["frac_bounded"] = (advantage.abs() > b).float().mean()
+                advantage = advantage.clamp(-b, b) if h.reward_bound_mode == "clip" else b * torch.tanh(advantage / b)
             policy_loss = -(advantage * th.logprob).mean()
             n_sampled = th.n_sampled.sum().clamp(min=1)
             entropy = th.entropy.sum() / n_sampled  # mean over sampled thought steps
@@ -218,10 +300,44 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
                 thought_len=th.lengths.float().mean(), frac_empty=(th.lengths == 0).float().mean(),
                 frac_unfinished=th.unfinished.float().mean(), thought_entropy=entropy.detach(),
             )
+            if h.log_thought_entropy_max:
+                stats["thought_entropy_max"] = th.entropy_max.max()
         if out.mix_weight is not None:
             stats["mix_weight"] = out.mix_weight.detach().mean()
         stats["loss"] = loss
         return stats
+
+    # ----- optimisation -----------------------------------------------------------------------------------
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups from `parameter_groups`: per role (see `QuietStarGRUNet.parameter_roles`) one
+        group of matrices with the role's weight decay and one of vectors without, each with the role's lr."""
+        h = self.hparams
+        settings = h.parameter_groups or {}
+        roles = self.net.parameter_roles()
+        for p in roles["base"] + roles["interpreter"]:  # a shared module: its roles' settings must agree
+            named = {r: settings[r] for r in self.net.roles_sharing(p) if r in settings}
+            if len({tuple(sorted(s.items())) for s in named.values()}) > 1:
+                raise ValueError(f"parameter_groups gives different settings to {' and '.join(named)}, which share "
+                                 f"modules (weight_groups={h.weight_groups!r}); give them the same or name one")
+        groups = []
+        for role, params in roles.items():
+            params = [p for p in params if p.requires_grad]
+            lr = settings.get(role, {}).get("lr", h.lr)
+            wd = settings.get(role, {}).get("weight_decay", h.weight_decay)
+            for suffix, chosen, decay in (("", [p for p in params if p.dim() >= 2], wd),
+                                          ("_no_decay", [p for p in params if p.dim() < 2], 0.0)):
+                if chosen:
+                    groups.append({"params": chosen, "lr": lr, "weight_decay": decay, "name": role + suffix})
+        return groups
+
+    def configure_optimizers(self):
+        h = self.hparams
+        if h.parameter_groups is None:  # one lr and weight decay for every parameter
+            return super().configure_optimizers()
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        return adamw_warmup(self.optimizer_groups(), lr=h.lr, weight_decay=h.weight_decay, betas=h.betas,
+                            warmup_steps=h.warmup_steps, total_steps=total, min_lr_ratio=h.min_lr_ratio,
+                            schedule=h.lr_schedule)
 
     # ----- training ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

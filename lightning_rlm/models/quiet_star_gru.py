@@ -89,6 +89,7 @@ class Thoughts:
     entropy: torch.Tensor  # sum of the policy's entropy over sampled steps
     n_sampled: torch.Tensor  # sampled steps (thought tokens plus a sampled end of thought)
     vector: torch.Tensor  # [N, Hi] interpreter state after reading the thought
+    entropy_max: torch.Tensor  # largest policy entropy over sampled steps, detached (0 when none sampled)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class QuietStarOutput:
     base_logits: Optional[torch.Tensor]  # [B, T, V]: the base path alone (None without a base LM)
     mix_weight: Optional[torch.Tensor]  # [B, T, K] for the mix heads
     thoughts: Optional[Thoughts]  # None without a reasoner
+    null_logits: Optional[torch.Tensor] = None  # [J, B, T, V]: after the empty thought, no graph (null_thought)
 
 
 class QuietStarGRUNet(nn.Module):
@@ -116,6 +118,11 @@ class QuietStarGRUNet(nn.Module):
         linear_lm_head: linear heads (else hidden -> hidden -> GELU -> out).
         use_reasoner: False builds only the base LM (the NLL baseline).
         use_base_lm: False predicts from the thought vector alone.
+        base_dropout: dropout on the base LM's state before every head (training only; 0: none). Seed 001's
+            `neuter_dropout_base`: weakens the base path so that the thought path has to carry more.
+        detach_interpreter: the thought vector enters the heads detached, so no loss reaches the
+            interpreter through it (a GRU or embedding shared with another role still learns from that
+            role's path).
     """
 
     def __init__(
@@ -132,10 +139,16 @@ class QuietStarGRUNet(nn.Module):
         linear_lm_head: bool = True,
         use_reasoner: bool = True,
         use_base_lm: bool = True,
+        base_dropout: float = 0.0,
+        detach_interpreter: bool = False,
     ) -> None:
         super().__init__()
         if vocab_size < 1 or num_layers < 1:
             raise ValueError(f"vocab_size and num_layers must be >= 1, got {vocab_size}, {num_layers}")
+        if not 0.0 <= base_dropout < 1.0:
+            raise ValueError(f"base_dropout must be in [0, 1), got {base_dropout}")
+        if base_dropout > 0 and not use_base_lm:
+            raise ValueError("base_dropout > 0 needs the base LM (use_base_lm=True)")
         if not (use_reasoner or use_base_lm):
             raise ValueError("use_reasoner=False and use_base_lm=False leave no model to predict with")
         if combine not in ("residual", "concat", "mix", "mix_sigmoid"):
@@ -146,6 +159,7 @@ class QuietStarGRUNet(nn.Module):
                              f"got {code!r}")
         self.vocab_size, self.eot_id = vocab_size, vocab_size
         self.use_reasoner, self.use_base_lm, self.combine = use_reasoner, use_base_lm, combine
+        self.base_dropout, self.detach_interpreter = base_dropout, detach_interpreter
         self.weight_groups = code
         self.roles = [r for r in ROLES if (r == "base" and use_base_lm) or (r != "base" and use_reasoner)]
         hidden = {"base": base_lm_hidden_dim, "reasoner": reasoner_hidden_dim, "interpreter": interpreter_hidden_dim}
@@ -212,6 +226,24 @@ class QuietStarGRUNet(nn.Module):
         mods = [self.gru(role), self.embed(role)] + ([self.policy_head] if role == "reasoner" else [])
         return [p for m in mods for p in m.parameters()]
 
+    def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
+        """Every parameter once, by role: `base`, `interpreter`, `reasoner` (their embeddings and GRUs; the
+        reasoner's policy head) and `heads` (everything else: LM heads, projection, concat / mix MLPs). A
+        module that `weight_groups` shares goes to the first of its roles in the order base, interpreter,
+        reasoner (with AAAA the reasoner keeps only its policy head, as in `reasoner_only_parameters`)."""
+        seen: set[int] = set()
+        out: dict[str, list[nn.Parameter]] = {}
+        for role in ("base", "interpreter", "reasoner"):
+            params = self.role_parameters(role) if role in self.roles else []
+            out[role] = [p for p in dict.fromkeys(params) if id(p) not in seen]
+            seen |= {id(p) for p in out[role]}
+        out["heads"] = [p for p in self.parameters() if id(p) not in seen]
+        return out
+
+    def roles_sharing(self, p: nn.Parameter) -> list[str]:
+        """The roles whose embedding, GRU or policy head hold parameter p (empty for the heads)."""
+        return [r for r in self.roles if any(q is p for q in self.role_parameters(r))]
+
     def reasoner_only_parameters(self) -> list[nn.Parameter]:
         """Parameters that only the reasoner uses (they learn from the policy loss alone)."""
         others = {id(p) for r in self.roles if r != "reasoner" for p in self.role_parameters(r)}
@@ -253,6 +285,7 @@ class QuietStarGRUNet(nn.Module):
         unfinished = torch.zeros(n_rows, dtype=torch.bool, device=dev)
         logprob = torch.zeros(n_rows, device=dev)
         entropy = torch.zeros(n_rows, device=dev)
+        entropy_max = torch.zeros(n_rows, device=dev)
         done = torch.zeros(n_rows, dtype=torch.bool, device=dev)
         for j in range(max_len + 1):
             active = ~done  # [N] rows still inside their thought
@@ -268,7 +301,9 @@ class QuietStarGRUNet(nn.Module):
                 y = torch.where(active, y, eot)
                 with torch.set_grad_enabled(policy_grad):
                     logprob = logprob + logp_all.gather(1, y[:, None]).squeeze(1) * active
-                    entropy = entropy - (logp_all.exp() * logp_all).sum(-1) * active
+                    step_entropy = -(logp_all.exp() * logp_all).sum(-1)  # [N]
+                    entropy = entropy + step_entropy * active
+                entropy_max = torch.where(active, torch.maximum(entropy_max, step_entropy.detach()), entropy_max)
                 n_sampled += active
                 ended = active & (y == eot)
                 thinking = active & ~ended
@@ -290,7 +325,7 @@ class QuietStarGRUNet(nn.Module):
             if bool(done.all()):
                 break
         return Thoughts(tokens=tokens, lengths=lengths, unfinished=unfinished, logprob=logprob, entropy=entropy,
-                        n_sampled=n_sampled, vector=i[-1])
+                        n_sampled=n_sampled, vector=i[-1], entropy_max=entropy_max)
 
     def combine_heads(self, h: Optional[torch.Tensor], v: torch.Tensor, gate_hold: float = 0.0,
                       gate_start: float = 0.5) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -317,13 +352,43 @@ class QuietStarGRUNet(nn.Module):
             return self.thought_head(self.concat_mlp(torch.cat([h, zeros], -1)))
         return self.lm_head(h)
 
+    def empty_thought_vector(self, i0: torch.Tensor) -> torch.Tensor:
+        """The interpreter's vector for the empty thought (it reads the end of thought only), as `think` makes
+        it for a thought whose first sampled token is the end of thought: i0 [n_layers, N, Hi] -> [N, Hi]."""
+        y = torch.full((i0.size(1),), self.eot_id, dtype=torch.long, device=i0.device)
+        return self.gru("interpreter").step(self.embed("interpreter")(y), i0)[-1]
+
+    def talk_logits(self, h: Optional[torch.Tensor], v: torch.Tensor, n_talk: int, gate_hold: float,
+                    gate_start: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Logits [J, B, T, K, V] of x_{t+1+j}, j < n_talk, from the base states h [B, T, Hb] (or None) and
+        the thought vectors v [B, T, K, Hi]; and the mixing weight [B, T, K] of j = 0 (mix heads) or None."""
+        B, T, K = v.shape[:3]
+        logits, mix_weight = [], None
+        for j in range(n_talk):
+            # the thought at t also conditions x_{t+1+j}, read by the base state at t+j (clamped; the
+            # method masks targets past the window)
+            hj = None
+            if h is not None:
+                idx = torch.arange(T, device=v.device).add(j).clamp(max=T - 1)
+                hj = h[:, idx, None].expand(B, T, K, h.size(-1))  # [B, T, K, Hb]
+            lj, wj = self.combine_heads(hj, v, gate_hold, gate_start)  # [B, T, K, V]
+            logits.append(lj)
+            mix_weight = wj if j == 0 else mix_weight
+        return torch.stack(logits), mix_weight
+
     def forward(self, input_ids: torch.Tensor, trice_samples: int = 1, max_reasoning_len: int = 0,
                 variable_len: bool = True, temperature: float = 1.0, reasoner_grad: bool = False,
-                n_talk: int = 1, gate_hold: float = 0.0, gate_start: float = 0.5) -> QuietStarOutput:
-        """input_ids [B, T] -> logits for x_{t+1+j}, j < n_talk, with `trice_samples` thoughts at every t."""
+                n_talk: int = 1, gate_hold: float = 0.0, gate_start: float = 0.5,
+                null_thought: bool = False) -> QuietStarOutput:
+        """input_ids [B, T] -> logits for x_{t+1+j}, j < n_talk, with `trice_samples` thoughts at every t.
+
+        `null_thought`: also the logits after the empty thought (`null_logits`, computed without a graph: they
+        only score a baseline)."""
         B, T = input_ids.shape
         states = self.context_states(input_ids, reasoner_grad)
         h = states["base"][-1] if self.use_base_lm else None  # [B, T, Hb]
+        if h is not None and self.base_dropout > 0:  # seed 001's neuter_dropout_base: a weaker base path
+            h = nn.functional.dropout(h, self.base_dropout, self.training)
         base_logits = self.base_only_logits(h) if h is not None else None  # [B, T, V]
         if not self.use_reasoner:
             return QuietStarOutput(base_logits[None, :, :, None], base_logits, None, None)
@@ -333,19 +398,15 @@ class QuietStarGRUNet(nn.Module):
         i0 = states["interpreter"].flatten(1, 2).repeat_interleave(K, dim=1)  # [n, B*T*K, Hi]
         thoughts = self.think(r0, i0, max_reasoning_len, variable_len, temperature, reasoner_grad)
         v = thoughts.vector.view(B, T, K, -1)  # [B, T, K, Hi]
-        logits, mix_weight = [], None
-        for j in range(n_talk):
-            # the thought at t also conditions x_{t+1+j}, read by the base state at t+j (clamped; the
-            # method masks targets past the window)
-            hj = None
-            if h is not None:
-                idx = torch.arange(T, device=input_ids.device).add(j).clamp(max=T - 1)
-                hj = h[:, idx, None].expand(B, T, K, h.size(-1))  # [B, T, K, Hb]
-            lj, wj = self.combine_heads(hj, v, gate_hold, gate_start)  # [B, T, K, V]
-            logits.append(lj)
-            mix_weight = wj if j == 0 else mix_weight
-        return QuietStarOutput(torch.stack(logits), base_logits, mix_weight,
-                               _reshape_thoughts(thoughts, B, T, K))
+        if self.detach_interpreter:  # no loss reaches the interpreter through its thought vector
+            v = v.detach()
+        logits, mix_weight = self.talk_logits(h, v, n_talk, gate_hold, gate_start)
+        null_logits = None
+        if null_thought:
+            with torch.no_grad():  # one empty thought per position, read from the same context states
+                v0 = self.empty_thought_vector(states["interpreter"].flatten(1, 2)).view(B, T, 1, -1)
+                null_logits = self.talk_logits(h, v0, n_talk, gate_hold, gate_start)[0][..., 0, :]  # [J, B, T, V]
+        return QuietStarOutput(logits, base_logits, mix_weight, _reshape_thoughts(thoughts, B, T, K), null_logits)
 
     # ----- pretrained GRU LMs -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -393,4 +454,4 @@ def _reshape_thoughts(t: Thoughts, B: int, T: int, K: int) -> Thoughts:
         return x.view(B, T, K, *x.shape[1:])
 
     return Thoughts(shape(t.tokens), shape(t.lengths), shape(t.unfinished), shape(t.logprob), shape(t.entropy),
-                    shape(t.n_sampled), shape(t.vector))
+                    shape(t.n_sampled), shape(t.vector), shape(t.entropy_max))

@@ -255,3 +255,245 @@ def test_cli_fit_logs_policy_loss_and_thought_stats(tmp_path, shared_data):
     loaded = QuietStarGRU.load_from_checkpoint(last)
     for (name, p), q in zip(cli.model.named_parameters(), loaded.parameters()):
         assert torch.equal(p, q), name
+
+
+# ----- seed 001's knobs ----------------------------------------------------------------------------------------
+def talk_logp(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) of logits [B, T, K, V] -> [B, T, K]."""
+    idx = labels[..., None, None].expand(*logits.shape[:3], 1)
+    return logits.log_softmax(-1).gather(-1, idx)[..., 0]
+
+
+def test_null_logits_are_the_empty_thought_prediction():
+    torch.manual_seed(0)
+    m = tiny(combine="mix_sigmoid", n_talk=2)
+    ids = window()["input_ids"]
+    out = m.net(ids, trice_samples=2, max_reasoning_len=4, n_talk=2, null_thought=True)
+    assert out.null_logits.shape == (2, 2, 6, V) and not out.null_logits.requires_grad
+    m.net.policy_head = ScriptedPolicy([V])  # every sampled thought is empty: end of thought first
+    empty = m.net(ids, trice_samples=2, max_reasoning_len=4, n_talk=2)
+    assert empty.thoughts.lengths.eq(0).all()
+    for k in range(2):
+        assert torch.allclose(empty.logits[..., k, :], out.null_logits, atol=1e-6)
+    assert m.net(ids, trice_samples=2, max_reasoning_len=4).null_logits is None  # off by default
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_null_thought_baseline_matches_a_hand_loop(K):
+    torch.manual_seed(0)
+    m = tiny(trice_samples=K, null_thought_baseline=True, length_penalty=0.05)
+    plain = tiny(trice_samples=K, length_penalty=0.05)
+    plain.load_state_dict(m.state_dict())
+    batch = window()
+    torch.manual_seed(1)
+    stats = m.compute_losses(batch)
+    torch.manual_seed(1)
+    plain_stats = plain.compute_losses(batch)
+    torch.manual_seed(1)  # the same thoughts again (the null thought samples nothing)
+    out = m(batch["input_ids"], reasoner_grad=True)
+    reward = (talk_logp(out.logits[0], batch["labels"]) - 0.05 * out.thoughts.lengths).detach()  # [B, T, K]
+    m.net.policy_head = ScriptedPolicy([V])  # the empty thought, decoded by think() itself
+    r_null = talk_logp(m(batch["input_ids"]).logits[0], batch["labels"])[..., 0].detach()  # [B, T]
+    B, T = reward.shape[:2]
+    adv = torch.zeros(B, T, K)
+    for b in range(B):
+        for t in range(T):
+            for k in range(K):
+                others = sum(float(reward[b, t, i]) for i in range(K) if i != k)
+                adv[b, t, k] = float(reward[b, t, k]) - (others + float(r_null[b, t])) / K
+    expected = -(adv * out.thoughts.logprob.detach()).mean()
+    assert torch.allclose(stats["policy_loss"], expected, atol=1e-5)
+    assert torch.allclose(stats["null_reward"], r_null.mean(), atol=1e-6)
+    assert torch.equal(plain_stats["nll"], stats["nll"])  # same thoughts, same predictions
+    assert not torch.allclose(plain_stats["policy_loss"], stats["policy_loss"])  # only the baseline differs
+
+
+def test_train_nll_num_trains_on_the_first_thoughts_only():
+    torch.manual_seed(0)
+    m = tiny(trice_samples=3, policy_loss_beta=0.0)
+    batch = window()
+    torch.manual_seed(1)
+    logp = talk_logp(m(batch["input_ids"]).logits[0], batch["labels"])  # [B, T, 3]
+    for n, expected in ((None, -logp.mean()), (1, -logp[..., 0].mean()), (2, -logp[..., :2].mean()),
+                        (3, -logp.mean())):
+        m.hparams.train_nll_num = n
+        torch.manual_seed(1)
+        stats = m.compute_losses(batch)
+        assert torch.allclose(stats["loss"], expected, atol=1e-6), n
+        assert torch.allclose(stats["nll"], -logp.mean(), atol=1e-6)  # the logged NLL is over all K
+        assert ("nll_trained" in stats) == (n is not None)
+    # the gradient is the first thought's alone: same as a hand loss on k = 0
+    m.hparams.train_nll_num = 1
+    torch.manual_seed(1)
+    m.compute_losses(batch)["loss"].backward()
+    got = [p.grad.clone() for p in m.net.lm_head.parameters()]
+    m.zero_grad()
+    torch.manual_seed(1)
+    (-talk_logp(m(batch["input_ids"]).logits[0], batch["labels"])[..., 0].mean()).backward()
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(got, m.net.lm_head.parameters()))
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="train_nll_num"):
+            tiny(trice_samples=3, train_nll_num=bad)
+
+
+def test_neuter_dropout_base_drops_the_base_state_in_training_only():
+    torch.manual_seed(0)
+    q = QuietStarGRU(vocab_size=V, use_reasoner=False, base_lm_hidden_dim=8, neuter_dropout_base=0.5)
+    batch = window()
+    torch.manual_seed(3)
+    loss = q.compute_losses(batch)["loss"]
+    net = q.net
+    h = net.gru("base")(net.embed("base")(batch["input_ids"]))[-1]  # [B, T, H]
+    torch.manual_seed(3)
+    dropped = torch.nn.functional.dropout(h, 0.5, training=True)
+    assert dropped.eq(0).any()
+    expected = torch.nn.functional.cross_entropy(net.lm_head(dropped).reshape(-1, V), batch["labels"].reshape(-1))
+    assert torch.allclose(loss, expected, atol=1e-6)
+    q.eval()  # evaluation: the whole base state
+    plain = torch.nn.functional.cross_entropy(net.lm_head(h).reshape(-1, V), batch["labels"].reshape(-1))
+    assert torch.allclose(q.compute_losses(batch)["loss"], plain, atol=1e-6)
+    # with thoughts: evaluation equals the undropped model, training differs
+    torch.manual_seed(0)
+    m = tiny(neuter_dropout_base=0.875)
+    m0 = tiny()
+    m0.load_state_dict(m.state_dict())
+    m.eval(), m0.eval()
+    evaluated = []
+    for model in (m, m0):
+        torch.manual_seed(5)
+        evaluated.append(model.compute_losses(batch)["nll"])
+    assert torch.equal(*evaluated)
+    m.train(), m0.train()
+    torch.manual_seed(5)
+    train_nll = m.compute_losses(batch)["nll_base"]
+    torch.manual_seed(5)
+    assert not torch.allclose(train_nll, m0.compute_losses(batch)["nll_base"])
+    with pytest.raises(ValueError, match="base_dropout"):
+        tiny(neuter_dropout_base=1.0)
+    with pytest.raises(ValueError, match="base LM"):
+        tiny(neuter_dropout_base=0.5, use_base_lm=False)
+
+
+def test_parameter_groups_give_the_optimizer_the_set_rates():
+    torch.manual_seed(0)
+    groups = {"base": {"lr": 1e-3}, "reasoner": {"lr": 1e-4, "weight_decay": 0.5}, "heads": {"weight_decay": 0.0}}
+    m = tiny(lr=3e-3, weight_decay=0.1, parameter_groups=groups, combine="concat")
+    opt = m.configure_optimizers()["optimizer"]
+    where = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert sorted(where) == sorted(id(p) for p in m.parameters())  # every parameter exactly once
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters()))
+    net = m.net
+
+    def setting(p: torch.nn.Parameter) -> tuple[float, float]:
+        return where[id(p)]["lr"], where[id(p)]["weight_decay"]
+
+    assert setting(net.gru("base").layers[0].weight_hh_l0) == (1e-3, 0.1)
+    assert setting(net.gru("base").layers[0].bias_hh_l0) == (1e-3, 0.0)  # vectors never decayed
+    assert setting(net.embed("base").weight) == (1e-3, 0.1)
+    assert setting(net.gru("reasoner").layers[0].weight_ih_l0) == (1e-4, 0.5)
+    assert setting(net.policy_head.weight) == (1e-4, 0.5)
+    assert setting(net.policy_head.bias) == (1e-4, 0.0)
+    assert setting(net.gru("interpreter").layers[0].weight_ih_l0) == (3e-3, 0.1)  # not named: the defaults
+    assert setting(net.lm_head.weight) == (3e-3, 0.0)
+    assert setting(net.concat_mlp[0].weight) == (3e-3, 0.0)
+    # one AdamW step moves a parameter by lr (Adam's first step is lr * sign(grad), no decay on vectors)
+    b = net.policy_head.bias
+    before = b.detach().clone()
+    m.compute_losses(window())["loss"].backward()
+    opt.step()
+    moved = (b.detach() - before).abs()
+    assert torch.allclose(moved[b.grad != 0], torch.tensor(1e-4), rtol=1e-3)
+    # shared modules follow the first of base, interpreter, reasoner; conflicting settings are an error
+    same = {"base_lm_hidden_dim": 8, "reasoner_hidden_dim": 8, "interpreter_hidden_dim": 8}
+    m = tiny(weight_groups="AAAA", parameter_groups={"reasoner": {"lr": 1e-4}}, **same)
+    roles = m.net.parameter_roles()
+    assert roles["interpreter"] == [] and len(roles["reasoner"]) == 2  # the policy head only
+    opt = m.configure_optimizers()["optimizer"]
+    assert {g["name"]: g["lr"] for g in opt.param_groups}["reasoner"] == 1e-4
+    with pytest.raises(ValueError, match="share"):
+        tiny(weight_groups="AAAA", parameter_groups={"base": {"lr": 1e-3}, "interpreter": {"lr": 1e-4}},
+             **same).configure_optimizers()
+    with pytest.raises(ValueError, match="parameter_groups role"):
+        tiny(parameter_groups={"mixer": {"lr": 1e-3}})
+    with pytest.raises(ValueError, match="setting"):
+        tiny(parameter_groups={"base": {"momentum": 0.9}})
+
+
+@pytest.mark.parametrize("mode", ["clip", "tanh"])
+def test_reward_bound_keeps_advantages_within_the_bound(mode):
+    torch.manual_seed(0)
+    bound = 0.05
+    m = tiny(reward_bound=bound, reward_bound_mode=mode)
+    batch = window()
+    torch.manual_seed(1)
+    stats = m.compute_losses(batch)
+    torch.manual_seed(1)
+    out = m(batch["input_ids"], reasoner_grad=True)
+    reward = talk_logp(out.logits[0], batch["labels"]).detach()
+    raw = reward - leave_one_out_baseline(reward)
+    adv = raw.clamp(-bound, bound) if mode == "clip" else bound * torch.tanh(raw / bound)
+    assert adv.abs().max() <= bound and raw.abs().max() > bound  # the bound was active: the check can fail
+    assert torch.allclose(stats["frac_bounded"], (raw.abs() > bound).float().mean())
+    assert torch.allclose(stats["policy_loss"], -(adv * out.thoughts.logprob.detach()).mean(), atol=1e-6)
+    # the gradient the reasoner gets is the one of the bounded advantages
+    (-(adv * out.thoughts.logprob).mean()).backward()
+    expected = [p.grad.clone() for p in m.net.reasoner_only_parameters()]
+    m.zero_grad()
+    m.hparams.nll_loss_beta = 0.0  # the policy loss alone (no entropy bonus)
+    torch.manual_seed(1)
+    m.compute_losses(batch)["loss"].backward()
+    for e, p in zip(expected, m.net.reasoner_only_parameters()):
+        assert torch.allclose(e, p.grad, atol=1e-6)
+    with pytest.raises(ValueError, match="reward_bound"):
+        tiny(reward_bound=0.0)
+
+
+def test_detach_interpreter_gives_the_interpreter_no_gradient():
+    grads, losses = {}, {}
+    for detach in (False, True):
+        torch.manual_seed(0)
+        m = tiny(detach_interpreter=detach)  # ABCD: the interpreter's GRU and embedding are its own
+        torch.manual_seed(1)
+        stats = m.compute_losses(window())
+        losses[detach] = stats["loss"].detach()
+        stats["loss"].backward()  # NLL (talk) + policy loss
+        interp = m.net.role_parameters("interpreter")
+        grads[detach] = [p.grad for p in interp]
+        assert any(p.grad is not None and p.grad.any() for p in m.net.reasoner_only_parameters())
+        assert m.net.proj.weight.grad.any() and m.net.lm_head.weight.grad.any()
+    assert all(g is None or not g.any() for g in grads[True])
+    assert all(g is not None and g.any() for g in grads[False])
+    assert torch.equal(losses[False], losses[True])  # only the gradient changes
+
+
+class StepPolicy(nn.Module):
+    """Step 0: uniform over the V vocab tokens in even rows, over tokens 0 and 1 in odd rows (the end of
+    thought impossible); step 1: the end of thought."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(h.size(0), V + 1)
+        if self.calls == 0:
+            logits[:, V] = -1e4
+            logits[1::2, 2:] = -1e4
+        else:
+            logits[:, :V] = -1e4
+        self.calls += 1
+        return logits
+
+
+def test_thought_entropy_max_is_the_largest_step_entropy():
+    torch.manual_seed(0)
+    m = tiny(log_thought_entropy_max=True, policy_loss_beta=0.0)
+    m.net.policy_head = StepPolicy()
+    stats = m.compute_losses(window())
+    # step 0 has entropy log V (even rows) or log 2 (odd rows); step 1 (the end of thought) has ~0
+    high, low = torch.log(torch.tensor(float(V))), torch.log(torch.tensor(2.0))
+    assert torch.allclose(stats["thought_entropy_max"], high, atol=1e-5)
+    assert torch.allclose(stats["thought_entropy"], (high + low) / 4, atol=1e-5)  # mean over all 2 x N steps
+    assert "thought_entropy_max" not in tiny().compute_losses(window())  # off by default
+    assert tiny(max_reasoning_len=0, log_thought_entropy_max=True).compute_losses(window())[
+        "thought_entropy_max"] == 0.0
