@@ -72,6 +72,10 @@ class PromptDataModule(TextDataModule):
     def prepare_data(self) -> None:
         pass  # the policy's tokenizer is loaded, never trained here
 
+    def source_rows(self) -> list[dict]:
+        """The rows of `source` that prompts are made from (a hook: a task's DataModule may rewrite them)."""
+        return self.source.read_rows()
+
     def _example(self, row: dict, text_field: str) -> Optional[dict]:
         tok = self.tokenizer
         text = row[text_field]
@@ -103,7 +107,7 @@ class PromptDataModule(TextDataModule):
             else:
                 train_rows, val_rows = split_rows_by_seed(rows, self.val_fraction, self.seed)
         else:
-            rows, field = self.source.read_rows(), self.source.text_field
+            rows, field = self.source_rows(), self.source.text_field
             if self.source.resolved_format() == "text":
                 train_docs, val_docs = split_documents_by_seed([r[field] for r in rows], self.val_fraction,
                                                                self.seed)

@@ -1,6 +1,8 @@
 """Reward functions: callables ``(prompts, completions, **fields) -> list[float]``, one float per completion."""
 
+from lightning_rlm.rewards.code import CodeGrade, CodeTests, extract_code
 from lightning_rlm.rewards.math import GSM8KCorrect, GSM8KFormat
+from lightning_rlm.rewards.sandbox import ExecResult, Sandbox
 from lightning_rlm.rewards.text import (
     KeywordCount,
     Reward,
@@ -13,13 +15,18 @@ from lightning_rlm.rewards.text import (
 )
 
 __all__ = [
+    "CodeGrade",
+    "CodeTests",
+    "ExecResult",
     "GSM8KCorrect",
     "GSM8KFormat",
     "KeywordCount",
     "Reward",
     "RewardFn",
+    "Sandbox",
     "SentenceLength",
     "WeightedSum",
+    "extract_code",
     "load_reward",
     "reward_name",
     "split_sentences",

@@ -1,8 +1,16 @@
-"""Tasks: downstream evaluation (a dataset reader, a prompt and a scorer: GSM8K, CommonsenseQA, your jsonl)
-and the reward-hack task that more than one RL method trains on (its rewards, labels and per-mode evaluation)."""
+"""Tasks: downstream evaluation (a dataset reader, a prompt and a scorer: GSM8K, CommonsenseQA, your jsonl),
+the reward-hack task that more than one RL method trains on (its rewards, labels and per-mode evaluation) and
+the tiny coding substrate (problems, prompts and hacks for the code-execution reward)."""
 
 from lightning_rlm.rewards.math import extract_answer, normalize_number
 from lightning_rlm.tasks.base import Example, GenerationTask, Task
+from lightning_rlm.tasks.coding import (
+    CodingProblem,
+    CodingPrompts,
+    format_prompt,
+    hacked_solution,
+    load_problems,
+)
 from lightning_rlm.tasks.evaluate import (
     choice_logliks,
     encode_pair,
@@ -32,6 +40,8 @@ __all__ = [
     "with_think_block",
     "ELIGIBLE_FIELD",
     "GSM8K",
+    "CodingProblem",
+    "CodingPrompts",
     "CommonsenseQA",
     "Example",
     "ExclamationBonus",
@@ -48,9 +58,12 @@ __all__ = [
     "evaluate",
     "extract_answer",
     "extract_letter",
+    "format_prompt",
     "generate_greedy",
+    "hacked_solution",
     "hack_rewards",
     "insert_hack_word",
+    "load_problems",
     "normalize_number",
     "normalize_text",
     "prompt_is_eligible",
