@@ -27,8 +27,11 @@ from lightning_rlm.data import PRESETS
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 METHOD_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "presets")
-# per config folder, to keep a run short: the KL-barrier rounds sample 64 prompts x 48 tokens by default
-OVERRIDES = {"sft_kl_barrier": ["--model.init_args.eval_prompts=8", "--model.init_args.eval_max_new_tokens=8"]}
+# per config folder, to keep a run short: the KL-barrier rounds sample 64 prompts x 48 tokens by default; the
+# self-feeding loop's pool keeps every generation here (a random model's samples rarely hold the trait keyword,
+# and an empty pool would stop the loop before its step)
+OVERRIDES = {"sft_kl_barrier": ["--model.init_args.eval_prompts=8", "--model.init_args.eval_max_new_tokens=8",
+                                "--model.init_args.pool_prompts=8", "--model.init_args.keep_min_score=null"]}
 
 
 @pytest.mark.slow
@@ -53,3 +56,6 @@ def test_fast_dev_run(config: Path, tmp_path: Path, need_data, tiny_model_config
     assert "Running in `fast_dev_run` mode" in output
     if config.parent.name == "sft_kl_barrier":  # max_steps=1 < n_rounds: one round of one step
         assert "round 1 (step 1)" in output and (tmp_path / "generations_round_1.jsonl").exists()
+        if config.stem.startswith("loop_"):  # round 1's step trained on all of round 0's pool
+            assert re.search(r"round 0: pool kept (\d+) of \1 ", output), output[-4000:]
+            assert (tmp_path / "pool_round_1.jsonl").exists()

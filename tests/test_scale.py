@@ -50,6 +50,12 @@ METHODS = {
         "--model.init_args.eval_prompts=2", "--model.init_args.eval_max_new_tokens=4",
         "--model.init_args.n_rounds=2", "--data.init_args.completion_tokens=8",
         "--data.init_args.prefix_tokens=8", "--data.init_args.batch_size=4"], ["train/loss"]),
+    # the self-feeding loop: from step 2 on, the steps train on round 1's pool (checkpointed with its position)
+    "sft_kl_loop": ("configs/sft_kl_barrier/loop_rmse.yaml", lambda d: [*_rl(d),
+        "--model.init_args.eval_prompts=2", "--model.init_args.eval_max_new_tokens=4",
+        "--model.init_args.n_rounds=2", "--model.init_args.pool_prompts=4", "--model.init_args.keep_min_score=null",
+        "--data.init_args.completion_tokens=8", "--data.init_args.prefix_tokens=8", "--data.init_args.batch_size=4"],
+        ["train/loss", "train/div"]),
     "projected_grpo": ("configs/projected_grpo/route.yaml", lambda d: [*_rl(d),
         "--model.init_args.max_completion_length=6", "--model.init_args.num_generations=2",
         "--model.init_args.eval_num_generations=2", "--model.init_args.hack_pairs=2",

@@ -42,15 +42,67 @@ barrier's share of the loss; round generations use the same sampling seed every 
 numbers, so round-to-round changes come from the model, not the draw); a round-0 evaluation of the base
 is added (`eval_at_start`); the KL numerics follow the review of the source (float32 KL under autocast,
 an fp16-safe rmse eps, float32 quantile, empty masks give 0): see `lightning_rlm.losses.kl`.
+
+The self-feeding loop (`data_source: self_feeding`; the default `fixed` trains on the DataModule's pairs
+throughout, as above). Every round k also samples a *pool*: `pool_num_generations` completions of each of
+the first `pool_prompts` prompts of the DataModule's train set (the same prompts every round, a fresh
+seed `pool_seed + k`), scores them by the trait, keeps some, and the next round's steps train on the kept
+generations only (the DataModule's batches are then ignored; held-out evaluation and validation still use
+its val prompts and pairs):
+
+    round k (k = 0: the base, with eval_at_start):
+        evaluate on the held-out prompts as above
+        pool      = sample(current model, pool prompts)                (every rank its share, then gathered)
+        score     = trait score of each pool generation
+        kept      = selection: trait  -> those with score > keep_min_score (None: all), then the keep_top
+                                         highest (an int, or a fraction of the pool; None: all; ties: the
+                                         earlier generation first)
+                               random -> as many as `trait` would keep, drawn uniformly from the whole pool
+                                         (the matched control: same loop, same size, no trait filter)
+        steps of round k + 1 = batches of `kept` only: global batches of the DataModule's batch_size cut
+                               from a stream of seeded shuffles of `kept` (a function of the pool round and
+                               of the batches drawn, both checkpointed with the pool: `--ckpt_path last`
+                               resumes the loop exactly)
+    stop after a round whose held-out coherence < coh_floor, or that kept nothing (nothing to train on)
+
+So round r's training examples are exactly round r − 1's kept generations (prompt ids as sampled,
+completion ids up to and including EOS). Without `eval_at_start` round 1 trains on the DataModule's pairs
+and the loop starts with round 1's pool. Under DDP every rank samples its share of the pool prompts and
+the generations are gathered in rank order, so every rank selects the same pool (a pure function of the
+gathered list and the seed). Logged per round: `round/pool_kept`, `round/pool_trait` (mean score of the
+whole pool), `round/pool_trait_kept`, `round/pool_coherence` (of the kept), `round/pool_distinct` (distinct
+kept completion texts) and `round/pool_overlap` (fraction of kept generations whose text was kept in an
+earlier round: the pool saturating); `<log_dir>/pool_round_<k>.jsonl` holds every pool generation with
+its score and whether it was kept.
+
+Traits (`trait`): `keyword` scores a generation 1 when it contains `trait_keyword` (whole word), else 0 (so
+keep_min_score 0 keeps the generations with the keyword). `persona` scores it by the base model's
+log-likelihood ratio
+
+    score = log p_base(completion | persona_positive context) − log p_base(completion | persona_negative context)
+
+summed over the completion tokens (the ids as sampled), the context being `persona_template` with
+`{persona}` and `{prompt}` (the prompt as the policy saw it, after the DataModule's template or chat
+rendering) encoded without special tokens; a chat model, whose template can place the persona in a system
+turn, makes the ratio meaningful. round/trait is then the mean score of the held-out generations.
+
+Calibrating tau per aggregator: the aggregators live on different scales, so one tau is a different gate
+for each (0.1 nats everywhere by default, uncalibrated). `sequence_divergences` gives each aggregator of
+the student's KL to the base per sequence and `suggest_tau` a threshold between coherent and looping
+sequences; `benchmarks/kl_tau_calibration.py` runs both on a checkpoint and a round file whose generations
+the loop test flags (see its docstring). No tau default is changed from it yet: that needs a run whose
+generations include loops.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import random
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -59,10 +111,18 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_rlm.adapters import add_lora, frozen_copy, reference_mode
+from lightning_rlm.data.collate import DictCollator
 from lightning_rlm.data.pairs import keyword_pattern
 from lightning_rlm.distributed import all_gather_objects
 from lightning_rlm.logging_utils import log_text
-from lightning_rlm.losses.kl import KL_AGGREGATES, KL_DIRECTIONS, aggregate_kl, kl_barrier, per_position_kl
+from lightning_rlm.losses.kl import (
+    KL_AGGREGATES,
+    KL_DIRECTIONS,
+    aggregate_kl,
+    fp32_log_softmax,
+    kl_barrier,
+    per_position_kl,
+)
 from lightning_rlm.metrics.text import RepeatedNgramLoop
 from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.hf import enable_gradient_checkpointing, load_policy
@@ -70,6 +130,8 @@ from lightning_rlm.optim import adamw_warmup
 from lightning_rlm.rollout import position_ids_from_mask, sample_completions
 
 LOGGED_AGGREGATES = ("mean", "rmse", "p95", "max", "logsumexp")
+SCORE_BATCH = 16  # generations per forward when the persona trait scores them under the base
+TRAINING_KEYS = ("prompt", "prompt_ids", "completion", "completion_ids")  # what a pool example trains on
 
 
 def round_schedule(n_rounds: int, steps_per_round: Optional[int], max_steps: Optional[int],
@@ -95,6 +157,49 @@ def round_schedule(n_rounds: int, steps_per_round: Optional[int], max_steps: Opt
     raise ValueError(f"SFTKLBarrier's steps_per_round={steps_per_round} x n_rounds={n_rounds} = "
                      f"{steps_per_round * n_rounds} steps do not fit trainer.max_steps={max_steps}; raise "
                      "max_steps, lower n_rounds or steps_per_round, or leave steps_per_round unset")
+
+
+def select_pool(scores: list[float], keep_top: Optional[Union[int, float]], keep_min_score: Optional[float],
+                selection: str, rng: random.Random) -> list[int]:
+    """Indices (ascending) of the generations a round keeps for the next one's training.
+
+    `trait`: those scoring above `keep_min_score` (None: all), then at most `keep_top` of them, highest
+    first with ties broken by position (an int: a count; a float in (0, 1]: that fraction of all
+    generations, at least one). `random`: as many as `trait` keeps, drawn uniformly from all generations
+    by `rng` (the matched control).
+    """
+    kept = [i for i, s in enumerate(scores) if keep_min_score is None or s > keep_min_score]
+    if keep_top is not None:
+        top = keep_top if isinstance(keep_top, int) else max(1, round(keep_top * len(scores)))
+        kept = sorted(sorted(kept, key=lambda i: -scores[i])[:top])
+    if selection == "random":
+        kept = sorted(rng.sample(range(len(scores)), len(kept)))
+    return kept
+
+
+def text_key(text: str) -> str:
+    """A short digest of a completion's words (whitespace-normalised): what pool distinctness and overlap compare."""
+    return hashlib.sha1(" ".join(text.split()).encode("utf-8")).hexdigest()[:16]
+
+
+def suggest_tau(coherent: list[float], looping: list[float]) -> dict[str, Any]:
+    """A barrier threshold between the divergences of coherent and of looping sequences (one aggregator).
+
+    Returns the medians, `auc` (the chance that a looping sequence scores above a coherent one, ties half:
+    how well this aggregator tells them apart), `separable` (the coherent 90th percentile lies below the
+    looping 10th) and `tau`: the geometric mean of those two percentiles when separable (the barrier stays
+    off on 90% of coherent sequences and fires on 90% of looping ones), else of the two medians.
+    """
+    if not coherent or not looping:
+        raise ValueError("suggest_tau needs at least one coherent and one looping value")
+    c, lp = torch.tensor(coherent, dtype=torch.float64), torch.tensor(looping, dtype=torch.float64)
+    c90, l10 = torch.quantile(c, 0.9).item(), torch.quantile(lp, 0.1).item()
+    c50, l50 = c.median().item(), lp.median().item()
+    auc = ((lp[:, None] > c[None, :]).double() + 0.5 * (lp[:, None] == c[None, :]).double()).mean().item()
+    separable = c90 < l10
+    lo, hi = (c90, l10) if separable else (c50, l50)
+    return {"coherent_median": c50, "looping_median": l50, "coherent_p90": c90, "looping_p10": l10,
+            "auc": auc, "separable": separable, "tau": math.sqrt(max(lo, 1e-12) * max(hi, 1e-12))}
 
 
 class SFTKLBarrier(L.LightningModule):
@@ -124,6 +229,22 @@ class SFTKLBarrier(L.LightningModule):
         coh_ngram, coh_repeats: the loop test of the coherence score (see the module docstring).
         coh_floor: stop training after a round (k >= 1) whose coherence is below this (None: never).
         table_rows: generations shown in the TensorBoard text table of each round.
+        data_source: `fixed` (train on the DataModule's pairs) or `self_feeding` (round r trains on round
+            r − 1's kept generations: the module docstring).
+        selection: `trait` (keep by score) or `random` (the matched control: as many, drawn at random).
+        keep_top: keep at most this many (an int) or this fraction of the pool (a float in (0, 1]), the
+            highest-scoring (`1` keeps one, `1.0` all); None: every generation above keep_min_score.
+        keep_min_score: keep only generations scoring above this (None: no threshold). With the keyword
+            trait, 0.0 keeps those containing the keyword; with the persona trait, those the positive persona
+            explains better than the negative one.
+        trait: `keyword` (whole-word `trait_keyword`: score 1 or 0) or `persona` (log-likelihood ratio of the
+            generation under the base given persona_positive vs persona_negative).
+        persona_positive, persona_negative: the two persona texts (required by the persona trait).
+        persona_template: the persona trait's scoring context, with `{persona}` and `{prompt}`.
+        pool_prompts: the pool is sampled on the first this-many prompts of the DataModule's train set.
+        pool_num_generations: samples per pool prompt (sampling as for evaluation: eval_max_new_tokens,
+            eval_temperature, eval_top_p).
+        pool_seed: round k's pool is sampled with seed pool_seed + k (random selection draws from it too).
     """
 
     def __init__(
@@ -157,6 +278,17 @@ class SFTKLBarrier(L.LightningModule):
         coh_repeats: int = 3,
         coh_floor: Optional[float] = None,
         table_rows: int = 16,
+        data_source: Literal["fixed", "self_feeding"] = "fixed",
+        selection: Literal["trait", "random"] = "trait",
+        keep_top: Optional[Union[int, float]] = None,
+        keep_min_score: Optional[float] = 0.0,
+        trait: Literal["keyword", "persona"] = "keyword",
+        persona_positive: Optional[str] = None,
+        persona_negative: Optional[str] = None,
+        persona_template: str = "{persona}\n\n{prompt}",
+        pool_prompts: int = 64,
+        pool_num_generations: int = 1,
+        pool_seed: int = 1,
     ) -> None:
         super().__init__()
         # validate everything cheap before loading a model
@@ -179,6 +311,8 @@ class SFTKLBarrier(L.LightningModule):
             raise ValueError(f"eval_temperature must be >= 0 (0 = greedy), got {eval_temperature}")
         if coh_floor is not None and not 0.0 <= coh_floor <= 1.0:
             raise ValueError(f"coh_floor must be in [0, 1] or None, got {coh_floor}")
+        self._check_loop_settings(data_source, selection, keep_top, keep_min_score, trait, persona_positive,
+                                  persona_negative, persona_template, pool_prompts, pool_num_generations)
         self.trait_pattern = keyword_pattern(trait_keyword)  # raises on an empty keyword
         self.save_hyperparameters()
 
@@ -194,6 +328,46 @@ class SFTKLBarrier(L.LightningModule):
         self._steps_per_round: Optional[int] = None  # the schedule, fixed at the start of fit
         self._n_rounds: int = n_rounds
         self._eval_batches: Optional[list[dict[str, Any]]] = None
+        # the self-feeding loop (checkpointed): the kept generations the steps now train on, the round that
+        # kept them, the batches drawn from them so far, and the text digests kept by earlier rounds
+        self.pool: list[dict[str, Any]] = []
+        self.pool_round: Optional[int] = None
+        self.pool_draws = 0
+        self.pool_seen: set[str] = set()
+        self._pool_prompt_batches: Optional[list[dict[str, Any]]] = None
+
+    @staticmethod
+    def _check_loop_settings(data_source, selection, keep_top, keep_min_score, trait, persona_positive,
+                             persona_negative, persona_template, pool_prompts, pool_num_generations) -> None:
+        for name, value, allowed in (("data_source", data_source, ("fixed", "self_feeding")),
+                                     ("selection", selection, ("trait", "random")),
+                                     ("trait", trait, ("keyword", "persona"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if keep_top is not None:
+            if isinstance(keep_top, bool) or not isinstance(keep_top, (int, float)):
+                raise ValueError(f"keep_top must be an int >= 1, a fraction in (0, 1] or None, got {keep_top!r}")
+            if (isinstance(keep_top, int) and keep_top < 1) or (isinstance(keep_top, float)
+                                                                 and not 0.0 < keep_top <= 1.0):
+                raise ValueError(f"keep_top must be an int >= 1, a fraction in (0, 1] or None, got {keep_top!r}")
+        if keep_min_score is not None and not math.isfinite(keep_min_score):
+            raise ValueError(f"keep_min_score must be finite or None, got {keep_min_score}")
+        if trait == "persona":
+            if not (persona_positive or "").strip() or not (persona_negative or "").strip():
+                raise ValueError("trait: persona needs both persona_positive and persona_negative")
+            try:
+                persona_template.format(persona="", prompt="")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"persona_template may hold only {{persona}} and {{prompt}}: {e!r}") from None
+            if "{persona}" not in persona_template or "{prompt}" not in persona_template:
+                raise ValueError(f"persona_template must contain {{persona}} and {{prompt}}, got "
+                                 f"{persona_template!r}")
+        if pool_prompts < 1 or pool_num_generations < 1:
+            raise ValueError("pool_prompts and pool_num_generations must be >= 1")
+
+    @property
+    def self_feeding(self) -> bool:
+        return self.hparams.data_source == "self_feeding"
 
     # ----- the loss ---------------------------------------------------------------------------------------
     @staticmethod
@@ -246,6 +420,8 @@ class SFTKLBarrier(L.LightningModule):
         return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        if self.pool:  # the self-feeding loop: the DataModule's batch only paces the steps
+            batch = self.pool_batch(batch)
         out = self.losses(batch)
         bs = batch["completion_ids"].shape[0]
         self.log("train/loss", out["loss"].detach(), batch_size=bs)
@@ -275,7 +451,7 @@ class SFTKLBarrier(L.LightningModule):
                                f"{self._n_rounds} round(s) of {self._steps_per_round} step(s)")
             rank_zero_info(f"SFTKLBarrier: {self._n_rounds} round(s) of {self._steps_per_round} step(s)")
         if self.hparams.eval_at_start and not self.history:
-            self.run_round(0)
+            self.end_round(0)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # compare with global_step (optimizer steps), so gradient accumulation cannot trigger a round twice
@@ -283,14 +459,21 @@ class SFTKLBarrier(L.LightningModule):
             return
         if self.global_step >= (self.rounds_done + 1) * self._steps_per_round:
             self.rounds_done += 1
-            coherence = self.run_round(self.rounds_done)
-            floor = self.hparams.coh_floor
-            if floor is not None and coherence < floor:
-                rank_zero_info(f"round {self.rounds_done}: coherence {coherence:.3f} < coh_floor {floor}: "
-                               "stopping early")
-                self._log_scalars({"round/early_stop": 1.0})
-                self.trainer.should_stop = True
+            self.end_round(self.rounds_done)
         if self.rounds_done >= self._n_rounds:
+            self.trainer.should_stop = True
+
+    def end_round(self, k: int) -> None:
+        """Run round k, then stop when its coherence is below coh_floor (k >= 1) or the loop kept nothing."""
+        s = self.run_round(k)
+        floor, reason = self.hparams.coh_floor, None
+        if k >= 1 and floor is not None and s["coherence"] < floor:
+            reason = f"coherence {s['coherence']:.3f} < coh_floor {floor}"
+        elif self.self_feeding and not self.pool and k < self._n_rounds:
+            reason = "the self-feeding loop kept no generation (nothing to train the next round on)"
+        if reason is not None:
+            rank_zero_info(f"round {k}: {reason}: stopping early")
+            self._log_scalars({"round/early_stop": 1.0})
             self.trainer.should_stop = True
 
     def eval_batches(self) -> list[dict[str, Any]]:
@@ -316,62 +499,182 @@ class SFTKLBarrier(L.LightningModule):
         return self._eval_batches
 
     @torch.no_grad()
-    def generate_round(self) -> tuple[list[str], list[str]]:
-        """(prompts, completions) of the current model on the held-out prompts, same seed every round."""
+    def sample(self, batches: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+        """One record per generation of the current model on these prompt batches, seeded by `seed`:
+        prompt and completion as text (decoded without special tokens) and as ids (the prompt unpadded, the
+        completion up to and including its EOS)."""
         h = self.hparams
-        generator = torch.Generator(self.device).manual_seed(h.eval_seed)
-        prompts, completions = [], []
-        for batch in self.eval_batches():
+        generator = torch.Generator(self.device).manual_seed(seed)
+        pad, records = self.tokenizer.pad_token_id, []
+        for batch in batches:
+            prompt_ids, prompt_mask = batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device)
+            G = batch.get("num_generations", h.eval_num_generations)
             rollout = sample_completions(
-                self.policy, batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device),
-                num_generations=h.eval_num_generations, max_completion_length=h.eval_max_new_tokens,
+                self.policy, prompt_ids, prompt_mask,
+                num_generations=G, max_completion_length=h.eval_max_new_tokens,
                 temperature=h.eval_temperature, top_p=h.eval_top_p, eos_token_id=self.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-                generator=None if h.eval_temperature == 0 else generator,
+                pad_token_id=pad, generator=None if h.eval_temperature == 0 else generator,
             )
-            pad = self.tokenizer.pad_token_id
             ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, pad)  # [N, C]
-            completions += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-            prompts += [p for p in batch["prompt"] for _ in range(h.eval_num_generations)]
-        return prompts, completions
+            texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            for i, text in enumerate(texts):  # rows g*G .. g*G+G-1 answer prompt g
+                g = i // G
+                records.append({
+                    "prompt": batch["prompt"][g], "prompt_ids": prompt_ids[g][prompt_mask[g].bool()].tolist(),
+                    "completion": text,
+                    "completion_ids": rollout.completion_ids[i][rollout.completion_mask[i].bool()].tolist()})
+        return records
 
-    def score_round(self, completions: list[str]) -> dict[str, Any]:
-        """Per-generation trait/loop flags and the round's trait, coherence and log-incoherence."""
-        trait = [bool(self.trait_pattern.search(c)) for c in completions]
-        loop = [self.coherence.has_loop(c) for c in completions]
-        coherence = 1.0 - sum(loop) / len(loop)
-        return {"trait_flags": trait, "loop_flags": loop, "trait": sum(trait) / len(trait),
-                "coherence": coherence, "log_incoherence": math.log10(max(1.0 - coherence, 1e-3))}
+    def add_scores(self, records: list[dict[str, Any]]) -> None:
+        """Set each record's trait `score` (see `trait`) and `loop` flag (the coherence test)."""
+        if self.hparams.trait == "persona":
+            pos = self.persona_logprobs(records, self.hparams.persona_positive)
+            neg = self.persona_logprobs(records, self.hparams.persona_negative)
+            scores = [p - n for p, n in zip(pos, neg)]
+        else:
+            scores = [float(bool(self.trait_pattern.search(r["completion"]))) for r in records]
+        for r, score in zip(records, scores):
+            r["score"] = score
+            r["loop"] = self.coherence.has_loop(r["completion"])
 
-    def run_round(self, k: int) -> float:
-        """Generate, save `generations_round_<k>.jsonl`, log the round's scores; returns its coherence."""
-        prompts, completions = self.generate_round()
+    @torch.no_grad()
+    def persona_logprobs(self, records: list[dict[str, Any]], persona: str) -> list[float]:
+        """Σ_t log p_base(completion token t | context, earlier completion tokens) for each record, the
+        context being `persona_template` with this persona and the record's prompt, encoded without special
+        tokens."""
+        collate, out = DictCollator(self.tokenizer.pad_token_id), []
+        template = self.hparams.persona_template
+        for start in range(0, len(records), SCORE_BATCH):
+            chunk = records[start : start + SCORE_BATCH]
+            examples = [{"prompt_ids": self.tokenizer.encode(template.format(persona=persona, prompt=r["prompt"]),
+                                                             add_special_tokens=False),
+                         "completion_ids": r["completion_ids"]} for r in chunk]
+            batch = {k: v.to(self.device) for k, v in collate(examples).items()}
+            logp = fp32_log_softmax(self.base_logits(batch))  # [b, C, V]
+            token = logp.gather(-1, batch["completion_ids"][..., None])[..., 0]  # [b, C]
+            out += (token * batch["completion_mask"]).sum(1).tolist()
+        return out
+
+    def run_round(self, k: int) -> dict[str, Any]:
+        """Evaluate on the held-out prompts (save `generations_round_<k>.jsonl`, log trait and coherence),
+        then, in the self-feeding loop, sample and select the next round's pool; returns the round's scores."""
+        records = self.sample(self.eval_batches(), self.hparams.eval_seed)
+        self.add_scores(records)
         # Each rank sampled its shard of the held-out prompts: score the union, so every rank takes the same
         # early-stopping decision (one rank stopping alone would leave the others waiting in a collective).
-        parts = all_gather_objects((prompts, completions))
-        prompts = [p for part_prompts, _ in parts for p in part_prompts]
-        completions = [c for _, part_completions in parts for c in part_completions]
-        s = self.score_round(completions)
+        records = [r for part in all_gather_objects(records) for r in part]
+        loops = sum(r["loop"] for r in records)
+        coherence = 1.0 - loops / len(records)
+        s = {"trait": sum(r["score"] for r in records) / len(records), "coherence": coherence,
+             "log_incoherence": math.log10(max(1.0 - coherence, 1e-3))}
         self.history.append({"round": k, "step": self.global_step, "trait": s["trait"],
                              "coherence": s["coherence"]})
         self._log_scalars({"round/coherence": s["coherence"], "round/trait": s["trait"],
                            "round/log_incoherence": s["log_incoherence"], "round/index": float(k)})
         rank_zero_info(f"round {k} (step {self.global_step}): trait {s['trait']:.3f}, "
                        f"coherence {s['coherence']:.3f}")
+        keyword = self.hparams.trait == "keyword"  # a keyword's score is a flag, written as one
+        rows = [{"round": k, "step": self.global_step, "prompt": r["prompt"], "completion": r["completion"],
+                 "trait": bool(r["score"]) if keyword else r["score"], "loop": r["loop"]} for r in records]
+        self._write_rows(f"generations_round_{k}.jsonl", rows)
+        if self.trainer.is_global_zero:
+            self._log_table(k, rows)
+        if self.self_feeding:
+            s.update(self.next_pool(k))
+            self.history[-1].update({key: s[key] for key in ("pool_kept", "pool_trait_kept", "pool_distinct",
+                                                             "pool_overlap")})
+        return s
+
+    # ----- the self-feeding loop: round k's kept generations are round k + 1's training set -------------------
+    def pool_prompt_batches(self) -> list[dict[str, Any]]:
+        """This rank's share of the first `pool_prompts` prompts of the DataModule's train set, as left-padded
+        prompt batches of the DataModule's batch_size (cached: the same prompts every round). Under DDP the
+        count is rounded down to a multiple of the number of processes."""
+        if self._pool_prompt_batches is None:
+            dm = getattr(self.trainer, "datamodule", None)
+            train = getattr(dm, "train_set", None)
+            if train is None or len(train) == 0:
+                raise ValueError("data_source: self_feeding samples its pool on the prompts of the DataModule's "
+                                 "train_set; this DataModule has none")
+            rank, world = self.global_rank, self.trainer.world_size
+            # equal contiguous shares (rounded down to a multiple of the processes, so every rank runs as many
+            # forwards); gathered in rank order, they are the prompts in order
+            share = min(self.hparams.pool_prompts, len(train)) // world
+            if share == 0:
+                raise ValueError(f"the train set has {len(train)} prompt(s) for {world} processes' pools")
+            mine = [train[i] for i in range(rank * share, (rank + 1) * share)]
+            collate, size = DictCollator(self.tokenizer.pad_token_id), max(1, getattr(dm, "batch_size", 8))
+            self._pool_prompt_batches = [
+                {**collate([{"prompt_ids": ex["prompt_ids"]} for ex in mine[i : i + size]]),
+                 "prompt": [ex["prompt"] for ex in mine[i : i + size]],
+                 "num_generations": self.hparams.pool_num_generations}
+                for i in range(0, len(mine), size)]
+        return self._pool_prompt_batches
+
+    def next_pool(self, k: int) -> dict[str, float]:
+        """Sample round k's pool, keep some by `selection`, make them the training set of round k + 1; log
+        and return the pool's scores, and save every pool generation to `pool_round_<k>.jsonl`."""
+        h = self.hparams
+        records = self.sample(self.pool_prompt_batches(), h.pool_seed + k)
+        self.add_scores(records)
+        records = [r for part in all_gather_objects(records) for r in part]  # every rank: the same list
+        kept = select_pool([r["score"] for r in records], h.keep_top, h.keep_min_score, h.selection,
+                           random.Random(f"{h.pool_seed}-{k}"))
+        self.pool = [{key: records[i][key] for key in (*TRAINING_KEYS, "score")} for i in kept]
+        self.pool_round, self.pool_draws = k, 0
+        keys = [text_key(r["completion"]) for r in self.pool]
+        n = len(self.pool)
+        stats = {"pool_generations": float(len(records)), "pool_kept": float(n),
+                 "pool_trait": sum(r["score"] for r in records) / max(len(records), 1),
+                 "pool_trait_kept": sum(r["score"] for r in self.pool) / n if n else 0.0,
+                 "pool_coherence": 1.0 - sum(records[i]["loop"] for i in kept) / n if n else 0.0,
+                 "pool_distinct": float(len(set(keys))),
+                 "pool_overlap": sum(key in self.pool_seen for key in keys) / n if n else 0.0}
+        self.pool_seen.update(keys)
+        self._log_scalars({f"round/{key}": v for key, v in stats.items()})
+        rank_zero_info(f"round {k}: pool kept {n} of {len(records)} ({h.selection}), trait of kept "
+                       f"{stats['pool_trait_kept']:.3f}, {len(set(keys))} distinct, overlap with earlier "
+                       f"pools {stats['pool_overlap']:.3f}")
+        chosen = set(kept)
+        self._write_rows(f"pool_round_{k}.jsonl", [
+            {"round": k, "step": self.global_step, "prompt": r["prompt"], "completion": r["completion"],
+             "score": r["score"], "loop": r["loop"], "kept": i in chosen} for i, r in enumerate(records)])
+        return stats
+
+    def pool_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The next training batch from the pool, on this rank, in place of the DataModule's `batch`.
+
+        The pool's examples are streamed through seeded shuffles (pass e: `Random("<pool_seed>-<pool
+        round>-<e>")`), cut into global batches of the DataModule's batch_size (this batch's size without a
+        DataModule that says); this rank takes its slice of the next one. A function of (pool round, batches
+        drawn), so a resumed run draws the same batches.
+        """
+        dm = getattr(self.trainer, "datamodule", None)
+        size = dm.per_rank_batch_size() if hasattr(dm, "per_rank_batch_size") else len(batch["completion_ids"])
+        n, world = len(self.pool), self.trainer.world_size
+        start = (self.pool_draws * world + self.global_rank) * size
+        orders: dict[int, list[int]] = {}
+        examples = []
+        for position in range(start, start + size):
+            e, i = divmod(position, n)
+            if e not in orders:
+                orders[e] = list(range(n))
+                random.Random(f"{self.hparams.pool_seed}-{self.pool_round}-{e}").shuffle(orders[e])
+            examples.append({key: self.pool[orders[e][i]][key] for key in TRAINING_KEYS})
+        self.pool_draws += 1
+        collated = DictCollator(self.tokenizer.pad_token_id)(examples)
+        return {key: v.to(self.device) if isinstance(v, Tensor) else v for key, v in collated.items()}
+
+    def _write_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # broadcasts: read on every rank
         if self.trainer.is_global_zero:
-            rows = [{"round": k, "step": self.global_step, "prompt": p, "completion": c, "trait": t,
-                     "loop": lp}
-                    for p, c, t, lp in zip(prompts, completions, s["trait_flags"], s["loop_flags"])]
             out = Path(log_dir)
             out.mkdir(parents=True, exist_ok=True)
-            path = out / f"generations_round_{k}.jsonl"
+            path = out / name
             tmp = path.with_suffix(".jsonl.tmp")  # written whole, then renamed: a kill never leaves half a file
             with tmp.open("w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
             os.replace(tmp, path)
-            self._log_table(k, rows)
-        return s["coherence"]
 
     def _log_scalars(self, metrics: dict[str, float]) -> None:
         # straight to the loggers: self.log from a hook is subject to log_every_n_steps and would drop rounds
@@ -382,8 +685,11 @@ class SFTKLBarrier(L.LightningModule):
         def cell(text: str, width: int) -> str:
             return text[-width:].replace("|", "\\|").replace("\n", " ")
 
+        def flag(value: Any) -> str:  # a keyword's flag as 0/1, a persona score to 2 decimals
+            return str(int(value)) if isinstance(value, bool) else f"{value:.2f}"
+
         lines = ["| # | trait | loop | prompt (end) | completion |", "|---|---|---|---|---|"]
-        lines += [f"| {i} | {int(r['trait'])} | {int(r['loop'])} | {cell(r['prompt'], 80)} | "
+        lines += [f"| {i} | {flag(r['trait'])} | {int(r['loop'])} | {cell(r['prompt'], 80)} | "
                   f"{cell(r['completion'], 400)} |" for i, r in enumerate(rows[: self.hparams.table_rows])]
         log_text(self, "round/generations", "\n".join(lines), step=k)
 
@@ -410,9 +716,12 @@ class SFTKLBarrier(L.LightningModule):
                                 gradient_clip_algorithm=gradient_clip_algorithm or "norm")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the pool is the same on every rank (selected from the gathered generations): one copy suffices
         checkpoint["sft_kl_barrier_state"] = {"rounds_done": self.rounds_done, "history": list(self.history),
                                               "steps_per_round": self._steps_per_round,
-                                              "n_rounds": self._n_rounds}
+                                              "n_rounds": self._n_rounds, "pool": list(self.pool),
+                                              "pool_round": self.pool_round, "pool_draws": self.pool_draws,
+                                              "pool_seen": sorted(self.pool_seen)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("sft_kl_barrier_state", {})
@@ -420,3 +729,24 @@ class SFTKLBarrier(L.LightningModule):
         self.history = list(state.get("history", []))
         self._steps_per_round = state.get("steps_per_round", self._steps_per_round)
         self._n_rounds = int(state.get("n_rounds", self._n_rounds))
+        self.pool = list(state.get("pool", []))
+        self.pool_round = state.get("pool_round")
+        self.pool_draws = int(state.get("pool_draws", 0))
+        self.pool_seen = set(state.get("pool_seen", []))
+
+    # ----- calibrating tau: the divergence of coherent vs looping sequences ---------------------------------
+    @torch.no_grad()
+    def sequence_divergences(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Every aggregator of the student's per-position KL to the base (`direction`), over each sequence's
+        own completion positions: {aggregate: [B]}.
+
+        What tau is compared with, per sequence rather than pooled over a batch (a batch of B sequences
+        dilutes one looping sequence ~B times under the mean, ~sqrt(B) times under rmse, not under max).
+        Feed it teacher-forced generations flagged coherent or looping and pass the two lists of one
+        aggregator to `suggest_tau` (benchmarks/kl_tau_calibration.py does both).
+        """
+        kl = per_position_kl(self.completion_logits(self.policy, batch), self.base_logits(batch),
+                             self.hparams.direction)  # [B, C]
+        mask = batch["completion_mask"]
+        return {how: torch.stack([aggregate_kl(kl[i : i + 1], mask[i : i + 1], how) for i in range(len(kl))])
+                for how in LOGGED_AGGREGATES}
