@@ -51,6 +51,25 @@ DEFAULT_LOG_ROOT = "runs"
 HPARAMS_METRIC_PREFIXES = ("val/", "test/", "eval/", "train/reward", "train/loss", "train/kl")
 
 
+class HParamsSummary(L.Callback):
+    """At the end of fit, `params` (the flat config) with the final metrics under `hparams/<name>`, so the
+    curves of the metrics themselves stay untouched."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.logger is None or not trainer.is_global_zero:
+            return
+        metrics = {f"hparams/{k}": float(v) for k, v in trainer.callback_metrics.items()
+                   if getattr(v, "numel", lambda: 1)() == 1 and k.startswith(HPARAMS_METRIC_PREFIXES)}
+        try:
+            trainer.logger.log_hyperparams(self.params, metrics=metrics or None)
+        except TypeError:  # a logger whose log_hyperparams takes no metrics
+            trainer.logger.log_hyperparams(self.params)
+        trainer.logger.save()
+
+
 def flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config as `{"model.init_args.lr": 1e-4, ...}`; lists and None become strings (HParams values
     must be numbers, strings or booleans)."""
@@ -129,21 +148,12 @@ class RLMCLI(LightningCLI):
             check_run_folder(cfg, subcommand)
             remember_runs(cfg)  # a run that fails before it logs anything leaves no empty version folder
 
-    def after_fit(self) -> None:
-        """TensorBoard's HParams tab: the whole resolved config (model, data, trainer) beside the run's final
-        metrics, under `hparams/<name>` so the curves of the metrics themselves stay untouched."""
-        trainer = self.trainer
-        if trainer.logger is None or not trainer.is_global_zero:
-            return
-        metrics = {f"hparams/{k}": float(v) for k, v in trainer.callback_metrics.items()
-                   if getattr(v, "numel", lambda: 1)() == 1 and k.startswith(HPARAMS_METRIC_PREFIXES)}
+    def before_fit(self) -> None:
+        """TensorBoard's HParams tab gets the whole resolved config (model, data, trainer) beside the run's final
+        metrics, written at the end of fit while the logger is still open (see `HParamsSummary`)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         params = {k: v for k, v in flat_config(config.as_dict()).items() if not k.startswith(("config", "ckpt_path"))}
-        try:
-            trainer.logger.log_hyperparams(params, metrics=metrics) if metrics else trainer.logger.log_hyperparams(params)
-        except TypeError:  # a logger whose log_hyperparams takes no metrics
-            trainer.logger.log_hyperparams(params)
-        trainer.logger.save()  # flushed now, not when the writer is next flushed or closed
+        self.trainer.callbacks.append(HParamsSummary(params))
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config

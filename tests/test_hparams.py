@@ -34,6 +34,7 @@ def test_hparams_tab_holds_the_config_and_final_metrics(tmp_path, tiny_llama_dir
     final = cli.trainer.callback_metrics["train/reward"].item()
     assert [e.value for e in ea.Scalars("hparams/train/reward")] == [final]
     assert len(ea.Scalars("train/reward")) == 2  # the curve itself gets no extra point
+    assert len(list(Path(cli.trainer.log_dir).glob("events.out.tfevents*"))) == 1  # written while the logger is open
     keys: set[str] = set()
     for path in Path(cli.trainer.log_dir).glob("events.out.tfevents*"):
         for event in EventFileLoader(str(path)).Load():
