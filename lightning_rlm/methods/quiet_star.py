@@ -13,6 +13,10 @@ logits with the base model's through the mixing head. Objective, per position t 
     loss      = base_loss_beta * NLL_base + talk_loss_beta * talk_nll
                 - policy_loss_beta * mean(A_k * log pi(z_k)) [+ post_loss_beta * talk NLL of p_post]
 
+With `talk_gate` (seed 001's "update p(y | z, x) only when the thought beats the null thought") a thought's talk
+targets count in talk_nll only when r_k > r_null; `use_reasoner: false` is the plain LM through the same code
+(loss = base_loss_beta * NLL_base).
+
 Departures from the paper: the mixing head's last layer starts at zero weights, so training starts as (or,
 with `sigmoid`, within 1% of) the base model; the baseline is leave-one-out (the paper averages over all
 thoughts, itself included, which scales the advantage by (P-1)/P); talk tokens after the end marker run as
@@ -35,7 +39,8 @@ comparable with the LM baselines' `loss`), `nll_base` (the base path alone, all 
 `nll_post` (the post-thought prediction alone, before mixing),
 `gap` (their difference; < 0 means thoughts help) and `gap_easy|medium|hard` (by the base NLL of that
 token, edges `gap_buckets`), `talk_nll`, `reward`, `advantage_std`, `policy_loss`, `mix_weight`,
-`thought_entropy`; TensorBoard text `thoughts` (context → thought → prediction) and `samples` (a thinking
+`thought_entropy` and `thought_entropy_max`, `nll_interest` / `nll_base_interest` (at the thinking positions
+whose base NLL is in the top `1 - interest_percentile` of the batch), `talk_gate_open`; TensorBoard text `thoughts` (context → thought → prediction) and `samples` (a thinking
 generation with its thoughts shown).
 """
 
@@ -105,6 +110,13 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         reward_logits: score thoughts by the `mixed` prediction (the paper) or the `post`-thought one alone
             (keeps a signal for the thoughts when the mixing weight is near 0).
         gap_buckets: base-NLL edges (nats) of the easy / medium / hard buckets of the logged gap.
+        use_reasoner: False trains the plain LM through the same code path (no thoughts: the loss is the base
+            NLL, equal to the LM baseline's on the same batch); seed 001's `use_reasoner` control.
+        talk_gate: update p(y | z, x) only where the thought beats the null thought (seed 001): the talk loss
+            of a (thought, position) counts only when its reward exceeds the empty thought's; needs
+            `null_thought_baseline` (the empty thought is scored anyway for it).
+        interest_percentile: the logged `nll_interest` / `nll_base_interest` are over thinking positions whose
+            base NLL is at least this percentile of the batch's (the seed's "tokens of interest").
     Optimisation: AdamW (no decay on vectors), warmup then constant or cosine.
     Samples: every `sample_every_n_steps` the thoughts at `sample_positions` positions of the batch; at each
         validation a thinking generation of `sample_tokens` tokens from `sample_prompt` (0 / None: off).
@@ -133,6 +145,9 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         null_thought_baseline: bool = False,
         reward_logits: Literal["mixed", "post"] = "mixed",
         gap_buckets: tuple[float, float] = (1.0, 3.0),
+        use_reasoner: bool = True,
+        talk_gate: bool = False,
+        interest_percentile: float = 0.9,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -156,6 +171,10 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         check_positive(thought_temperature=thought_temperature, lr=lr)
         if not gap_buckets[0] < gap_buckets[1]:
             raise ValueError(f"gap_buckets must be two increasing edges, got {gap_buckets}")
+        if talk_gate and not null_thought_baseline:
+            raise ValueError("talk_gate compares each thought with the null thought: set null_thought_baseline: true")
+        if not 0.0 <= interest_percentile < 1.0:
+            raise ValueError(f"interest_percentile must be in [0, 1), got {interest_percentile}")
         self.save_hyperparameters()
         self.net: Optional[QuietStarLM] = None
         self.hf_tokenizer = None
@@ -260,6 +279,8 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         attention_mask = batch.get("attention_mask")  # [B, L] or None
         real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         label_ok = real & (labels != -100)  # [B, L] the positions every mean is over
+        if not h.use_reasoner:
+            return self.plain_lm_losses(ids, labels, attention_mask, label_ok)
         positions = self.thought_positions(L_, generator, None if attention_mask is None else real.any(0))
         out = self.net.think(ids, positions, h.n_ahead, J, P, h.engine, h.thought_temperature, generator,
                              thought_tokens=thought_tokens, null_thought=h.null_thought_baseline,
@@ -288,7 +309,7 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             return (x * thought_w).sum() / n_thought
 
         logp = talk_logp(out.talk_logits, P)  # [B, P, Lq, J]
-        talk_nll = -(logp * valid[:, None]).sum() / n_talk
+        talk_w = valid[:, None].expand(B, P, Lq, J)  # [B, P, Lq, J] which talk targets train p(y | z, x)
         with torch.set_grad_enabled(h.post_loss_beta != 0 and torch.is_grad_enabled()):
             post_logp = talk_logp(out.post_logits, P)  # the thought's own prediction, before mixing
         mixed = h.reward_logits == "mixed"
@@ -298,6 +319,11 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         if out.null_talk_logits is not None:
             null_logp = talk_logp(out.null_talk_logits if mixed else out.null_post_logits, 1)  # [B, 1, Lq, J]
             null_reward = (null_logp * valid[:, None]).sum(-1).transpose(1, 2)
+        beats_null = None  # [B, P, Lq] the thought's reward exceeds the empty thought's
+        if h.talk_gate:
+            beats_null = (reward > null_reward.transpose(1, 2)).float()
+            talk_w = talk_w * beats_null[..., None]
+        talk_nll = -(logp * talk_w).sum() / n_talk  # gated targets count as 0, the denominator stays all targets
         # the baseline compares the P thoughts of one (row, position): put them on the last dim; a padding
         # position's thoughts all have reward 0, so they never reach a real position's baseline
         advantage = reward - leave_one_out_baseline(reward.transpose(1, 2), null_reward).transpose(1, 2)
@@ -343,7 +369,29 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
                 stats["mix_weight"] = over_thoughts(out.mix_weight.view(B, P, Lq, J).mean(-1))
             if null_reward is not None:
                 stats["null_reward"] = (null_reward[..., 0] * pos_w).sum() / n_pos
+            if beats_null is not None:
+                stats["talk_gate_open"] = over_thoughts(beats_null)
+            if entropy.numel():
+                stats["thought_entropy_max"] = entropy.amax(-1)[thought_w.bool()].max()
+            if bool(sel_ok.any()):  # tokens of interest: the hardest thinking positions for the base model
+                cut = torch.quantile(nll_base_at[sel_ok].float(), h.interest_percentile)
+                hard = sel_ok & (nll_base_at >= cut)
+                stats["nll_interest"] = nll_thought[hard].mean()
+                stats["nll_base_interest"] = nll_base_at[hard].mean()
         return stats, out
+
+    def plain_lm_losses(self, ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                        label_ok: torch.Tensor) -> tuple[dict[str, torch.Tensor], None]:
+        """`use_reasoner: false`: the base LM's next-token NLL over real labels, nothing else."""
+        from lightning_rlm.models.decoding import position_ids_from_mask
+
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask,
+                                                    "position_ids": position_ids_from_mask(attention_mask)}
+        logits = self.net.lm(input_ids=ids, **kwargs).logits  # [B, L, V]
+        tok = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+        w = label_ok.to(tok.dtype)
+        nll = (tok * w).sum() / w.sum().clamp(min=1)
+        return {"loss": self.hparams.base_loss_beta * nll, "nll": nll.detach(), "nll_base": nll.detach()}, None
 
     # ----- training ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -353,7 +401,8 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         every = self.hparams.sample_every_n_steps
         if every and self.global_step % every == 0:
-            self.log_thoughts(batch, out)
+            if out is not None:  # (use_reasoner: false has no thoughts)
+                self.log_thoughts(batch, out)
         return stats["loss"]
 
     def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -252,3 +252,88 @@ def test_method_losses_and_gradients_do_not_depend_on_padding(engine):
     assert g0.keys() == g1.keys()
     worst = max((g0[k] - g1[k]).abs().max().item() for k in g0)
     assert worst <= 1e-5, worst
+
+
+# ----- seed 001's knobs on the transformer version ------------------------------------------------------------
+def test_without_the_reasoner_the_loss_is_the_lm_baselines():
+    """use_reasoner: false trains the plain LM: its loss equals the LM baseline's (LanguageModel.nll: mean
+    next-token cross-entropy) on the same weights and batch, and gradients reach only the LM."""
+    from lightning_rlm.methods import LanguageModel
+
+    torch.manual_seed(0)
+    m = QuietStar(model_config=TINY_LLAMA, vocab_size=64, use_reasoner=False)
+    x = torch.randint(1, 64, (2, 11), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+    stats, out = m.compute_losses(batch, torch.Generator().manual_seed(1))
+    assert out is None and set(stats) == {"loss", "nll", "nll_base"}
+    lm = m.net.lm
+    baseline = LanguageModel(network=lambda v: _Logits(lm), vocab_size=64)
+    assert stats["loss"].item() == pytest.approx(baseline.nll(batch).item(), abs=1e-6)
+    stats["loss"].backward()
+    assert all(p.grad is None for n, p in m.net.named_parameters() if not n.startswith("lm."))
+
+
+class _Logits(torch.nn.Module):
+    """An HF causal LM as the LM baseline's network (input_ids -> logits)."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids).logits
+
+
+def test_talk_gate_passes_no_gradient_for_thoughts_worse_than_the_null_thought():
+    torch.manual_seed(0)
+    m = QuietStar(model_config=TINY_LLAMA, vocab_size=64, n_ahead=4, n_talk=2, n_passes=2, think_positions=4,
+                  null_thought_baseline=True, talk_gate=True, policy_loss_beta=0.0, base_loss_beta=0.0)
+    x = torch.randint(1, 64, (2, 13), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+    stats, out = m.compute_losses(batch, torch.Generator().manual_seed(1))
+    # recompute each thought's reward and the null thought's by hand from the model's outputs
+    B, P, Lq, J = 2, 2, 4, 2
+    tgt = batch["labels"][:, out.talk_index]  # [B, Lq, J]
+    valid = out.talk_valid[None].expand(B, Lq, J).float()
+
+    def logp(logits: torch.Tensor, rows: int) -> torch.Tensor:
+        lp = torch.log_softmax(logits.float(), -1).view(B, rows, Lq, J, -1)
+        return lp.gather(-1, tgt[:, None, ..., None].expand(B, rows, Lq, J, 1))[..., 0]
+
+    reward = (logp(out.talk_logits, P) * valid[:, None]).sum(-1).detach()  # [B, P, Lq]
+    null = (logp(out.null_talk_logits, 1) * valid[:, None]).sum(-1)  # [B, 1, Lq]
+    open_ = reward > null
+    assert 0 < open_.float().mean() < 1  # some thoughts beat the null thought, some do not
+    assert stats["talk_gate_open"].item() == pytest.approx(open_.float().mean().item())
+    # the talk loss is the mean over targets of the open thoughts only: each closed thought's targets add 0
+    lp = logp(out.talk_logits, P)
+    expected = -(lp * valid[:, None] * open_[..., None]).sum() / (valid.sum() * P)
+    assert stats["loss"].item() == pytest.approx(expected.item(), abs=1e-5)
+    # and no gradient flows through a closed thought's talk logits
+    grads = torch.autograd.grad(stats["loss"], out.talk_logits, retain_graph=True)[0].view(B, P, Lq, J, -1)
+    assert grads[~open_].abs().max() == 0 and grads[open_].abs().max() > 0
+
+
+def test_interest_and_max_entropy_metrics():
+    torch.manual_seed(0)
+    m = QuietStar(model_config=TINY_LLAMA, vocab_size=64, n_ahead=4, n_talk=1, n_passes=2, think_positions=6,
+                  interest_percentile=0.5)
+    x = torch.randint(1, 64, (2, 13), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+    stats, out = m.compute_losses(batch, torch.Generator().manual_seed(1))
+    assert stats["thought_entropy_max"].item() == pytest.approx(out.thought_entropy.max().item())
+    assert stats["thought_entropy_max"] >= stats["thought_entropy"]
+    # tokens of interest: the thinking positions whose base NLL is at or above the median
+    V = out.base_logits.shape[-1]
+    base = torch.nn.functional.cross_entropy(out.base_logits.reshape(-1, V), batch["labels"].reshape(-1),
+                                             reduction="none").view(2, -1)
+    positions = out.talk_index[:, 0]
+    at = base[:, positions]  # [B, Lq]
+    hard = at >= torch.quantile(at.flatten(), 0.5)
+    assert stats["nll_base_interest"].item() == pytest.approx(at[hard].mean().item(), abs=1e-5)
+    assert stats["nll_base_interest"] >= stats["nll_base_at_thought"]
+
+
+def test_talk_gate_needs_the_null_thought():
+    with pytest.raises(ValueError, match="null_thought_baseline"):
+        QuietStar(model_config=TINY_LLAMA, vocab_size=64, talk_gate=True)
