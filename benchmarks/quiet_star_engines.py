@@ -1,6 +1,6 @@
 """Quiet-STaR attention engines and thinking generation on a tiny Llama (CPU, fp32).
 
-    python benchmarks/quiet_star_engines.py                      # the README table (about 15 minutes)
+    python benchmarks/quiet_star_engines.py                      # the table in docs/quiet_star.md (about 15 minutes)
     python benchmarks/quiet_star_engines.py --lengths 128 --n-ahead 4 --gen-tokens 32   # a quick look
 
 Training: one QuietStar step (thoughts at every position, forward + backward + AdamW) of `dense` vs

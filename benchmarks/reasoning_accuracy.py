@@ -1,4 +1,4 @@
-"""Downstream reasoning accuracy of a model, with and without a `<think>` block: the README's table.
+"""Downstream reasoning accuracy of a model, with and without a `<think>` block: the table in docs/downstream.md.
 
 For CommonsenseQA (dev, answer log-likelihood; per-token mean and sum) and GSM8K (test, greedy generation
 through the chat template with a '#### <number>' instruction) it prints, on seeded subsets (`--csqa-n`,
