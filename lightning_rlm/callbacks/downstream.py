@@ -95,15 +95,11 @@ class DownstreamEvaluation(Callback):
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"evaluation tasks need distinct names (their metric names), got {names}")
-        self.limit = limit
-        self.seed = seed
-        self.batch_size = batch_size
-        self.every_n_steps = every_n_steps
-        self.max_new_tokens = max_new_tokens
-        self.variants = variants
-        self.table_rows = table_rows
-        self.think_probe = think_probe
-        self.think_tokens = think_tokens
+        # what every evaluate() / think_or_not() call of this callback shares
+        self.subset = {"limit": limit, "seed": seed, "batch_size": batch_size}
+        self.max_new_tokens, self.think_tokens = max_new_tokens, think_tokens
+        self.every_n_steps, self.variants, self.table_rows, self.think_probe = (every_n_steps, variants, table_rows,
+                                                                              think_probe)
         self._last_step = -1
 
     # ----- what to score -------------------------------------------------------------------------------------
@@ -138,8 +134,7 @@ class DownstreamEvaluation(Callback):
         self._last_step = trainer.global_step
         for variant, (model, tokenizer) in self.models(pl_module).items():
             for task in self.tasks:
-                result = evaluate(task, model, tokenizer, limit=self.limit, seed=self.seed,
-                                  batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+                result = evaluate(task, model, tokenizer, max_new_tokens=self.max_new_tokens, **self.subset)
                 prefix = f"eval/{task.name}" + (f"/{variant}" if variant else "")
                 values = {k: v for k, v in result.items() if k.startswith("accuracy")}
                 values["n"] = float(result["n"])
@@ -150,8 +145,7 @@ class DownstreamEvaluation(Callback):
                 if self.table_rows and trainer.is_global_zero:
                     log_text(pl_module, f"{prefix}/answers", records_to_markdown(result["records"], self.table_rows))
                 if self.think_probe:
-                    probe = think_or_not(task, model, tokenizer, limit=self.limit, seed=self.seed,
-                                         batch_size=self.batch_size, think_tokens=self.think_tokens)
+                    probe = think_or_not(task, model, tokenizer, think_tokens=self.think_tokens, **self.subset)
                     for k in ("accuracy_thought", "accuracy_null", "changed", "fixed", "broken"):
                         pl_module.log(f"{prefix}/think/{k}", float(probe[k]), on_step=on_step, on_epoch=not on_step,
                                       batch_size=1)

@@ -19,7 +19,7 @@ ordinary text to it. Departure from the seed: the seed's "think or not" is a lea
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
@@ -45,40 +45,35 @@ def with_think_block(task: Task, blocks: dict[int, str]) -> Task:
 
 
 def think_or_not(
-    task: Task,
-    model: nn.Module,
-    tokenizer: Any,
-    limit: Optional[int] = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    think_tokens: int = 128,
-    null_thought: str = NULL_THOUGHT,
-    scoring: Optional[str] = None,
+    task: Task, model: nn.Module, tokenizer: Any, think_tokens: int = 128, null_thought: str = NULL_THOUGHT,
+    **eval_args: Any,
 ) -> dict[str, Any]:
     """Accuracy after the model's own thought and after the null thought, on the same examples.
 
     Returns `{"task", "n", "accuracy_thought", "accuracy_null", "changed", "fixed", "broken", "records"}`:
     `changed` is the fraction of examples whose prediction differs between the two, `fixed` / `broken` the
     fractions where thinking turned a wrong answer right / a right one wrong; `records` pair each example's
-    thought with both predictions. Under DDP every rank generates the thoughts of all the examples (simple,
-    redundant) and `evaluate` shards the scoring.
+    thought with both predictions. `eval_args` are :func:`evaluate`'s (`limit`, `seed`, `batch_size`,
+    `scoring`, ...), the same for both scorings. Under DDP every rank generates the thoughts of all the examples
+    (simple, redundant) and `evaluate` shards the scoring.
     """
     if think_tokens < 1:
         raise ValueError(f"think_tokens must be >= 1, got {think_tokens}")
     if "</think>" in null_thought:
         raise ValueError(f"null_thought must not close the block itself, got {null_thought!r}")
+    limit, seed, scoring = eval_args.get("limit"), eval_args.get("seed", 0), eval_args.get("scoring")
     subset = select_indices(len(task), limit, seed)
     examples = [task.examples()[i] for i in subset]
     letter = scoring == "letter" or (scoring is None and getattr(task, "scoring", None) == "letter")
     kwargs = {"letter": True} if letter else {}
     prompts = [task.prompt(ex, tokenizer, **kwargs) + OPEN for ex in examples]
-    raw = generate_greedy(model, tokenizer, prompts, think_tokens, batch_size, add_special_tokens=task.chat is None)
+    raw = generate_greedy(model, tokenizer, prompts, think_tokens, eval_args.get("batch_size", 8),
+                          add_special_tokens=task.chat is None)
     thoughts = {ex.index: text.split("</think>")[0].strip() for ex, text in zip(examples, raw)}
     runs = {}
     for name, blocks in (("thought", {i: OPEN + t + CLOSE for i, t in thoughts.items()}),
                          ("null", {i: OPEN + null_thought + CLOSE for i in thoughts})):
-        runs[name] = evaluate(with_think_block(task, blocks), model, tokenizer, limit=limit, seed=seed,
-                              batch_size=batch_size, scoring=scoring)
+        runs[name] = evaluate(with_think_block(task, blocks), model, tokenizer, **eval_args)
     by_index = {name: {r["index"]: r for r in run["records"]} for name, run in runs.items()}
     records = []
     for i in sorted(by_index["thought"]):
