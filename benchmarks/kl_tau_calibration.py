@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from lightning_rlm.data.collate import DictCollator
-from lightning_rlm.losses.kl import aggregate_kl, per_position_kl
-from lightning_rlm.methods.sft_kl_barrier import LOGGED_AGGREGATES, SFTKLBarrier, suggest_tau
+from lightning_rlm.losses.kl import aggregate_kl, per_position_kl, suggest_tau
+from lightning_rlm.methods.sft_kl_barrier import LOGGED_AGGREGATES, SFTKLBarrier
 
 
 def read_rows(paths: list[str]) -> list[dict]:

@@ -213,7 +213,7 @@ def check_round_schedule(cfg: Namespace) -> None:
     model = cfg.get("model")
     if not str(getattr(model, "class_path", "")).endswith(".SFTKLBarrier"):
         return
-    from lightning_rlm.methods.sft_kl_barrier import round_schedule
+    from lightning_rlm.data.rounds import round_schedule
 
     args, fast = model.get("init_args") or Namespace(), cfg.trainer.get("fast_dev_run")
     round_schedule(args.get("n_rounds", 4), args.get("steps_per_round"),

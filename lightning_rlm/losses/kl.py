@@ -28,14 +28,14 @@ as in the source. Logits are assumed finite (a -inf logit would give 0 · inf = 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from lightning_rlm.checks import check_one_of
 
-__all__ = ["KLAggregate", "KLDirection", "RMSE_EPS", "aggregate_kl", "fp32_log_softmax", "kl_barrier",
+__all__ = ["KLAggregate", "KLDirection", "RMSE_EPS", "aggregate_kl", "fp32_log_softmax", "kl_barrier", "suggest_tau",
            "per_position_kl"]
 
 KLDirection = Literal["kl_fwd", "kl_rev"]
@@ -111,3 +111,23 @@ def aggregate_kl(kl: Tensor, mask: Tensor, how: KLAggregate) -> Tensor:
 def kl_barrier(div: Tensor, tau: float, lam: float) -> Tensor:
     """`lam · relu(div − tau)`: no penalty and exactly zero gradient while `div <= tau`."""
     return lam * torch.relu(div - tau)
+
+
+def suggest_tau(coherent: list[float], looping: list[float]) -> dict[str, Any]:
+    """A barrier threshold between the divergences of coherent and of looping sequences (one aggregator).
+
+    Returns the medians, `auc` (the chance that a looping sequence scores above a coherent one, ties half:
+    how well this aggregator tells them apart), `separable` (the coherent 90th percentile lies below the
+    looping 10th) and `tau`: the geometric mean of those two percentiles when separable (the barrier stays
+    off on 90% of coherent sequences and fires on 90% of looping ones), else of the two medians.
+    """
+    if not coherent or not looping:
+        raise ValueError("suggest_tau needs at least one coherent and one looping value")
+    c, lp = torch.tensor(coherent, dtype=torch.float64), torch.tensor(looping, dtype=torch.float64)
+    c90, l10 = torch.quantile(c, 0.9).item(), torch.quantile(lp, 0.1).item()
+    c50, l50 = c.median().item(), lp.median().item()
+    auc = ((lp[:, None] > c[None, :]).double() + 0.5 * (lp[:, None] == c[None, :]).double()).mean().item()
+    separable = c90 < l10
+    lo, hi = (c90, l10) if separable else (c50, l50)
+    return {"coherent_median": c50, "looping_median": l50, "coherent_p90": c90, "looping_p10": l10,
+            "auc": auc, "separable": separable, "tau": math.sqrt(max(lo, 1e-12) * max(hi, 1e-12))}

@@ -96,7 +96,6 @@ generations include loops.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -113,6 +112,7 @@ from torch import Tensor, nn
 from lightning_rlm.adapters import add_lora, frozen_copy, reference_mode
 from lightning_rlm.data.collate import DictCollator
 from lightning_rlm.data.pairs import keyword_pattern
+from lightning_rlm.data.rounds import round_schedule, select_pool, text_key
 from lightning_rlm.distributed import all_gather_objects
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses.kl import (
@@ -132,74 +132,6 @@ from lightning_rlm.rollout import position_ids_from_mask, sample_completions
 LOGGED_AGGREGATES = ("mean", "rmse", "p95", "max", "logsumexp")
 SCORE_BATCH = 16  # generations per forward when the persona trait scores them under the base
 TRAINING_KEYS = ("prompt", "prompt_ids", "completion", "completion_ids")  # what a pool example trains on
-
-
-def round_schedule(n_rounds: int, steps_per_round: Optional[int], max_steps: Optional[int],
-                   fast_dev_run: bool = False) -> tuple[int, int]:
-    """(rounds, steps_per_round) to run under `max_steps` (-1/None: unbounded); ValueError if none can.
-
-    Without steps_per_round, max_steps is split into min(n_rounds, max_steps) rounds (so max_steps <
-    n_rounds gives max_steps rounds of one step). An explicit steps_per_round must fit, unless fast_dev_run
-    (then as many rounds as fit, each at most max_steps // rounds steps).
-    """
-    bounded = max_steps is not None and max_steps >= 0
-    if steps_per_round is None:
-        if not bounded:
-            raise ValueError(f"SFTKLBarrier's rounds need trainer.max_steps (split into n_rounds={n_rounds} "
-                             f"rounds) or model steps_per_round; got max_steps={max_steps}")
-        rounds = max(1, min(n_rounds, max_steps))
-        return rounds, max(1, max_steps // rounds)
-    if not bounded or steps_per_round * n_rounds <= max_steps:
-        return n_rounds, steps_per_round
-    if fast_dev_run:
-        rounds = max(1, min(n_rounds, max_steps))
-        return rounds, max(1, min(steps_per_round, max_steps // rounds))
-    raise ValueError(f"SFTKLBarrier's steps_per_round={steps_per_round} x n_rounds={n_rounds} = "
-                     f"{steps_per_round * n_rounds} steps do not fit trainer.max_steps={max_steps}; raise "
-                     "max_steps, lower n_rounds or steps_per_round, or leave steps_per_round unset")
-
-
-def select_pool(scores: list[float], keep_top: Optional[Union[int, float]], keep_min_score: Optional[float],
-                selection: str, rng: random.Random) -> list[int]:
-    """Indices (ascending) of the generations a round keeps for the next one's training.
-
-    `trait`: those scoring above `keep_min_score` (None: all), then at most `keep_top` of them, highest
-    first with ties broken by position (an int: a count; a float in (0, 1]: that fraction of all
-    generations, at least one). `random`: as many as `trait` keeps, drawn uniformly from all generations
-    by `rng` (the matched control).
-    """
-    kept = [i for i, s in enumerate(scores) if keep_min_score is None or s > keep_min_score]
-    if keep_top is not None:
-        top = keep_top if isinstance(keep_top, int) else max(1, round(keep_top * len(scores)))
-        kept = sorted(sorted(kept, key=lambda i: -scores[i])[:top])
-    if selection == "random":
-        kept = sorted(rng.sample(range(len(scores)), len(kept)))
-    return kept
-
-
-def text_key(text: str) -> str:
-    """A short digest of a completion's words (whitespace-normalised): what pool distinctness and overlap compare."""
-    return hashlib.sha1(" ".join(text.split()).encode("utf-8")).hexdigest()[:16]
-
-
-def suggest_tau(coherent: list[float], looping: list[float]) -> dict[str, Any]:
-    """A barrier threshold between the divergences of coherent and of looping sequences (one aggregator).
-
-    Returns the medians, `auc` (the chance that a looping sequence scores above a coherent one, ties half:
-    how well this aggregator tells them apart), `separable` (the coherent 90th percentile lies below the
-    looping 10th) and `tau`: the geometric mean of those two percentiles when separable (the barrier stays
-    off on 90% of coherent sequences and fires on 90% of looping ones), else of the two medians.
-    """
-    if not coherent or not looping:
-        raise ValueError("suggest_tau needs at least one coherent and one looping value")
-    c, lp = torch.tensor(coherent, dtype=torch.float64), torch.tensor(looping, dtype=torch.float64)
-    c90, l10 = torch.quantile(c, 0.9).item(), torch.quantile(lp, 0.1).item()
-    c50, l50 = c.median().item(), lp.median().item()
-    auc = ((lp[:, None] > c[None, :]).double() + 0.5 * (lp[:, None] == c[None, :]).double()).mean().item()
-    separable = c90 < l10
-    lo, hi = (c90, l10) if separable else (c50, l50)
-    return {"coherent_median": c50, "looping_median": l50, "coherent_p90": c90, "looping_p10": l10,
-            "auc": auc, "separable": separable, "tau": math.sqrt(max(lo, 1e-12) * max(hi, 1e-12))}
 
 
 class SFTKLBarrier(L.LightningModule):

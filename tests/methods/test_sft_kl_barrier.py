@@ -11,8 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_rlm.cli import RLMCLI
 from lightning_rlm.data import TextSource
 from lightning_rlm.data.pairs import KeywordPrefixCompletionDataModule, PairsDataModule, keyword_pattern
+from lightning_rlm.data.rounds import round_schedule
 from lightning_rlm.methods import SFTKLBarrier
-from lightning_rlm.methods.sft_kl_barrier import round_schedule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 NAMES = ["no_barrier", "kl_rev_mean", "kl_rev_rmse", "kl_fwd_rmse", "kl_rev_p95"]

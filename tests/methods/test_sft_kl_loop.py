@@ -13,9 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lightning_rlm.cli import RLMCLI
 from lightning_rlm.data import TextSource
 from lightning_rlm.data.pairs import PairsDataModule
-from lightning_rlm.losses.kl import aggregate_kl
+from lightning_rlm.data.rounds import select_pool
+from lightning_rlm.losses.kl import aggregate_kl, suggest_tau
 from lightning_rlm.methods import SFTKLBarrier
-from lightning_rlm.methods.sft_kl_barrier import LOGGED_AGGREGATES, select_pool, suggest_tau
+from lightning_rlm.methods.sft_kl_barrier import LOGGED_AGGREGATES
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 LOOP_CONFIGS = sorted((CONFIGS / "sft_kl_barrier").glob("loop_*.yaml"))
