@@ -186,10 +186,9 @@ def _bad_files(tmp: Path) -> None:
 def test_predict_on_a_method_without_predict_step_is_one_line(tmp_path, capsys, tiny_llama_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(["predict", "--config", SFT, f"--model.init_args.model_name_or_path={tiny_llama_dir}",
-              f"--data.init_args.tokenizer={tiny_llama_dir}"])
+        main(["predict", "--config", QSTAR_HF])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "predict: SFTKLBarrier has no predict_step" in err and "Traceback" not in err
+    assert exit_info.value.code == 2 and "predict: QuietStar has no predict_step" in err and "Traceback" not in err
 
 
 def test_clean_error_keeps_the_keys_and_the_innermost_reason():

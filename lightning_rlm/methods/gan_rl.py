@@ -85,7 +85,7 @@ from lightning_rlm.logging_utils import append_jsonl_line
 from lightning_rlm.losses import kl_penalty
 from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.hf import load_policy
-from lightning_rlm.optim import adamw_warmup
+from lightning_rlm.optim import adamw_warmup, grad_norm
 from lightning_rlm.rollout import (
     Rollout,
     TextRollout,
@@ -479,6 +479,7 @@ class GANRL(L.LightningModule):
         g_opt.zero_grad()
         d_opt.zero_grad()
         self.manual_backward(g_loss + h.d_scale * d_loss)
+        g_norm, d_norm = grad_norm(self.adapter_parameters()), grad_norm(self.d_head.parameters())  # before clipping
         if h.max_grad_norm:
             self.clip_gradients(g_opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
             self.clip_gradients(d_opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
@@ -499,6 +500,10 @@ class GANRL(L.LightningModule):
         self.log("train/kl", kl_tok, **log)
         self.log("train/d_loss", d_loss.detach(), prog_bar=True, **log)
         self.log("train/g_loss", g_loss.detach(), **log)
+        self.log("train/grad_norm", g_norm, **log)  # the generator's (TRL's name); the head's beside it
+        self.log("train/grad_norm/discriminator", d_norm, **log)
+        self.log("train/learning_rate", g_opt.param_groups[0]["lr"], **log)
+        self.log("train/learning_rate/discriminator", d_opt.param_groups[0]["lr"], **log)
 
         if h.write_rollouts:
             self._write_rollouts(step, rollout, truths, rewards, d_prob, d_prob_real, advantages)

@@ -626,6 +626,16 @@ class SFTKLBarrier(L.LightningModule):
         log_text(self, "round/generations", "\n".join(lines), step=k)
 
     # ----- optimisation and state -------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """`eval_num_generations` completions per prompt (the held-out windows of a PrefixCompletion DataModule,
+        or a PromptDataModule's prompts file), sampled as the rounds sample, with the trait flag and the loop
+        flag; `lightning-rlm predict` writes them to `predictions.jsonl`."""
+        records = self.sample([batch], self.hparams.eval_seed + batch_idx)
+        self.add_scores(records)
+        return [{"prompt": r["prompt"], "completion": r["completion"], "trait": r["score"], "loop": r["loop"]}
+                for r in records]
+
     def downstream_lms(self) -> dict[str, tuple[nn.Module, Any]]:
         """The LM that downstream evaluation scores (:mod:`lightning_rlm.callbacks.downstream`): the policy."""
         return {"": (self.policy, self.tokenizer)}

@@ -58,3 +58,19 @@ def test_gan_rl_predict_writes_generations_beside_the_ground_truth(tmp_path, tin
     assert [r["prefix"] for r in rows] == [val[i]["prefix"] for i in range(n)]
     assert [r["ground_truth"] for r in rows] == [val[i]["completion"] for i in range(n)]
     assert all(0.0 <= r["d_prob"] <= 1.0 and isinstance(r["completion"], str) for r in rows)
+
+
+def test_sft_predict_writes_completions_with_trait_and_loop_flags(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = RLMCLI(args=["predict", "--config", str(CONFIGS / "sft_kl_barrier/kl_rev_rmse.yaml"),
+                       "--model.init_args.model_name_or_path", str(tiny_llama_dir), "--data.init_args.tokenizer",
+                       str(tiny_llama_dir), "--data.init_args.source.max_documents=60",
+                       "--data.init_args.completion_tokens=5", "--data.init_args.prefix_tokens=12",
+                       "--model.init_args.eval_max_new_tokens=5", "--model.init_args.eval_num_generations=2",
+                       "--trainer.limit_predict_batches=1", "--trainer.enable_progress_bar=false"])
+    rows = [json.loads(line) for line in (Path(cli.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
+    val = cli.datamodule.val_set
+    n = min(len(val), cli.datamodule.batch_size)
+    assert [r["prompt"] for r in rows] == [val[i]["prompt"] for i in range(n) for _ in range(2)]
+    assert all(isinstance(r["completion"], str) and r["trait"] in (0.0, 1.0) and isinstance(r["loop"], bool)
+               for r in rows)

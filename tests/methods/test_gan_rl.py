@@ -136,7 +136,8 @@ def test_fit_writes_rollouts_and_the_baseline_survives_a_checkpoint(tmp_path, ti
         assert isinstance(r["completion"], str) and 0.0 <= r["d_prob"] <= 1.0
     metrics = trainer.callback_metrics
     for k in ["d_acc_generated", "d_acc_real", "d_prob_generated", "reward", "baseline", "reasoning_length",
-              "completions/mean_length", "kl", "d_loss", "g_loss"]:
+              "completions/mean_length", "kl", "d_loss", "g_loss", "grad_norm", "grad_norm/discriminator",
+              "learning_rate", "learning_rate/discriminator"]:
         assert f"train/{k}" in metrics, (k, sorted(metrics))
     assert "mauve/mauve" in metrics
 
