@@ -8,7 +8,7 @@ from typing import Optional
 
 WORKFLOW = {"base-model": "lightning_rlm.workflow.base_model", "sweep": "lightning_rlm.workflow.sweep",
             "report": "lightning_rlm.workflow.report", "data": "lightning_rlm.workflow.data",
-            "export": "lightning_rlm.workflow.export"}
+            "export": "lightning_rlm.workflow.export", "rationalize": "lightning_rlm.workflow.rationalize"}
 
 
 USAGE = """usage: lightning-rlm COMMAND [options]     (lightning-rlm COMMAND --help for a command's options)
@@ -25,6 +25,8 @@ Workflow commands:
   sweep        a grid of runs:        lightning-rlm sweep --config X.yaml --grid key=a,b ...
   report       a results table across seeds: lightning-rlm report SWEEP_DIR --metric val/loss
   export       a trained policy as an HF folder: lightning-rlm export --ckpt_path RUN_OR_CKPT --out DIR [--merge]
+  rationalize  best-of-K reasoning traces for ground truths: lightning-rlm rationalize --from-rollouts
+               RUN/rollouts.jsonl --out rationales.jsonl   (docs/rationalize.md: rationalize -> SFT -> GAN-RL)
 
 Short class names work for methods, DataModules, rewards and callbacks (`class_path: GRPO`, `--model GRPO`).
 Bad input ends with one line and exit code 2; LRLM_DEBUG=1 shows the traceback.

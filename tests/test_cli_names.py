@@ -46,7 +46,8 @@ trainer:
 def test_top_level_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "lightning_rlm", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for command in ("fit", "validate", "test", "predict", "base-model", "sweep", "report", "data", "export"):
+    for command in ("fit", "validate", "test", "predict", "base-model", "sweep", "report", "data", "export",
+                    "rationalize"):
         assert f"  {command}" in out.stdout, (command, out.stdout)
 
 

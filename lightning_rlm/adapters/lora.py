@@ -9,8 +9,14 @@ kept. With full fine-tuning the reference must be a frozen deep copy made before
 from __future__ import annotations
 
 import copy
+import json
+import math
+import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -19,7 +25,8 @@ from torch import Tensor, nn
 from lightning_rlm.adapters.wrapping import LinearWrappingModel
 from lightning_rlm.rollout.generate import completion_logprobs
 
-__all__ = ["add_lora", "frozen_copy", "is_peft_model", "reference_logprobs", "reference_mode"]
+__all__ = ["add_lora", "frozen_copy", "is_peft_model", "load_lora_weights", "lora_scaling", "reference_logprobs",
+           "reference_mode"]
 
 
 def add_lora(
@@ -128,3 +135,99 @@ def reference_logprobs(
         logp = completion_logprobs(ref, input_ids, attention_mask, completion_len, temperature=temperature)
     assert isinstance(logp, Tensor)
     return logp
+
+
+# ----- starting an adapter from another run's (SFT before RL) ----------------------------------------------------
+def lora_scaling(rank: int, alpha: Optional[float], use_rslora: bool) -> float:
+    """The factor LoRA multiplies B·A by: alpha / rank, or alpha / sqrt(rank) with rsLoRA (alpha None: rank)."""
+    alpha = float(rank if alpha is None else alpha)
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def _adapter_source(source: str | os.PathLike) -> tuple[str, Path]:
+    """("peft", folder) for a PEFT adapter folder, ("checkpoint", file) for a checkpoint or a run folder."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        if (p / "adapter_config.json").is_file():
+            return "peft", p
+        for candidate in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
+            if candidate.is_file():
+                return "checkpoint", candidate
+        raise FileNotFoundError(f"init_adapter {str(source)!r}: a folder with neither adapter_config.json (a PEFT "
+                                "adapter: `lightning-rlm export` without --merge) nor checkpoints/last.ckpt (a run)")
+    if p.is_file():
+        return "checkpoint", p
+    raise FileNotFoundError(f"init_adapter {str(source)!r}: no such file or folder")
+
+
+def load_lora_weights(policy: PeftModel, source: str | os.PathLike) -> dict[str, Any]:
+    """Copy the LoRA weights of `source` into `policy`'s active adapter (which must have the same rank and
+    scaling); the base weights are not touched. Returns {"kind", "path", "tensors"}.
+
+    `source`: a PEFT adapter folder (`lightning-rlm export` of a LoRA method without `--merge`), or a
+    Lightning checkpoint (a file, or a run folder's `checkpoints/last.ckpt`) of a method whose LoRA policy is
+    its `policy` attribute (SFTKLBarrier or GRPO with `lora_rank`, GANRL). Every LoRA tensor of `policy` must
+    be found there; a mismatch is a ValueError naming what differs.
+    """
+    if not isinstance(policy, PeftModel):
+        raise TypeError(f"load_lora_weights needs a PEFT (LoRA) model, got {type(policy).__name__}")
+    kind, path = _adapter_source(source)
+    name = policy.active_adapter
+    cfg = policy.peft_config[name]
+    want = (int(cfg.r), lora_scaling(cfg.r, cfg.lora_alpha, cfg.use_rslora))
+    if kind == "peft":
+        saved = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        if str(saved.get("peft_type", "LORA")).upper() != "LORA":
+            raise ValueError(f"init_adapter {str(source)!r} is a {saved.get('peft_type')} adapter, not LoRA")
+        got = (int(saved["r"]), lora_scaling(saved["r"], saved.get("lora_alpha"), bool(saved.get("use_rslora"))))
+        described = (f"rank {saved['r']}, lora_alpha {saved.get('lora_alpha')}, use_rslora "
+                     f"{bool(saved.get('use_rslora'))}")
+        base_saved = saved.get("base_model_name_or_path")
+        if base_saved and cfg.base_model_name_or_path and Path(str(base_saved)).name != Path(
+                str(cfg.base_model_name_or_path)).name:
+            warnings.warn(f"init_adapter {str(source)!r} was trained on {base_saved!r}, the policy is "
+                          f"{cfg.base_model_name_or_path!r}", stacklevel=2)
+    else:
+        import torch
+
+        try:  # mmap: only the LoRA tensors are read
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any failure to unpickle means the same to the user
+            raise ValueError(f"init_adapter {str(source)!r}: {str(path)!r} is not a readable checkpoint "
+                             f"({type(e).__name__})") from None
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise ValueError(f"init_adapter {str(source)!r}: {str(path)!r} is not a Lightning checkpoint")
+        hp = ckpt.get("hyper_parameters") or {}
+        got = want if not hp.get("lora_rank") else (
+            int(hp["lora_rank"]), lora_scaling(hp["lora_rank"], hp.get("lora_alpha"), bool(hp.get("use_rslora"))))
+        described = (f"lora_rank {hp.get('lora_rank')}, lora_alpha {hp.get('lora_alpha')}, use_rslora "
+                     f"{bool(hp.get('use_rslora'))}")
+        saved = {k[len("policy."):]: v for k, v in ckpt["state_dict"].items()
+                 if k.startswith("policy.") and ".lora_" in k}
+        if not saved:
+            raise ValueError(f"init_adapter {str(source)!r}: the checkpoint holds no LoRA weights of a `policy` "
+                             "(a full fine-tune? export it with --merge and use the folder as model_name_or_path)")
+    if got[0] != want[0] or not math.isclose(got[1], want[1], rel_tol=1e-6):
+        raise ValueError(f"init_adapter {str(source)!r} has {described} (scaling {got[1]:.4g}); the policy's LoRA "
+                         f"has rank {cfg.r}, lora_alpha {cfg.lora_alpha}, use_rslora {cfg.use_rslora} (scaling "
+                         f"{want[1]:.4g}): set lora_rank / lora_alpha / use_rslora to match")
+    expected = {n for n, _ in policy.named_parameters() if ".lora_" in n and f".{name}." in n}
+    try:
+        if kind == "peft":
+            from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(policy, load_peft_weights(str(path), device="cpu"), adapter_name=name)
+        else:
+            result = policy.load_state_dict(saved, strict=False)
+    except RuntimeError as e:  # a shape that does not fit (another base model)
+        first = str(e).strip().splitlines()
+        raise ValueError(f"init_adapter {str(source)!r} does not fit the policy: "
+                         f"{first[1].strip() if len(first) > 1 else first[0] if first else type(e).__name__}") from None
+    missing = sorted(expected & set(result.missing_keys))
+    unexpected = sorted(k for k in result.unexpected_keys if ".lora_" in k)
+    if missing or unexpected:
+        what = f"{len(missing)} LoRA tensor(s) of the policy missing, e.g. {missing[0]}" if missing else (
+            f"{len(unexpected)} unknown LoRA tensor(s), e.g. {unexpected[0]}")
+        raise ValueError(f"init_adapter {str(source)!r} does not fit the policy's LoRA ({what}): the same base "
+                         "model and target modules are needed")
+    return {"kind": kind, "path": str(path), "tensors": len(expected)}

@@ -75,6 +75,8 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in [
             bundled_files=("tinyshakespeare/input.txt",)),
     Dataset("tinystories", "~1,000 TinyStories from the validation split", "CDLA-Sharing-1.0",
             bundled_files=("tinystories/tinystories_val_head.txt", "tinystories/tinystories_sample_cs336.txt")),
+    Dataset("rationales", "24 TinyStories windows with SmolLM2 reasoning traces (`lightning-rlm rationalize`)",
+            "CDLA-Sharing-1.0", bundled_files=("rationales/smollm2_tinystories_rationales.jsonl",)),
     Dataset("fineweb", "first FineWeb-Edu sample-10BT documents (~1 MB)", "ODC-By 1.0",
             hf_name="HuggingFaceFW/fineweb-edu", hf_config="sample-10BT",
             outputs=(Output("train", "fineweb-edu/fineweb_edu_sample10BT_head_heuristic_split.jsonl",

@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_rlm.adapters import add_lora, reference_logprobs
+from lightning_rlm.adapters import add_lora, load_lora_weights, reference_logprobs
 from lightning_rlm.checks import check_at_least, check_one_of, check_prompt_template
 from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.data.collate import pad_left
@@ -210,6 +210,10 @@ class GANRL(L.LightningModule):
         model_name_or_path: base model (HF folder, hub name, or ``lrlm:tiny-llama-tinystories``).
         dtype: load the base model in this torch dtype (e.g. ``bfloat16``); None: as saved.
         lora_rank, lora_alpha, use_rslora, lora_dropout: the shared adapter (seed: rank 64, alpha 8, rsLoRA).
+        init_adapter: start the adapter from these LoRA weights instead of B = 0 (same rank and scaling): a
+            PEFT adapter folder (`lightning-rlm export` without --merge) or an SFT run's checkpoint / run folder
+            (SFTKLBarrier with the same lora_rank / lora_alpha / use_rslora). The KL reference stays the base
+            model (adapter off), and the discriminator head starts fresh. None: a fresh adapter.
         prompt_template: the generator's prompt, with ``{text}`` for the prefix (default: the seed's, written
             by hand in ChatML as the seed has it).
         chat: render the prompt through the tokenizer's own chat template instead (replaces
@@ -245,6 +249,7 @@ class GANRL(L.LightningModule):
         lora_alpha: float = 8.0,
         use_rslora: bool = True,
         lora_dropout: float = 0.0,
+        init_adapter: Optional[str] = None,
         prompt_template: str = SEED_PROMPT_TEMPLATE,
         chat: Optional[ChatFormat] = None,
         think_close: str = "\n</think>\n",
@@ -291,6 +296,8 @@ class GANRL(L.LightningModule):
         base, self.tokenizer, self.eos_token_id = load_policy(model_name_or_path, dtype=dtype)
         hidden = base.config.hidden_size
         self.policy = add_lora(base, lora_rank, lora_alpha, use_rslora, dropout=lora_dropout)
+        if init_adapter is not None:  # e.g. the SFT'd adapter of the rationalization recipe (docs/rationalize.md)
+            load_lora_weights(self.policy, init_adapter)
         self.policy.train()  # from_pretrained returns eval mode; sampling and the reference switch it as needed
         self.d_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2))  # fp32
         self.register_buffer("baseline", torch.zeros(()))  # EMA of rewards (checkpointed with the weights)

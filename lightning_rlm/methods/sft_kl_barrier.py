@@ -17,6 +17,10 @@ outlying positions count:
         save them to <log_dir>/generations_round_<k>.jsonl, log trait and coherence; stop early when
         coherence < coh_floor
 
+A batch may carry a `loss_mask` [B, C] (`RationalesDataModule`: the reasoning and completion tokens of a
+rationalized example, not its `think_close`): the NLL and the barrier then cover only those completion
+positions (the forward still attends to the whole completion side).
+
 The round schedule (`round_schedule`) must fit `trainer.max_steps`. Without `steps_per_round`, a
 max_steps below n_rounds runs max_steps rounds of one step each (a warning says so): this is what
 `--trainer.fast_dev_run` gets (Lightning sets max_steps to its number of batches), so a smoke test runs
@@ -327,10 +331,18 @@ class SFTKLBarrier(L.LightningModule):
         finally:
             self.ref_model.train(was_training)
 
+    @staticmethod
+    def loss_mask(batch: dict[str, Any]) -> Tensor:
+        """The completion positions the NLL and the barrier cover, [B, C] bool: the batch's `loss_mask` when it
+        has one (`RationalesDataModule`: reasoning and completion, not `think_close`), else every real
+        completion token."""
+        mask = batch["completion_mask"].bool()
+        return mask & batch["loss_mask"].bool() if "loss_mask" in batch else mask
+
     def losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """NLL, the barrier's divergence under every aggregator, and the loss (with grad) for one batch."""
         h = self.hparams
-        mask = batch["completion_mask"].bool()  # [B, C]
+        mask = self.loss_mask(batch)  # [B, C]
         n_tokens = mask.sum().clamp(min=1)
         logits = self.completion_logits(self.policy, batch)  # [B, C, V]
         base = self.base_logits(batch)  # [B, C, V]
@@ -689,6 +701,6 @@ class SFTKLBarrier(L.LightningModule):
         """
         kl = per_position_kl(self.completion_logits(self.policy, batch), self.base_logits(batch),
                              self.hparams.direction)  # [B, C]
-        mask = batch["completion_mask"]
+        mask = self.loss_mask(batch).long()
         return {how: torch.stack([aggregate_kl(kl[i : i + 1], mask[i : i + 1], how) for i in range(len(kl))])
                 for how in LOGGED_AGGREGATES}
