@@ -18,6 +18,19 @@ sum / (N · max_completion_length) with no std scaling (`dr_grpo`, Liu et al. 20
 seeded per process (seed + rank), so runs are reproducible and DDP ranks draw different samples.
 Manual optimisation: a rollout is reused for `num_iterations` optimizer steps.
 
+Teacher mixing (``teacher_fraction > 0``, off by default): in each group of G, ``G_t = round(teacher_fraction * G)``
+(halves up) completions are not sampled but drawn (seeded) from a frozen teacher pool
+(:mod:`lightning_rlm.tasks.teacher_pool`: honest and hacked solutions per ``problem_id``), tokenized as
+completions of the group's prompt and ended with EOS; the student samples the other ``G - G_t``. The mixed group
+is scored and its advantages computed as usual. Importance weighting: none, by design: a teacher token's "old"
+log-prob is the student's own (``old_logp`` is computed on the mixed rollout, or taken as ``logp.detach()``
+with one iteration), so its ratio is 1 at the first iteration and its loss term is exactly a student token's,
+``-A * exp(logp - logp.detach())`` (gradient ``-A * grad log pi``): advantage-weighted imitation of the teacher,
+LUFFY's off-policy guidance without its policy shaping. Later inner iterations clip ``pi / pi_rollout`` as for
+student tokens, and the KL penalty covers teacher tokens too. A true ratio ``pi / mu`` has no ``mu`` here (the
+completions are written, not sampled) and with a tiny student ``pi`` is ~0 on them, so it would erase the very
+signal the pool is for.
+
 `GRPO.training_step` is the one step of the GRPO family: `make_batch` (sample, score, advantages,
 reference and old log-probs), then per inner iteration `with loss_context(gb): loss(gb)`, backward,
 `after_backward(gb)`, clip, step, then `log_extra(gb)`. Subclasses (gradient routing, projected GRPO)
@@ -26,6 +39,8 @@ override these hooks and `build_policy` / `prepare_batch` / `score` / `param_gro
 
 from __future__ import annotations
 
+import math
+import random
 import time
 import warnings
 from collections import deque
@@ -47,6 +62,13 @@ from lightning_rlm.models.hf import enable_gradient_checkpointing, load_policy
 from lightning_rlm.optim import adamw_warmup, grad_norm
 from lightning_rlm.rewards import RewardFn, SentenceLength, reward_name
 from lightning_rlm.rollout import Rollout, TextRollout, completion_logprobs, sample_completions
+from lightning_rlm.tasks.teacher_pool import (
+    TeacherPool,
+    build_teacher_pool,
+    check_kinds,
+    choose_rows,
+    prompt_style,
+)
 
 # policy_loss's statistics under TRL's names (ratio clipping; "clipped_ratio" is for truncated completions)
 TRL_STAT_NAMES = {"clip_frac": "clip_ratio/region_mean", "clip_frac_low": "clip_ratio/low_mean",
@@ -69,6 +91,18 @@ def with_task_rewards(rewards: Optional[list[RewardFn]], reward_weights: Optiona
     return [*base, *task_rewards], [*weights, *[1.0] * len(task_rewards)]
 
 
+def teacher_group_size(teacher_fraction: float, num_generations: int) -> int:
+    """Teacher completions per group: ``teacher_fraction * G`` rounded to the nearest (halves up), at least one
+    for a fraction above 0 and at most ``G - 1`` (a group keeps a student sample)."""
+    if not 0.0 <= teacher_fraction < 1.0:
+        raise ValueError(f"teacher_fraction must be in [0, 1), got {teacher_fraction}")
+    k = math.floor(teacher_fraction * num_generations + 0.5)
+    if teacher_fraction > 0 and not 1 <= k <= num_generations - 1:
+        raise ValueError(f"teacher_fraction={teacher_fraction} of num_generations={num_generations} gives {k} "
+                         f"teacher completions per group; it must give 1 to {num_generations - 1}")
+    return k
+
+
 @dataclass
 class GroupBatch:
     """One scored rollout of a prompt batch (``N = B * G`` rows) and what the inner iterations reuse."""
@@ -83,6 +117,8 @@ class GroupBatch:
     old_logp: Optional[Tensor] = None  # [N, C] under the sampling policy (num_iterations > 1)
     labels: Any = None  # the method's per-completion labels (e.g. the reward-hack task's)
     stats: dict[str, Any] = field(default_factory=dict)  # what after_backward measured, for log_extra
+    teacher: Optional[Tensor] = None  # [N] bool: rows drawn from the teacher pool (teacher_fraction > 0)
+    teacher_kinds: Optional[list[str]] = None  # [N] the pool kind of each row ("student" for sampled rows)
 
 
 class GRPO(L.LightningModule):
@@ -110,6 +146,11 @@ class GRPO(L.LightningModule):
         eval_num_generations: sampled completions per held-out prompt in validation (plus one greedy).
         reward_thresholds: log the seconds and steps until the train reward (mean of the last 10 steps)
             first reaches each threshold.
+        teacher_fraction: share of each group drawn from the teacher pool instead of sampled (0: none, the
+            plain GRPO step; see the module docstring for the mixing and its weighting).
+        teacher_pool: the pool's jsonl (:mod:`lightning_rlm.tasks.teacher_pool`); None: built in memory from the
+            shipped coding problems, in the prompts' form. The prompt rows need a `problem_id` field.
+        teacher_kinds: pool kinds to draw from (`honest`, `hack:<loophole>`, `hack` for every hack); None: all.
     """
 
     # GRPO arguments a subclass fixes in its call to GRPO.__init__ (not its own, not in its hparams)
@@ -151,6 +192,9 @@ class GRPO(L.LightningModule):
         eval_samples: int = 20,
         eval_num_generations: int = 4,
         reward_thresholds: tuple[float, ...] = (0.85, 0.95),
+        teacher_fraction: float = 0.0,
+        teacher_pool: Optional[str] = None,
+        teacher_kinds: Optional[list[str]] = None,
     ) -> None:
         super().__init__()
         # validate everything cheap before loading a model
@@ -169,6 +213,12 @@ class GRPO(L.LightningModule):
             raise ValueError("rewards is empty: give at least one reward function")
         if reward_weights is not None and len(reward_weights) != len(rewards):
             raise ValueError(f"reward_weights has {len(reward_weights)} entries for {len(rewards)} rewards")
+        self.teacher_per_group = teacher_group_size(teacher_fraction, num_generations)  # 0: no mixing
+        check_kinds(teacher_kinds)
+        self.teacher_pool: Optional[TeacherPool] = (
+            TeacherPool.load(teacher_pool, teacher_kinds) if teacher_pool is not None and self.teacher_per_group
+            else None)
+        self._teacher_rows: Optional[dict[str, list[tuple[dict[str, Any], list[int]]]]] = None  # teacher_rows()
         self.save_hyperparameters(ignore=["rewards", *self.fixed_args])
         self.automatic_optimization = False
         self.rewards = rewards
@@ -257,19 +307,93 @@ class GRPO(L.LightningModule):
         G = h.num_generations
         batch = self.prepare_batch(batch)
         t0 = time.perf_counter()
-        rollout = self.rollout(batch, G)
+        rollout = self.rollout(batch, G - self.teacher_per_group)  # all G unless mixing in teacher completions
         generation_s = time.perf_counter() - t0
+        teacher = kinds = None
+        if self.teacher_per_group:
+            rollout, teacher, kinds = self.mix_teacher(batch, rollout)
         completions = self.decode(rollout)
         rewards = self.score(batch, completions, G)
         gb = GroupBatch(batch=batch, rollout=rollout, completions=completions, rewards=rewards,
                         advantages=group_advantages(rewards["total"], G, h.scale_rewards),  # [N]
-                        generation_s=generation_s)
+                        generation_s=generation_s, teacher=teacher, teacher_kinds=kinds)
         if h.beta > 0:
             gb.ref_logp = self.reference_logprobs(rollout)  # [N, C]
         if h.num_iterations > 1:  # the sampling policy, fixed across the inner iterations
             with torch.no_grad():
                 gb.old_logp = completion_logprobs(self.policy, rollout, temperature=h.temperature)  # [N, C]
         return gb
+
+    # ----- teacher mixing (teacher_fraction > 0) ----------------------------------------------------------------
+    def teacher_rows(self, prompts: list[str]) -> dict[str, list[tuple[dict[str, Any], list[int]]]]:
+        """Per problem, the pool's rows with their token ids (ended with EOS) that fit max_completion_length.
+        Built once: the pool (in memory from the shipped problems when no file is given) in the prompts' form."""
+        style = prompt_style(prompts[0])
+        if self.teacher_pool is None:
+            self.teacher_pool = TeacherPool(build_teacher_pool(style=style), self.hparams.teacher_kinds)
+        if self.teacher_pool.style != style:
+            raise ValueError(f"the teacher pool's completions are {self.teacher_pool.style!r} ones but the prompts "
+                             f"are {style!r}: build the pool with --style {style}")
+        if self._teacher_rows is None:
+            limit, eos = self.hparams.max_completion_length, self.tokenizer.eos_token_id
+            self._teacher_rows, long, changed = {}, 0, 0
+            for problem_id, rows in self.teacher_pool.by_problem.items():
+                for row in rows:
+                    ids = self.tokenizer.encode(row["completion"], add_special_tokens=False)
+                    changed += self.tokenizer.decode(ids) != row["completion"]
+                    if len(ids) + 1 > limit:
+                        long += 1
+                    else:
+                        self._teacher_rows.setdefault(problem_id, []).append((row, [*ids, eos]))
+            total = sum(len(r) for r in self.teacher_pool.by_problem.values())
+            if long:
+                warnings.warn(f"{long} of {total} teacher completions are longer than max_completion_length={limit} "
+                              "tokens (with EOS) and are left out of the pool", stacklevel=2)
+            if changed:
+                warnings.warn(f"{changed} of {total} teacher completions do not decode back to their text with this "
+                              "tokenizer; they are scored as decoded", stacklevel=2)
+        return self._teacher_rows
+
+    def mix_teacher(self, batch: dict[str, Any], student: Rollout) -> tuple[Rollout, Tensor, list[str]]:
+        """The student's ``G - G_t`` samples per prompt followed by ``G_t`` teacher completions of the prompt's
+        problem (a seeded choice among the pool's rows that fit max_completion_length): the mixed rollout of
+        ``G`` rows per prompt, which rows are the teacher's [N] and the kind of each row."""
+        if "problem_id" not in batch:
+            raise ValueError("teacher mixing needs a problem_id field in the prompt rows (CodingPrompts has one)")
+        pool = self.teacher_rows(batch["prompt"])
+        G, G_t = self.hparams.num_generations, self.teacher_per_group
+        G_s = G - G_t
+        B = student.num_prompts
+        # stateless seed (seed, rank, step, prompt): the same draws after a resume, different ones on each rank
+        seed = f"teacher:{torch.initial_seed()}:{self.global_rank}:{self.global_step}"
+        rows, kinds = [], []
+        for b, problem_id in enumerate(batch["problem_id"]):
+            if not pool.get(problem_id):
+                raise ValueError(f"the teacher pool has no completion for problem {problem_id!r} within "
+                                 f"max_completion_length={self.hparams.max_completion_length} tokens")
+            chosen = choose_rows(pool[problem_id], G_t, random.Random(f"{seed}:{b}"))
+            rows.append([ids for _, ids in chosen])
+            kinds += ["student"] * G_s + [row["kind"] for row, _ in chosen]
+        C = max(student.completion_length, *(len(ids) for group in rows for ids in group))
+        pad = self.tokenizer.pad_token_id
+        device = student.completion_ids.device
+        completion_ids = torch.full((B, G, C), pad, dtype=student.completion_ids.dtype, device=device)
+        completion_mask = torch.zeros((B, G, C), dtype=student.completion_mask.dtype, device=device)
+        completion_ids[:, :G_s, :student.completion_length] = student.completion_ids.view(B, G_s, -1)
+        completion_mask[:, :G_s, :student.completion_length] = student.completion_mask.view(B, G_s, -1)
+        for b, group in enumerate(rows):
+            for j, ids in enumerate(group):
+                completion_ids[b, G_s + j, :len(ids)] = torch.tensor(ids, device=device)
+                completion_mask[b, G_s + j, :len(ids)] = 1
+        P = student.prompt_length
+        mixed = Rollout(
+            prompt_ids=student.prompt_ids.view(B, G_s, P)[:, :1].expand(B, G, P).reshape(B * G, P),
+            prompt_mask=student.prompt_mask.view(B, G_s, P)[:, :1].expand(B, G, P).reshape(B * G, P),
+            completion_ids=completion_ids.view(B * G, C), completion_mask=completion_mask.view(B * G, C),
+            num_generations=G, eos_token_ids=student.eos_token_ids)
+        teacher = torch.zeros(B, G, dtype=torch.bool, device=device)
+        teacher[:, G_s:] = True
+        return mixed, teacher.view(-1), kinds
 
     def loss(self, gb: GroupBatch) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """The policy loss of one inner iteration, its statistics and the per-token entropy [N, C]."""
@@ -324,7 +448,10 @@ class GRPO(L.LightningModule):
 
     def train_rollout(self, gb: GroupBatch) -> TextRollout:
         """Hook: the training step's rollout for callbacks (a method may add label columns to its rewards)."""
-        return self.text_rollout(gb.batch, gb.completions, gb.rewards, gb.advantages, self.hparams.num_generations)
+        out = self.text_rollout(gb.batch, gb.completions, gb.rewards, gb.advantages, self.hparams.num_generations)
+        if gb.teacher is not None:  # the source rides along as a reward column so the completions log shows it
+            out.rewards["teacher"] = gb.teacher.float().tolist()
+        return out
 
     def _log_train(self, gb: GroupBatch, stats: dict[str, Tensor], entropy: Tensor, loss: Tensor,
                    t_step: float) -> None:
@@ -361,7 +488,21 @@ class GRPO(L.LightningModule):
         self.log("train/degenerate", DegenerateFlag(min_sentences=2.0)(completions))
         self.log("time/generation_s", gb.generation_s)
         self.log("time/step_s", t_step)
+        if gb.teacher is not None:
+            self._log_teacher(gb)
         self._track_thresholds(total.mean().item())
+
+    def _log_teacher(self, gb: GroupBatch) -> None:
+        """The teacher's share of the batch, and reward and advantage of teacher vs student samples."""
+        teacher, total = gb.teacher, gb.rewards["total"]  # [N] each
+        self.log("train/teacher_frac", teacher.float().mean())
+        for side, sel in (("teacher", teacher), ("student", ~teacher)):
+            if sel.any():
+                self.log(f"train/reward_{side}", total[sel].mean())
+                self.log(f"train/advantage_{side}", gb.advantages[sel].mean())
+        if gb.teacher_kinds is not None and teacher.any():
+            hacks = [k.startswith("hack:") for k, t in zip(gb.teacher_kinds, teacher.tolist()) if t]
+            self.log("train/teacher_hack_frac", sum(hacks) / len(hacks))
 
     def _track_thresholds(self, reward: float) -> None:
         self.recent_rewards.append(reward)
