@@ -478,7 +478,8 @@ class GRPO(L.LightningModule):
         self.log("train/completions/max_length", lengths.max())
         self.log("train/completions/clipped_ratio", rollout.is_clipped.float().mean())  # hit max_completion_length
         tokens = gb.batch["prompt_mask"].sum() * G + mask.sum()  # this rank's prompt + completion tokens
-        self.num_tokens += int(self.trainer.strategy.reduce(tokens.float(), reduce_op="sum"))  # over all ranks
+        step_tokens = int(self.trainer.strategy.reduce(tokens.float(), reduce_op="sum"))  # over all ranks
+        self.num_tokens += step_tokens
         self.log("train/num_tokens", float(self.num_tokens))
         self.log("train/learning_rate", self.optimizers().param_groups[0]["lr"])
         if gb.stats.get("grad_norm") is not None:
@@ -488,6 +489,7 @@ class GRPO(L.LightningModule):
         self.log("train/degenerate", DegenerateFlag(min_sentences=2.0)(completions))
         self.log("time/generation_s", gb.generation_s)
         self.log("time/step_s", t_step)
+        self.log("time/tokens_per_s", step_tokens / max(t_step, 1e-9))  # prompt + completion tokens, all ranks
         if gb.teacher is not None:
             self._log_teacher(gb)
         self._track_thresholds(total.mean().item())

@@ -43,7 +43,7 @@ def test_grpo_full_ft_runs_and_logs(tmp_path, tiny_llama_dir):
               "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1")
     assert cli.trainer.global_step == 3
     logged = scalars(tmp_path / "runs")
-    for tag in [*TRL_NAMES, "train/jaccard", "train/degenerate", "train/loss", "train/ratio_mean",
+    for tag in [*TRL_NAMES, "train/jaccard", "train/degenerate", "train/loss", "train/ratio_mean", "time/tokens_per_s",
                 "val/reward/total", "val/greedy_reward/total", "val/unique_first_sentences"]:
         assert tag in logged, (tag, sorted(logged))
     # TRL's reward_std is the mean within-group std; num_tokens grows by prompt + completion tokens each step
