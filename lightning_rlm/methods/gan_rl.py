@@ -12,7 +12,9 @@ One causal LM with one rsLoRA adapter serves two tasks (crumb's research note, s
   real token of ``prefix + completion`` (text concatenated and re-encoded, so generated and ground-truth
   completions are tokenized the same way), trained with cross-entropy to tell generated (class 0) from
   ground-truth (class 1) completions. The backbone forward goes through the same adapted model, so the
-  adapter is shared by the two tasks.
+  adapter is shared by the two tasks (``discriminator_backbone="shared"``, the seed's setup), or through a
+  second LoRA adapter of its own on the same frozen base weights (``"separate_adapter"``, the seed's
+  "test using separate models for separate tasks"): see "Separate adapters" below.
 
 Each step, for a batch of B (prefix, ground truth) pairs::
 
@@ -44,6 +46,17 @@ the weight of the discriminator task in the shared adapter's gradient. With ``d_
 discriminator reads the adapted backbone under ``no_grad`` and only the head learns. Since Adam is
 invariant to the scale of its gradient, ``d_scale`` reaches the head only through gradient clipping.
 
+Separate adapters (``discriminator_backbone="separate_adapter"``): the PEFT model holds two LoRA adapters
+of the same rank / alpha / rsLoRA on the same frozen base: ``default`` (the generator's: sampling, log-probs,
+export, ``init_adapter``) and ``discriminator`` (fresh, B = 0). Only one is active in a forward: the
+discriminator's backbone forward switches to ``discriminator`` (the generator's adapter off) and back, every
+other forward runs ``default`` (the discriminator's off); the KL reference is the base with both off. The
+generator optimizer holds the ``default`` adapter (``g_lr``), the discriminator optimizer its adapter and the
+head (``d_lr``), so the two tasks share nothing trainable: a generator step leaves every discriminator
+tensor bit-identical and vice versa, and ``d_scale`` again reaches the discriminator only through its
+gradient clipping. The checkpoint carries both adapters; `lightning-rlm export` writes the generator's only.
+Needs ``d_trains_adapter=True`` (with False its adapter would never learn).
+
 Departures from the seed (which gives no code): the rewards are computed from the same discriminator
 forward that is trained this step (before the update); the phase-1 stop token (EOS) is scored as an
 action but left out of the phase-2 context, where ``think_close`` replaces it; log-probs are computed in
@@ -64,9 +77,11 @@ truths as references, so ``MauveCallback`` scores the last ``window`` completion
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -130,6 +145,9 @@ PLAIN_PROMPT_TEMPLATE = "<prefix>\n{text}\n</prefix>\n<think>\n"
 
 RewardForm = Literal["prob", "value_threshold"]
 LossNorm = Literal["sum", "budget", "token_mean"]
+DiscriminatorBackbone = Literal["shared", "separate_adapter"]
+GENERATOR_ADAPTER = "default"  # PEFT's default name: what export, init_adapter and sampling use
+DISCRIMINATOR_ADAPTER = "discriminator"  # only with discriminator_backbone="separate_adapter"
 
 
 # ----- pure functions (unit-tested on hand-computed values) ------------------------------------------------------
@@ -204,7 +222,7 @@ class GANRollout:
 
 
 class GANRL(L.LightningModule):
-    """GAN-RL on one causal LM with one shared rsLoRA adapter (see the module docstring).
+    """GAN-RL on one causal LM with one shared rsLoRA adapter, or one per task (see the module docstring).
 
     Args:
         model_name_or_path: base model (HF folder, hub name, or ``lrlm:tiny-llama-tinystories``).
@@ -232,6 +250,10 @@ class GANRL(L.LightningModule):
         kl_coeff: weight of the k3 KL to the base model (adapter disabled), summed over generated tokens.
         d_scale: weight of the discriminator loss in the backward pass.
         d_trains_adapter: the discriminator loss also trains the shared adapter (seed: True).
+        discriminator_backbone: ``shared`` (the seed's: the discriminator reads the generator's adapted model)
+            or ``separate_adapter`` (the discriminator reads the base through a LoRA adapter of its own, trained
+            by its optimizer at ``d_lr`` with the head; the generator's adapter is off in its forward and vice
+            versa). See "Separate adapters" in the module docstring.
         g_lr, d_lr: Adam learning rates of the adapter and of the discriminator head.
         betas: Adam betas (seed: 0.95, 0.95). warmup_steps, min_lr_ratio: the linear schedule.
         max_grad_norm: gradient-norm clip per optimizer (None: off).
@@ -267,6 +289,7 @@ class GANRL(L.LightningModule):
         kl_coeff: float = 0.05,
         d_scale: float = 1.0,
         d_trains_adapter: bool = True,
+        discriminator_backbone: DiscriminatorBackbone = "shared",
         g_lr: float = 1e-5,
         d_lr: float = 2e-5,
         betas: tuple[float, float] = (0.95, 0.95),
@@ -289,6 +312,11 @@ class GANRL(L.LightningModule):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
         check_at_least(0, kl_coeff=kl_coeff, d_scale=d_scale)
+        check_one_of("discriminator_backbone", discriminator_backbone, ("shared", "separate_adapter"))
+        if discriminator_backbone == "separate_adapter" and not d_trains_adapter:
+            raise ValueError("discriminator_backbone='separate_adapter' needs d_trains_adapter=True (its own adapter "
+                             "would never learn); for a discriminator on the frozen generator use 'shared' with "
+                             "d_trains_adapter=False")
         check_at_least(1, target_length=target_length)
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -298,6 +326,9 @@ class GANRL(L.LightningModule):
         self.policy = add_lora(base, lora_rank, lora_alpha, use_rslora, dropout=lora_dropout)
         if init_adapter is not None:  # e.g. the SFT'd adapter of the rationalization recipe (docs/rationalize.md)
             load_lora_weights(self.policy, init_adapter)
+        if discriminator_backbone == "separate_adapter":  # same config, fresh weights (B = 0), not active
+            self.policy.add_adapter(DISCRIMINATOR_ADAPTER, copy.deepcopy(self.policy.peft_config[GENERATOR_ADAPTER]))
+            self._lora_grads_on()
         self.policy.train()  # from_pretrained returns eval mode; sampling and the reference switch it as needed
         self.d_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2))  # fp32
         self.register_buffer("baseline", torch.zeros(()))  # EMA of rewards (checkpointed with the weights)
@@ -331,8 +362,46 @@ class GANRL(L.LightningModule):
             self.generator = torch.Generator(self.device).manual_seed(seed)
         return self.generator
 
+    @property
+    def separate(self) -> bool:
+        """The discriminator has its own adapter (``discriminator_backbone="separate_adapter"``)."""
+        return self.hparams.get("discriminator_backbone", "shared") == "separate_adapter"
+
+    def _lora_parameters(self, adapter: str) -> list[nn.Parameter]:
+        return [p for n, p in self.policy.named_parameters() if ".lora_" in n and f".{adapter}." in n]
+
     def adapter_parameters(self) -> list[nn.Parameter]:
+        """The generator's adapter (its optimizer's parameters); shared with the discriminator by default."""
+        if self.separate:
+            return self._lora_parameters(GENERATOR_ADAPTER)
         return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        """The discriminator optimizer's parameters: the head, after its own adapter when it has one."""
+        own = self._lora_parameters(DISCRIMINATOR_ADAPTER) if self.separate else []
+        return own + list(self.d_head.parameters())
+
+    def _lora_grads_on(self) -> None:
+        """PEFT marks inactive adapters ``requires_grad=False`` whenever it switches or re-enables adapters
+        (``set_adapter``, leaving ``disable_adapter``), and autograd drops the gradient of a leaf that no
+        longer requires it at backward time: with two adapters, both are turned back on after every switch."""
+        for n, p in self.policy.named_parameters():
+            if ".lora_" in n:
+                p.requires_grad_(True)
+
+    @contextmanager
+    def _discriminator_adapter(self) -> Iterator[None]:
+        """Inside: the discriminator's adapter is the active one (separate adapters), else nothing changes."""
+        if not self.separate:
+            yield
+            return
+        self.policy.set_adapter(DISCRIMINATOR_ADAPTER)
+        self._lora_grads_on()
+        try:
+            yield
+        finally:
+            self.policy.set_adapter(GENERATOR_ADAPTER)
+            self._lora_grads_on()
 
     def _strip(self, ids: Tensor, mask: Tensor) -> list[list[int]]:
         """Token lists of the masked rows of ``ids [B, T]``, without EOS."""
@@ -398,6 +467,8 @@ class GANRL(L.LightningModule):
             kl_sum = kl if kl_sum is None else kl_sum + kl
             n_tokens = n if n_tokens is None else n_tokens + n
         assert logp_sum is not None and kl_sum is not None and n_tokens is not None
+        if self.separate:  # leaving the reference (adapters disabled) froze the discriminator's adapter
+            self._lora_grads_on()
         return logp_sum, kl_sum, n_tokens
 
     def generator_loss(self, seq_logp: Tensor, seq_kl: Tensor, n_tokens: Tensor, advantages: Tensor) -> Tensor:
@@ -415,14 +486,15 @@ class GANRL(L.LightningModule):
     def discriminator_logits(self, prefixes: list[str], completions: list[str]) -> Tensor:
         """Head logits ``[M, 2]`` on the last real token of ``prefix + completion`` (class 1 = ground truth).
 
-        The backbone runs with the adapter enabled; its gradient reaches the adapter only when
-        ``d_trains_adapter`` (otherwise it runs under ``no_grad`` and only the head gets gradients).
+        The backbone runs with the shared adapter enabled (or, with separate adapters, the discriminator's
+        own instead); its gradient reaches that adapter only when ``d_trains_adapter`` (otherwise it runs under
+        ``no_grad`` and only the head gets gradients).
         """
         seqs = [self.tokenizer.encode(p + c, add_special_tokens=False) for p, c in zip(prefixes, completions)]
         ids, mask = pad_left(seqs, self.tokenizer.pad_token_id)  # [M, L] left-padded
         ids, mask = ids.to(self.device), mask.to(self.device)
         grad_ok = self.hparams.d_trains_adapter and torch.is_grad_enabled()
-        with nullcontext() if grad_ok else torch.no_grad():
+        with nullcontext() if grad_ok else torch.no_grad(), self._discriminator_adapter():
             out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                                 use_cache=False)
             last = out.last_hidden_state[:, -1]  # [M, H]: left padding puts the last real token last
@@ -486,7 +558,7 @@ class GANRL(L.LightningModule):
         g_opt.zero_grad()
         d_opt.zero_grad()
         self.manual_backward(g_loss + h.d_scale * d_loss)
-        g_norm, d_norm = grad_norm(self.adapter_parameters()), grad_norm(self.d_head.parameters())  # before clipping
+        g_norm, d_norm = grad_norm(self.adapter_parameters()), grad_norm(self.discriminator_parameters())  # unclipped
         if h.max_grad_norm:
             self.clip_gradients(g_opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
             self.clip_gradients(d_opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
@@ -508,7 +580,7 @@ class GANRL(L.LightningModule):
         self.log("train/d_loss", d_loss.detach(), prog_bar=True, **log)
         self.log("train/g_loss", g_loss.detach(), **log)
         self.log("train/grad_norm", g_norm, **log)  # the generator's (TRL's name); the head's beside it
-        self.log("train/grad_norm/discriminator", d_norm, **log)
+        self.log("train/grad_norm/discriminator", d_norm, **log)  # head (+ its adapter when separate)
         self.log("train/learning_rate", g_opt.param_groups[0]["lr"], **log)
         self.log("train/learning_rate/discriminator", d_opt.param_groups[0]["lr"], **log)
 
@@ -590,16 +662,20 @@ class GANRL(L.LightningModule):
 
     def exportable_lm(self, adapter_mode: Optional[str] = None) -> ExportableLM:
         """What `lightning-rlm export` writes: the generator (the LoRA policy, merged or as a PEFT adapter);
-        the discriminator head stays in the checkpoint."""
-        return ExportableLM(self.policy, self.tokenizer, description="the generator (discriminator head left out)")
+        the discriminator head, and its adapter when separate, stay in the checkpoint (export saves or merges
+        the active adapter only, which outside the discriminator's forward is the generator's)."""
+        assert self.policy.active_adapter == GENERATOR_ADAPTER
+        left_out = "discriminator head and adapter" if self.separate else "discriminator head"
+        return ExportableLM(self.policy, self.tokenizer, description=f"the generator ({left_out} left out)")
 
     def configure_optimizers(self):
-        """Adapter and head each get AdamW (no weight decay) with warm-up and a linear decay."""
+        """Generator (its adapter) and discriminator (head, and its adapter when separate) each get AdamW (no
+        weight decay) with warm-up and a linear decay."""
         h = self.hparams
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
         g, d = (adamw_warmup([{"params": list(params)}], lr=lr, betas=h.betas, warmup_steps=h.warmup_steps,
                              total_steps=total, min_lr_ratio=h.min_lr_ratio, schedule="linear")
-                for params, lr in ((self.adapter_parameters(), h.g_lr), (self.d_head.parameters(), h.d_lr)))
+                for params, lr in ((self.adapter_parameters(), h.g_lr), (self.discriminator_parameters(), h.d_lr)))
         return [g["optimizer"], d["optimizer"]], [g["lr_scheduler"], d["lr_scheduler"]]
 
     def on_fit_start(self) -> None:

@@ -158,8 +158,152 @@ def test_fit_writes_rollouts_and_the_baseline_survives_a_checkpoint(tmp_path, ti
     assert steps[-2:] == [3, 3]
 
 
+# ----- separate adapters (discriminator_backbone="separate_adapter") ---------------------------------------------
+def parts(m: GANRL) -> dict[str, dict[str, torch.Tensor]]:
+    """The module's state split into the generator's adapter, the discriminator's tensors (its adapter and
+    head) and the rest (frozen base, baseline buffers)."""
+    out: dict[str, dict[str, torch.Tensor]] = {"generator": {}, "discriminator": {}, "rest": {}}
+    for k, v in m.state_dict().items():
+        part = ("generator" if ".lora_" in k and ".default." in k else
+                "discriminator" if k.startswith("d_head.") or (".lora_" in k and ".discriminator." in k) else "rest")
+        out[part][k] = v.detach().clone()
+    return out
+
+
+def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def randomize_lora_b(m: GANRL, adapter: str = "", std: float = 0.1) -> None:
+    """Nonzero LoRA B (of one adapter, or all), so gradients reach A and the adapters change the forward."""
+    with torch.no_grad():
+        for name, p in m.policy.named_parameters():
+            if "lora_B" in name and f".{adapter}" in name:
+                p.normal_(0, std)
+
+
+def d_loss_on(m: GANRL) -> torch.Tensor:
+    logits = m.discriminator_logits(PREFIXES * 2, [" a b c", " d e"] + TRUTHS)
+    return discriminator_stats(logits[:2], logits[2:])[0]
+
+
+def test_separate_adapters_each_optimizer_holds_its_own_task(tiny_llama_dir):
+    m = make(tiny_llama_dir, discriminator_backbone="separate_adapter")
+    assert sorted(m.policy.peft_config) == ["default", "discriminator"]
+    assert m.policy.active_adapter == "default"
+    state = parts(m)
+    gen = {id(p) for n, p in m.named_parameters() if f"policy.{n}" in state["generator"] or n in state["generator"]}
+    (g_opt, d_opt), _ = m.configure_optimizers()
+    g_ids = {id(p) for g in g_opt.param_groups for p in g["params"]}
+    d_ids = {id(p) for g in d_opt.param_groups for p in g["params"]}
+    named = dict(m.named_parameters())
+    assert g_ids == {id(named[k]) for k in state["generator"]} == gen
+    assert d_ids == {id(named[k]) for k in state["discriminator"]}
+    assert all(p.requires_grad for k, p in named.items() if k in state["generator"] or k in state["discriminator"])
+    assert not any(p.requires_grad for k, p in named.items() if k in state["rest"])  # the base stays frozen
+
+
+@pytest.mark.parametrize("backbone", ["shared", "separate_adapter"])
+def test_a_generator_step_and_a_discriminator_step_touch_only_their_own_task(tiny_llama_dir, backbone):
+    """Separate: a generator-only step leaves every discriminator tensor bit-identical and vice versa. Shared
+    (today's coupling): the discriminator's loss also moves the adapter the generator samples with."""
+    separate = backbone == "separate_adapter"
+    m = make(tiny_llama_dir, discriminator_backbone=backbone)
+    randomize_lora_b(m)
+    (g_opt, d_opt), _ = m.configure_optimizers()
+
+    seq_logp, seq_kl, n = m.sequence_logprobs(m.generate(PREFIXES))  # generator-only step
+    m.generator_loss(seq_logp, seq_kl, n, torch.tensor([1.0, -1.0])).backward()
+    assert all(p.grad is None for p in m.discriminator_parameters())
+    before = parts(m)
+    g_opt.step()
+    after = parts(m)
+    assert identical(after["discriminator"], before["discriminator"]) and identical(after["rest"], before["rest"])
+    assert not identical(after["generator"], before["generator"])
+
+    g_opt.zero_grad(set_to_none=True)
+    d_loss_on(m).backward()  # discriminator-only step
+    generator_got_grad = any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.adapter_parameters())
+    assert generator_got_grad == (not separate)
+    before = parts(m)
+    d_opt.step()
+    if not separate:
+        g_opt.step()  # the shared adapter's share of the discriminator's gradient is applied by the generator's
+    after = parts(m)
+    assert not identical(after["discriminator"], before["discriminator"]) and identical(after["rest"], before["rest"])
+    assert identical(after["generator"], before["generator"]) == separate
+    if separate:  # the discriminator's own adapter learned, not only its head
+        moved = {k for k in after["discriminator"] if not torch.equal(after["discriminator"][k],
+                                                                      before["discriminator"][k])}
+        assert any(".discriminator." in k for k in moved) and any(k.startswith("d_head.") for k in moved)
+
+
+@pytest.mark.parametrize("backbone", ["shared", "separate_adapter"])
+def test_separate_adapters_do_not_read_each_other(tiny_llama_dir, backbone):
+    """Separate: the discriminator's logits do not depend on the generator's adapter, nor the generator's
+    log-probs on the discriminator's. Shared: the discriminator reads the generator's adapter."""
+    separate = backbone == "separate_adapter"
+    m = make(tiny_llama_dir, discriminator_backbone=backbone)
+    randomize_lora_b(m)
+    rollout = m.generate(PREFIXES)
+    with torch.no_grad():
+        d0, g0 = d_loss_on(m), m.sequence_logprobs(rollout)[0]
+        randomize_lora_b(m, "default", std=0.5)  # change the generator
+        d1, g1 = d_loss_on(m), m.sequence_logprobs(rollout)[0]
+        assert torch.equal(d1, d0) == separate and not torch.equal(g1, g0)
+        if separate:
+            randomize_lora_b(m, "discriminator", std=0.5)  # change the discriminator
+            d2, g2 = d_loss_on(m), m.sequence_logprobs(rollout)[0]
+            assert torch.equal(g2, g1) and not torch.equal(d2, d1)
+
+
+def test_separate_adapters_train_and_survive_a_checkpoint(tmp_path, tiny_llama_dir):
+    L.seed_everything(0)
+    m = make(tiny_llama_dir, discriminator_backbone="separate_adapter", write_rollouts=False)
+    start = parts(m)
+    dm = PrefixCompletionDataModule(source=TextSource(preset="tinystories", max_documents=40),
+                                    tokenizer=str(tiny_llama_dir), completion_tokens=6, prefix_tokens=12,
+                                    batch_size=2)
+    kw = dict(accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+              enable_model_summary=False, logger=False)
+    trainer = L.Trainer(max_steps=2, **kw)
+    trainer.fit(m, datamodule=dm)
+    assert trainer.global_step == 2
+    trained = parts(m)
+    moved = {k for part in ("generator", "discriminator") for k, v in trained[part].items()
+             if not torch.equal(v, start[part][k])}
+    for adapter in ("default", "discriminator"):  # both adapters learned (their B moved off zero)
+        assert any("lora_B" in k and f".{adapter}." in k for k in moved), adapter
+    assert m.policy.active_adapter == "default"
+
+    ckpt = tmp_path / "separate.ckpt"
+    trainer.save_checkpoint(ckpt)
+    again = GANRL.load_from_checkpoint(ckpt)
+    assert again.hparams.discriminator_backbone == "separate_adapter"
+    loaded = parts(again)
+    for part in ("generator", "discriminator", "rest"):
+        assert identical(loaded[part], trained[part]), part
+    assert again.policy.active_adapter == "default"
+    # as another run's init_adapter the checkpoint gives its generator's adapter only (either backbone)
+    for backbone in ("shared", "separate_adapter"):
+        started = make(tiny_llama_dir, init_adapter=str(ckpt), discriminator_backbone=backbone)
+        assert identical(parts(started)["generator"], trained["generator"])
+        assert not identical(parts(started)["discriminator"], trained["discriminator"])
+
+    resumed = L.Trainer(max_steps=3, **kw)  # both optimizers' states come back with the step count
+    resumed.fit(again, datamodule=dm, ckpt_path=ckpt)
+    assert resumed.global_step == 3
+    g_state, d_state = (o.state_dict()["state"] for o in resumed.optimizers)
+    assert len(g_state) == len(parts(again)["generator"]) and len(d_state) == len(parts(again)["discriminator"])
+
+
 def test_bad_arguments_are_rejected(tiny_llama_dir):
     with pytest.raises(ValueError, match="prompt_template"):
         GANRL(model_name_or_path=str(tiny_llama_dir), prompt_template="no placeholder")
     with pytest.raises(ValueError, match="reward must be"):
         GANRL(model_name_or_path=str(tiny_llama_dir), reward="nope")
+    with pytest.raises(ValueError, match="discriminator_backbone"):
+        GANRL(model_name_or_path=str(tiny_llama_dir), discriminator_backbone="nope")
+    with pytest.raises(ValueError, match="d_trains_adapter=True"):
+        GANRL(model_name_or_path=str(tiny_llama_dir), discriminator_backbone="separate_adapter",
+              d_trains_adapter=False)
