@@ -179,13 +179,15 @@ def test_gan_rl_exports_the_generator_only(tmp_path, tiny_llama_dir):
     assert not any("d_head" in p.name for p in (tmp_path / "out").iterdir())
 
 
-def test_gan_rl_with_separate_adapters_exports_the_generator_only(tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize("config", ["separate_05_tinystories", "reasoning_disc_separate_05_tinystories"])
+def test_gan_rl_with_separate_adapters_exports_the_generator_only(tmp_path, tiny_llama_dir, config):
     from peft import PeftModel
 
-    cli = fit(tmp_path, "gan_rl/separate_05_tinystories.yaml", tiny_llama_dir, "--model.init_args.lora_rank=2",
+    cli = fit(tmp_path, f"gan_rl/{config}.yaml", tiny_llama_dir, "--model.init_args.lora_rank=2",
               "--model.init_args.reasoning_tokens=3", "--model.init_args.completion_tokens=3",
               "--data.init_args.completion_tokens=3", "--data.init_args.prefix_tokens=8",
-              "--data.init_args.batch_size=2", "--data.init_args.source.max_documents=40")
+              "--data.init_args.batch_size=2", "--data.init_args.source.max_documents=40",
+              *(["--model.init_args.d_reasoning_tokens=2"] if "reasoning" in config else []))
     assert sorted(cli.model.policy.peft_config) == ["default", "discriminator"]
     ckpt = trained_checkpoint(cli, lambda n, p: n.startswith("policy.") and p.requires_grad)  # both adapters
     policy = cli.model.policy
@@ -195,7 +197,7 @@ def test_gan_rl_with_separate_adapters_exports_the_generator_only(tmp_path, tiny
     assert_differ(trained, discriminator)
 
     record = export(ckpt, tmp_path / "out")
-    assert record["format"] == "peft_adapter" and "discriminator head and adapter" in record["exported"]
+    assert record["format"] == "peft_adapter" and "head and adapter left out" in record["exported"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == []  # no discriminator/ folder
     peft = PeftModel.from_pretrained(hf(tiny_llama_dir), str(tmp_path / "out"))
     assert list(peft.peft_config) == ["default"]
