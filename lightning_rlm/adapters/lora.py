@@ -203,7 +203,7 @@ def load_lora_weights(policy: PeftModel, source: str | os.PathLike) -> dict[str,
         described = (f"lora_rank {hp.get('lora_rank')}, lora_alpha {hp.get('lora_alpha')}, use_rslora "
                      f"{bool(hp.get('use_rslora'))}")
         saved = {k[len("policy."):]: v for k, v in ckpt["state_dict"].items()
-                 if k.startswith("policy.") and ".lora_" in k}
+                 if k.startswith("policy.") and ".lora_" in k and f".{name}." in k}  # e.g. not GAN-RL's discriminator
         if not saved:
             raise ValueError(f"init_adapter {str(source)!r}: the checkpoint holds no LoRA weights of a `policy` "
                              "(a full fine-tune? export it with --merge and use the folder as model_name_or_path)")

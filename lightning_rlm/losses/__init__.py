@@ -1,5 +1,7 @@
-"""Loss functions (pure torch): GRPO-family policy losses, KL estimators and log-prob helpers."""
+"""Loss functions (pure torch): GRPO-family policy losses, KL estimators, log-prob helpers and GAN-RL's
+reasoning-discriminator loss."""
 
+from lightning_rlm.losses.discriminator import judge_correct, reinforce_with_value, value_threshold_reward
 from lightning_rlm.losses.kl import (
     RMSE_EPS,
     KLAggregate,
@@ -36,4 +38,7 @@ __all__ = [
     "fp32_log_softmax",
     "kl_barrier",
     "per_position_kl",
+    "judge_correct",
+    "reinforce_with_value",
+    "value_threshold_reward",
 ]

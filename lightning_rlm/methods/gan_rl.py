@@ -12,7 +12,9 @@ One causal LM with one rsLoRA adapter serves two tasks (crumb's research note, s
   real token of ``prefix + completion`` (text concatenated and re-encoded, so generated and ground-truth
   completions are tokenized the same way), trained with cross-entropy to tell generated (class 0) from
   ground-truth (class 1) completions. The backbone forward goes through the same adapted model, so the
-  adapter is shared by the two tasks.
+  adapter is shared by the two tasks (``discriminator_backbone="shared"``, the seed's setup), or through a
+  second LoRA adapter of its own on the same frozen base weights (``"separate_adapter"``, the seed's
+  "test using separate models for separate tasks"): see "Separate adapters" below.
 
 Each step, for a batch of B (prefix, ground truth) pairs::
 
@@ -44,6 +46,41 @@ the weight of the discriminator task in the shared adapter's gradient. With ``d_
 discriminator reads the adapted backbone under ``no_grad`` and only the head learns. Since Adam is
 invariant to the scale of its gradient, ``d_scale`` reaches the head only through gradient clipping.
 
+Separate adapters (``discriminator_backbone="separate_adapter"``): the PEFT model holds two LoRA adapters
+of the same rank / alpha / rsLoRA on the same frozen base: ``default`` (the generator's: sampling, log-probs,
+export, ``init_adapter``) and ``discriminator`` (fresh, B = 0). Only one is active in a forward: the
+discriminator's backbone forward switches to ``discriminator`` (the generator's adapter off) and back, every
+other forward runs ``default`` (the discriminator's off); the KL reference is the base with both off. The
+generator optimizer holds the ``default`` adapter (``g_lr``), the discriminator optimizer its adapter and the
+head (``d_lr``), so the two tasks share nothing trainable: a generator step leaves every discriminator
+tensor bit-identical and vice versa, and ``d_scale`` again reaches the discriminator only through its
+gradient clipping. The checkpoint carries both adapters; `lightning-rlm export` writes the generator's only.
+Needs ``d_trains_adapter=True`` (with False its adapter would never learn).
+
+Reasoning discriminator (``discriminator="reasoning"``, the seed's setup before the linear head): the
+discriminator is a generation task on the same adapter (or its own, with separate adapters). For each of the
+2B inputs (the B generated completions, then their B ground truths)::
+
+    prompt      = d_prompt_template with <prefix>…</prefix> <continuation>…</continuation>
+    reasoning   ← sampled after the prompt (≤ d_reasoning_tokens, stopped by EOS; no grad)
+    answer      ← sampled from softmax(logits of the first tokens of d_answers = (" real", " generated") / T)
+                  at the end of prompt + reasoning + think_close + d_answer_prefix
+    d_value     = sigmoid(value_head(hidden state of the last prompt token)): its chance of being right
+    correct     = 1 if the answer is right else 0
+    d_loss      = mean[−(correct − d_value) · (Σ logp reasoning (incl. its EOS) + logp answer)]
+                  + d_value_coeff · mean[(d_value − correct)²]          (REINFORCE with the value as baseline)
+    generator:  d_prob = P(answer "real") on its completion;  with reward "value_threshold" (the seed's):
+                (1 − d_value) if d_value > value_threshold else 0, d_value on the generated completion
+                (+ the length term as above); with "prob": P(answer "real")
+
+The value head (LayerNorm + Linear(hidden, 1), fp32) replaces the classifier head in the discriminator's
+optimizer. Logged beside the usual ``d_acc_*`` (of the sampled answers), ``d_prob_*`` and ``d_loss``:
+``d_value_generated``/``_real``, ``d_pg_loss``, ``d_value_loss`` and ``d_reasoning_length`` (also
+``/generated`` and ``/real``): the seed's question, does the discriminator stop reasoning? Each rollout row adds
+the discriminator's reasoning, answer and value on the generated completion and on the ground truth. Ours, not
+the seed's: the prompt, the two-token answer, the value read before the reasoning, the squared-error value
+loss, no KL on the discriminator's tokens. Needs ``d_trains_adapter=True``.
+
 Departures from the seed (which gives no code): the rewards are computed from the same discriminator
 forward that is trained this step (before the update); the phase-1 stop token (EOS) is scored as an
 action but left out of the phase-2 context, where ``think_close`` replaces it; log-probs are computed in
@@ -64,9 +101,11 @@ truths as references, so ``MauveCallback`` scores the last ``window`` completion
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -82,7 +121,7 @@ from lightning_rlm.data.chat import ChatFormat
 from lightning_rlm.data.collate import pad_left
 from lightning_rlm.distributed import generator_states, own_generator
 from lightning_rlm.logging_utils import append_jsonl_line
-from lightning_rlm.losses import kl_penalty
+from lightning_rlm.losses import judge_correct, kl_penalty, reinforce_with_value, value_threshold_reward
 from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.hf import load_policy
 from lightning_rlm.optim import adamw_warmup, grad_norm
@@ -95,10 +134,14 @@ from lightning_rlm.rollout import (
 )
 
 __all__ = [
+    "D_PROMPT_TEMPLATE",
     "GANRL",
+    "PLAIN_D_PROMPT_TEMPLATE",
     "PLAIN_PROMPT_TEMPLATE",
     "SEED_PROMPT_TEMPLATE",
     "GANRollout",
+    "Judgement",
+    "Scores",
     "discriminator_stats",
     "gan_rewards",
 ]
@@ -127,9 +170,27 @@ SEED_PROMPT_TEMPLATE = (
 )
 # A short template for tiny models that have never seen a chat format.
 PLAIN_PROMPT_TEMPLATE = "<prefix>\n{text}\n</prefix>\n<think>\n"
+# The reasoning discriminator's prompt (ours: the seed does not give it), in the seed's hand-written ChatML;
+# `{text}` is "<prefix>\n{prefix}\n</prefix>\n<continuation>\n{completion}\n</continuation>".
+D_PROMPT_TEMPLATE = (
+    "<|im_start|>system\n"
+    "You judge continuations of text. You are shown a prefix of a document and a continuation, which is either "
+    "the document's real continuation or one written by a language model. Think it over, then answer real or "
+    "generated.\n"
+    "<|im_start|>user\n"
+    "{text}\n"
+    "Is the continuation real or generated?\n"
+    "<|im_start|>assistant\n"
+    "<think>\n"
+)
+PLAIN_D_PROMPT_TEMPLATE = "{text}\nreal or generated?\n<think>\n"
 
 RewardForm = Literal["prob", "value_threshold"]
 LossNorm = Literal["sum", "budget", "token_mean"]
+DiscriminatorBackbone = Literal["shared", "separate_adapter"]
+DiscriminatorKind = Literal["head", "reasoning"]
+GENERATOR_ADAPTER = "default"  # PEFT's default name: what export, init_adapter and sampling use
+DISCRIMINATOR_ADAPTER = "discriminator"  # only with discriminator_backbone="separate_adapter"
 
 
 # ----- pure functions (unit-tested on hand-computed values) ------------------------------------------------------
@@ -141,20 +202,21 @@ def gan_rewards(
     target_length: int,
     length_weight: float = 0.5,
     threshold: float = 0.125,
+    d_value: Optional[Tensor] = None,
 ) -> Tensor:
     """Generator rewards ``[B]`` from the discriminator's P(ground truth) ``d_prob [B]`` and lengths ``[B]``.
 
-    ``"prob"``: ``d_prob``. ``"value_threshold"``: with ``d_value = 1 − d_prob`` (the discriminator's
-    probability of being right about this generated sample), ``1 − d_value`` if ``d_value > threshold``
-    else 0. Both plus ``length_weight · min(length, target_length) / target_length``.
+    ``"prob"``: ``d_prob``. ``"value_threshold"``: with ``d_value`` the discriminator's probability of being
+    right about this generated sample (default ``1 − d_prob``; the reasoning discriminator's value head gives
+    its own), ``1 − d_value`` if ``d_value > threshold`` else 0. Both plus
+    ``length_weight · min(length, target_length) / target_length``.
     """
     check_at_least(1, target_length=target_length)
     d_prob = d_prob.float()
     if form == "prob":
         base = d_prob  # [B]
     elif form == "value_threshold":
-        d_value = 1.0 - d_prob  # [B]
-        base = torch.where(d_value > threshold, 1.0 - d_value, torch.zeros_like(d_value))  # [B]
+        base = value_threshold_reward(1.0 - d_prob if d_value is None else d_value, threshold)  # [B]
     else:
         raise ValueError(f"reward must be 'prob' or 'value_threshold', got {form!r}")
     length_term = lengths.float().clamp(max=target_length) / target_length  # [B]
@@ -203,8 +265,34 @@ class GANRollout:
     completion_lengths: Tensor  # [B]
 
 
+@dataclass
+class Judgement:
+    """The reasoning discriminator on M (prefix, completion) inputs. Lengths exclude the stop token."""
+
+    reasoning: Optional[Rollout]  # [M, R] its deliberation, None when d_reasoning_tokens == 0
+    reasoning_texts: list[str]
+    reasoning_lengths: Tensor  # [M]
+    reasoning_logp: Tensor  # [M] summed log-probs of the reasoning tokens (incl. the EOS that ended it), grad
+    p_real: Tensor  # [M] P(answer "real") over the two answers, at the sampling temperature (detached)
+    said_real: Tensor  # [M] bool, the sampled answers
+    answer_logp: Tensor  # [M] log-prob of the sampled answer (grad)
+    value: Tensor  # [M] the value head's estimate of its chance of being right, in (0, 1) (grad)
+
+
+@dataclass
+class Scores:
+    """The discriminator on a rollout's B generated completions and their B ground truths."""
+
+    d_loss: Tensor  # scalar, with grad
+    stats: dict[str, Tensor]  # detached scalars, logged as <split>/<name>
+    d_prob: Tensor  # [B] P(ground truth) of the generated completions (head: softmax; reasoning: P(answer real))
+    d_prob_real: Tensor  # [B] the same on the ground truths
+    rewards: Tensor  # [B] the generator's
+    judgement: Optional[Judgement] = None  # the reasoning discriminator's, rows [generated; ground truths]
+
+
 class GANRL(L.LightningModule):
-    """GAN-RL on one causal LM with one shared rsLoRA adapter (see the module docstring).
+    """GAN-RL on one causal LM with one shared rsLoRA adapter, or one per task (see the module docstring).
 
     Args:
         model_name_or_path: base model (HF folder, hub name, or ``lrlm:tiny-llama-tinystories``).
@@ -232,6 +320,20 @@ class GANRL(L.LightningModule):
         kl_coeff: weight of the k3 KL to the base model (adapter disabled), summed over generated tokens.
         d_scale: weight of the discriminator loss in the backward pass.
         d_trains_adapter: the discriminator loss also trains the shared adapter (seed: True).
+        discriminator_backbone: ``shared`` (the seed's: the discriminator reads the generator's adapted model)
+            or ``separate_adapter`` (the discriminator reads the base through a LoRA adapter of its own, trained
+            by its optimizer at ``d_lr`` with the head; the generator's adapter is off in its forward and vice
+            versa). See "Separate adapters" in the module docstring.
+        discriminator: ``head`` (the seed's LayerNorm + Linear classifier) or ``reasoning`` (a generation task
+            trained by REINFORCE on being right, with a value head; see "Reasoning discriminator" in the
+            module docstring). The ``d_*`` settings below are the reasoning discriminator's:
+        d_prompt_template: its prompt, with ``{text}`` for ``<prefix>…</prefix>`` + ``<continuation>…
+            </continuation>`` (default :data:`D_PROMPT_TEMPLATE`); d_chat: render it through the tokenizer's
+            chat template instead (``user_template`` with ``{text}``).
+        d_reasoning_tokens: its deliberation budget (0: it answers at once).
+        d_answer_prefix: appended after ``think_close``; the answer is the next token, one of the first tokens of
+            ``d_answers`` (real, generated).
+        d_value_coeff: weight of the value head's squared error in its loss.
         g_lr, d_lr: Adam learning rates of the adapter and of the discriminator head.
         betas: Adam betas (seed: 0.95, 0.95). warmup_steps, min_lr_ratio: the linear schedule.
         max_grad_norm: gradient-norm clip per optimizer (None: off).
@@ -267,6 +369,14 @@ class GANRL(L.LightningModule):
         kl_coeff: float = 0.05,
         d_scale: float = 1.0,
         d_trains_adapter: bool = True,
+        discriminator_backbone: DiscriminatorBackbone = "shared",
+        discriminator: DiscriminatorKind = "head",
+        d_prompt_template: str = D_PROMPT_TEMPLATE,
+        d_chat: Optional[ChatFormat] = None,
+        d_reasoning_tokens: int = 256,
+        d_answer_prefix: str = "\nanswer:",
+        d_answers: tuple[str, str] = (" real", " generated"),
+        d_value_coeff: float = 1.0,
         g_lr: float = 1e-5,
         d_lr: float = 2e-5,
         betas: tuple[float, float] = (0.95, 0.95),
@@ -289,6 +399,17 @@ class GANRL(L.LightningModule):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
         check_at_least(0, kl_coeff=kl_coeff, d_scale=d_scale)
+        check_one_of("discriminator_backbone", discriminator_backbone, ("shared", "separate_adapter"))
+        if discriminator_backbone == "separate_adapter" and not d_trains_adapter:
+            raise ValueError("discriminator_backbone='separate_adapter' needs d_trains_adapter=True (its own adapter "
+                             "would never learn); for a discriminator on the frozen generator use 'shared' with "
+                             "d_trains_adapter=False")
+        check_one_of("discriminator", discriminator, ("head", "reasoning"))
+        if discriminator == "reasoning":
+            check_prompt_template(d_prompt_template)
+            check_at_least(0, d_reasoning_tokens=d_reasoning_tokens, d_value_coeff=d_value_coeff)
+            if not d_trains_adapter:
+                raise ValueError("discriminator='reasoning' needs d_trains_adapter=True: its policy is the adapter")
         check_at_least(1, target_length=target_length)
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -298,12 +419,26 @@ class GANRL(L.LightningModule):
         self.policy = add_lora(base, lora_rank, lora_alpha, use_rslora, dropout=lora_dropout)
         if init_adapter is not None:  # e.g. the SFT'd adapter of the rationalization recipe (docs/rationalize.md)
             load_lora_weights(self.policy, init_adapter)
+        if discriminator_backbone == "separate_adapter":  # same config, fresh weights (B = 0), not active
+            self.policy.add_adapter(DISCRIMINATOR_ADAPTER, copy.deepcopy(self.policy.peft_config[GENERATOR_ADAPTER]))
+            self._lora_grads_on()
         self.policy.train()  # from_pretrained returns eval mode; sampling and the reference switch it as needed
-        self.d_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2))  # fp32
+        if discriminator == "head":
+            self.d_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2))  # fp32
+        else:  # the reasoning discriminator's value head: logit of its chance of being right
+            self.value_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 1))  # fp32
+            self.answer_prefix_ids: list[int] = self.tokenizer.encode(d_answer_prefix, add_special_tokens=False)
+            firsts = [self.tokenizer.encode(a, add_special_tokens=False)[:1] for a in d_answers]  # [real, generated]
+            if len(firsts) != 2 or not all(firsts) or firsts[0] == firsts[1]:
+                raise ValueError(f"d_answers {d_answers!r} must be two answers that start with two different "
+                                 f"tokens, got first tokens {firsts}")
+            self.answer_ids: list[int] = [f[0] for f in firsts]
         self.register_buffer("baseline", torch.zeros(()))  # EMA of rewards (checkpointed with the weights)
         self.register_buffer("baseline_updates", torch.zeros((), dtype=torch.long))
         self.close_ids: list[int] = self.tokenizer.encode(think_close, add_special_tokens=False)
         self.render_prompt("x")  # a chat format the tokenizer has no template for fails here, not mid-run
+        if discriminator == "reasoning":
+            self.render_d_prompt("x", "y")
         self.generator: Optional[torch.Generator] = None
 
     # ----- helpers ------------------------------------------------------------------------------------------------
@@ -325,14 +460,68 @@ class GANRL(L.LightningModule):
             return chat.render(self.tokenizer, prefix)
         return self.hparams.prompt_template.replace("{text}", prefix)
 
+    def render_d_prompt(self, prefix: str, completion: str) -> str:
+        """The reasoning discriminator's prompt for one (prefix, completion)."""
+        text = f"<prefix>\n{prefix}\n</prefix>\n<continuation>\n{completion}\n</continuation>"
+        chat = self.hparams.d_chat
+        if isinstance(chat, dict):
+            chat = ChatFormat(**chat)
+        if chat is not None:
+            return chat.render(self.tokenizer, text)
+        return self.hparams.d_prompt_template.replace("{text}", text)
+
     def _sampling_generator(self) -> torch.Generator:
         if self.generator is None or self.generator.device != self.device:
             seed = (torch.initial_seed() + self.global_rank) % 2**63  # seed_everything's seed + rank
             self.generator = torch.Generator(self.device).manual_seed(seed)
         return self.generator
 
+    @property
+    def reasoning_discriminator(self) -> bool:
+        return self.hparams.get("discriminator", "head") == "reasoning"
+
+    @property
+    def separate(self) -> bool:
+        """The discriminator has its own adapter (``discriminator_backbone="separate_adapter"``)."""
+        return self.hparams.get("discriminator_backbone", "shared") == "separate_adapter"
+
+    def _lora_parameters(self, adapter: str) -> list[nn.Parameter]:
+        return [p for n, p in self.policy.named_parameters() if ".lora_" in n and f".{adapter}." in n]
+
     def adapter_parameters(self) -> list[nn.Parameter]:
+        """The generator's adapter (its optimizer's parameters); shared with the discriminator by default."""
+        if self.separate:
+            return self._lora_parameters(GENERATOR_ADAPTER)
         return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        """The discriminator optimizer's parameters: its head (the classifier, or the reasoning discriminator's
+        value head), after its own adapter when it has one."""
+        own = self._lora_parameters(DISCRIMINATOR_ADAPTER) if self.separate else []
+        head = self.value_head if self.reasoning_discriminator else self.d_head
+        return own + list(head.parameters())
+
+    def _lora_grads_on(self) -> None:
+        """PEFT marks inactive adapters ``requires_grad=False`` whenever it switches or re-enables adapters
+        (``set_adapter``, leaving ``disable_adapter``), and autograd drops the gradient of a leaf that no
+        longer requires it at backward time: with two adapters, both are turned back on after every switch."""
+        for n, p in self.policy.named_parameters():
+            if ".lora_" in n:
+                p.requires_grad_(True)
+
+    @contextmanager
+    def _discriminator_adapter(self) -> Iterator[None]:
+        """Inside: the discriminator's adapter is the active one (separate adapters), else nothing changes."""
+        if not self.separate:
+            yield
+            return
+        self.policy.set_adapter(DISCRIMINATOR_ADAPTER)
+        self._lora_grads_on()
+        try:
+            yield
+        finally:
+            self.policy.set_adapter(GENERATOR_ADAPTER)
+            self._lora_grads_on()
 
     def _strip(self, ids: Tensor, mask: Tensor) -> list[list[int]]:
         """Token lists of the masked rows of ``ids [B, T]``, without EOS."""
@@ -398,6 +587,8 @@ class GANRL(L.LightningModule):
             kl_sum = kl if kl_sum is None else kl_sum + kl
             n_tokens = n if n_tokens is None else n_tokens + n
         assert logp_sum is not None and kl_sum is not None and n_tokens is not None
+        if self.separate:  # leaving the reference (adapters disabled) froze the discriminator's adapter
+            self._lora_grads_on()
         return logp_sum, kl_sum, n_tokens
 
     def generator_loss(self, seq_logp: Tensor, seq_kl: Tensor, n_tokens: Tensor, advantages: Tensor) -> Tensor:
@@ -415,19 +606,67 @@ class GANRL(L.LightningModule):
     def discriminator_logits(self, prefixes: list[str], completions: list[str]) -> Tensor:
         """Head logits ``[M, 2]`` on the last real token of ``prefix + completion`` (class 1 = ground truth).
 
-        The backbone runs with the adapter enabled; its gradient reaches the adapter only when
-        ``d_trains_adapter`` (otherwise it runs under ``no_grad`` and only the head gets gradients).
+        The backbone runs with the shared adapter enabled (or, with separate adapters, the discriminator's
+        own instead); its gradient reaches that adapter only when ``d_trains_adapter`` (otherwise it runs under
+        ``no_grad`` and only the head gets gradients).
         """
+        if self.reasoning_discriminator:
+            raise RuntimeError("discriminator='reasoning' has no classifier head: use judge()")
         seqs = [self.tokenizer.encode(p + c, add_special_tokens=False) for p, c in zip(prefixes, completions)]
         ids, mask = pad_left(seqs, self.tokenizer.pad_token_id)  # [M, L] left-padded
         ids, mask = ids.to(self.device), mask.to(self.device)
         grad_ok = self.hparams.d_trains_adapter and torch.is_grad_enabled()
-        with nullcontext() if grad_ok else torch.no_grad():
+        with nullcontext() if grad_ok else torch.no_grad(), self._discriminator_adapter():
             out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                                 use_cache=False)
             last = out.last_hidden_state[:, -1]  # [M, H]: left padding puts the last real token last
         head_dtype = self.d_head[1].weight.dtype
         return self.d_head(last.to(head_dtype))  # [M, 2]
+
+    def judge(self, prefixes: list[str], completions: list[str]) -> Judgement:
+        """The reasoning discriminator on M (prefix, completion) pairs: it deliberates after its prompt (up to
+        ``d_reasoning_tokens``, stopped by EOS), ``think_close`` and ``d_answer_prefix`` are appended, and it
+        samples its answer from the two answer tokens' softmax at the sampling temperature. The value head
+        reads the last prompt token (before any reasoning). With separate adapters all of it runs on the
+        discriminator's adapter. Log-probs, answer and value carry gradients when grad is enabled."""
+        h = self.hparams
+        pad = self.tokenizer.pad_token_id
+        prompts = [self.tokenizer.encode(self.render_d_prompt(p, c), add_special_tokens=False)
+                   for p, c in zip(prefixes, completions)]
+        with self._discriminator_adapter():
+            reasoning: Optional[Rollout] = None
+            reasoning_ids: list[list[int]] = [[] for _ in prompts]
+            reasoning_logp = torch.zeros(len(prompts), device=self.device)  # [M]
+            if h.d_reasoning_tokens > 0:
+                ids, mask = pad_left(prompts, pad)  # [M, P]
+                with torch.no_grad():
+                    reasoning = self._sample(ids.to(self.device), mask.to(self.device), h.d_reasoning_tokens, False)
+                reasoning_ids = self._strip(reasoning.completion_ids, reasoning.completion_mask)
+                logp = completion_logprobs(self.policy, reasoning, temperature=h.temperature)  # [M, R]
+                zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+                reasoning_logp = torch.where(reasoning.completion_mask.bool(), logp, zero).sum(-1)  # [M]
+            tail = self.close_ids + self.answer_prefix_ids
+            ids2, mask2 = pad_left([p + r + tail for p, r in zip(prompts, reasoning_ids)], pad)  # [M, L]
+            ids2, mask2 = ids2.to(self.device), mask2.to(self.device)
+            hidden = self.backbone(input_ids=ids2, attention_mask=mask2, position_ids=position_ids_from_mask(mask2),
+                                   use_cache=False).last_hidden_state  # [M, L, H]
+            rows = torch.arange(len(prompts), device=self.device)
+            last_prompt = ids2.shape[1] - 1 - torch.tensor([len(r) + len(tail) for r in reasoning_ids],
+                                                           device=self.device)  # [M]: left padding
+            value_dtype = self.value_head[1].weight.dtype
+            value = torch.sigmoid(self.value_head(hidden[rows, last_prompt].to(value_dtype)).squeeze(-1))  # [M]
+            lm_head = self.policy.get_base_model().get_output_embeddings()
+            logits = lm_head(hidden[:, -1])[:, self.answer_ids].float() / h.temperature  # [M, 2]: real, generated
+            logp2 = logits.log_softmax(-1)  # [M, 2]
+            p_real = logp2[:, 0].detach().exp()  # [M]
+            u = torch.rand(len(prompts), generator=self._sampling_generator(), device=self.device)
+            said_real = u < p_real  # [M]
+            answer_logp = torch.where(said_real, logp2[:, 0], logp2[:, 1])  # [M]
+        return Judgement(
+            reasoning=reasoning, reasoning_texts=self.tokenizer.batch_decode(reasoning_ids, skip_special_tokens=True),
+            reasoning_lengths=torch.tensor([len(r) for r in reasoning_ids], device=self.device),
+            reasoning_logp=reasoning_logp, p_real=p_real, said_real=said_real, answer_logp=answer_logp, value=value,
+        )
 
     # ----- baseline -------------------------------------------------------------------------------------------------
     def _global_mean(self, x: Tensor) -> Tensor:
@@ -453,10 +692,11 @@ class GANRL(L.LightningModule):
         self.baseline_updates += 1
 
     # ----- training -------------------------------------------------------------------------------------------------
-    def _score(self, rollout: GANRollout, ground_truths: list[str]) -> tuple[Tensor, dict[str, Tensor], Tensor,
-                                                                              Tensor, Tensor]:
-        """Discriminator forward on generated + ground truth; returns d_loss, stats, d_prob [B],
-        d_prob on ground truths [B], rewards [B]."""
+    def _score(self, rollout: GANRollout, ground_truths: list[str]) -> Scores:
+        """The discriminator on the B generated completions and their B ground truths (one batch of 2B), its
+        loss and statistics, and the generator's rewards."""
+        if self.reasoning_discriminator:
+            return self._score_reasoning(rollout, ground_truths)
         h = self.hparams
         b = len(rollout.prefixes)
         logits = self.discriminator_logits(rollout.prefixes * 2, rollout.completion_texts + list(ground_truths))
@@ -466,7 +706,32 @@ class GANRL(L.LightningModule):
         d_prob_real = logits_real.detach().float().softmax(-1)[:, 1]  # [B]
         rewards = gan_rewards(d_prob, rollout.completion_lengths, form=h.reward, target_length=self.target_length,
                               length_weight=h.length_weight, threshold=h.value_threshold)  # [B]
-        return d_loss, stats, d_prob, d_prob_real, rewards
+        return Scores(d_loss, stats, d_prob, d_prob_real, rewards)
+
+    def _score_reasoning(self, rollout: GANRollout, ground_truths: list[str]) -> Scores:
+        """The reasoning discriminator judges the 2B inputs; it is rewarded 1 for a right answer, its loss is
+        REINFORCE on (reasoning + answer) with the value as baseline plus ``d_value_coeff`` × the value's
+        squared error, and the generator's reward is the value-threshold (or P(answer real)) reward."""
+        h = self.hparams
+        b = len(rollout.prefixes)
+        j = self.judge(rollout.prefixes * 2, rollout.completion_texts + list(ground_truths))
+        is_real = torch.arange(2 * b, device=self.device) >= b  # [2B]: generated first, then ground truths
+        correct = judge_correct(j.said_real, is_real)  # [2B]
+        pg_loss, value_loss, _ = reinforce_with_value(j.reasoning_logp + j.answer_logp, j.value, correct)
+        d_loss = pg_loss + h.d_value_coeff * value_loss
+        d_value = j.value.detach()  # [2B]
+        rewards = gan_rewards(j.p_real[:b], rollout.completion_lengths, form=h.reward, target_length=self.target_length,
+                              length_weight=h.length_weight, threshold=h.value_threshold, d_value=d_value[:b])  # [B]
+        lengths = j.reasoning_lengths.float()  # [2B]
+        stats = {
+            "d_acc_generated": correct[:b].mean(), "d_acc_real": correct[b:].mean(),
+            "d_prob_generated": j.p_real[:b].mean(), "d_prob_real": j.p_real[b:].mean(),
+            "d_value_generated": d_value[:b].mean(), "d_value_real": d_value[b:].mean(),
+            "d_reasoning_length": lengths.mean(), "d_reasoning_length/generated": lengths[:b].mean(),
+            "d_reasoning_length/real": lengths[b:].mean(),
+            "d_pg_loss": pg_loss.detach(), "d_value_loss": value_loss.detach(),
+        }
+        return Scores(d_loss, stats, j.p_real[:b], j.p_real[b:], rewards, judgement=j)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         h = self.hparams
@@ -474,7 +739,8 @@ class GANRL(L.LightningModule):
         prefixes, truths = list(batch["prefix"]), list(batch["completion"])
         b = len(prefixes)
         rollout = self.generate(prefixes)
-        d_loss, d_stats, d_prob, d_prob_real, rewards = self._score(rollout, truths)
+        scores = self._score(rollout, truths)
+        d_loss, rewards = scores.d_loss, scores.rewards
         baseline = self.current_baseline(rewards)
         advantages = rewards - baseline  # [B]
         self.update_baseline(rewards)
@@ -486,19 +752,19 @@ class GANRL(L.LightningModule):
         g_opt.zero_grad()
         d_opt.zero_grad()
         self.manual_backward(g_loss + h.d_scale * d_loss)
-        g_norm, d_norm = grad_norm(self.adapter_parameters()), grad_norm(self.d_head.parameters())  # before clipping
+        g_norm, d_norm = grad_norm(self.adapter_parameters()), grad_norm(self.discriminator_parameters())  # unclipped
         if h.max_grad_norm:
             self.clip_gradients(g_opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
             self.clip_gradients(d_opt, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
         g_opt.step()  # the adapter (through Lightning: one global step per batch)
-        d_opt.optimizer.step()  # the head (raw optimizer, so the global step is not counted twice)
+        d_opt.optimizer.step()  # the discriminator (raw optimizer, so the global step is not counted twice)
         g_sched.step()
         d_sched.step()
 
         with torch.no_grad():
             kl_tok = seq_kl.sum() / n_tokens.sum().clamp(min=1)
         log = dict(batch_size=b)
-        for k, v in d_stats.items():
+        for k, v in scores.stats.items():
             self.log(f"train/{k}", v, **log)
         self.log("train/reward", rewards.mean(), prog_bar=True, **log)
         self.log("train/baseline", baseline, **log)
@@ -508,15 +774,16 @@ class GANRL(L.LightningModule):
         self.log("train/d_loss", d_loss.detach(), prog_bar=True, **log)
         self.log("train/g_loss", g_loss.detach(), **log)
         self.log("train/grad_norm", g_norm, **log)  # the generator's (TRL's name); the head's beside it
-        self.log("train/grad_norm/discriminator", d_norm, **log)
+        self.log("train/grad_norm/discriminator", d_norm, **log)  # head (+ its adapter when separate)
         self.log("train/learning_rate", g_opt.param_groups[0]["lr"], **log)
         self.log("train/learning_rate/discriminator", d_opt.param_groups[0]["lr"], **log)
 
         if h.write_rollouts:
-            self._write_rollouts(step, rollout, truths, rewards, d_prob, d_prob_real, advantages)
+            self._write_rollouts(step, rollout, truths, scores, advantages)
         return {"loss": (g_loss + h.d_scale * d_loss).detach(), "rollout": TextRollout(
             prompts=prefixes, completions=rollout.completion_texts, references=truths,
-            rewards={"total": rewards.tolist(), "d_prob": d_prob.tolist()}, advantages=advantages.detach().tolist(),
+            rewards={"total": rewards.tolist(), "d_prob": scores.d_prob.tolist()},
+            advantages=advantages.detach().tolist(),
         )}
 
     def rollouts_path(self) -> Optional[Path]:
@@ -525,8 +792,8 @@ class GANRL(L.LightningModule):
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         return Path(log_dir) / self.hparams.rollouts_filename if log_dir else None
 
-    def _write_rollouts(self, step: int, rollout: GANRollout, truths: list[str], rewards: Tensor, d_prob: Tensor,
-                        d_prob_real: Tensor, advantages: Tensor) -> None:
+    def _write_rollouts(self, step: int, rollout: GANRollout, truths: list[str], scores: Scores,
+                        advantages: Tensor) -> None:
         path = self.rollouts_path()
         if path is None:
             return
@@ -535,9 +802,21 @@ class GANRL(L.LightningModule):
             append_jsonl_line(path, {
                 "step": step, "rank": int(self.global_rank), "prefix": rollout.prefixes[i],
                 "reasoning": rollout.reasoning_texts[i], "completion": rollout.completion_texts[i],
-                "ground_truth": truths[i], "reward": _finite(rewards[i]), "d_prob": _finite(d_prob[i]),
-                "d_prob_ground_truth": _finite(d_prob_real[i]), "advantage": _finite(advantages[i]),
+                "ground_truth": truths[i], "reward": _finite(scores.rewards[i]), "d_prob": _finite(scores.d_prob[i]),
+                "d_prob_ground_truth": _finite(scores.d_prob_real[i]), "advantage": _finite(advantages[i]),
+                **self._judgement_row(scores.judgement, i, len(rollout.prefixes)),
             })
+
+    @staticmethod
+    def _judgement_row(j: Optional[Judgement], i: int, b: int) -> dict[str, Any]:
+        """The reasoning discriminator's side of rollout i: its reasoning, answer and value on the generated
+        completion (row i) and on the ground truth (row b + i); nothing for the head discriminator."""
+        if j is None:
+            return {}
+        answer = lambda k: "real" if bool(j.said_real[k]) else "generated"  # noqa: E731
+        return {"d_reasoning": j.reasoning_texts[i], "d_answer": answer(i), "d_value": _finite(j.value[i]),
+                "d_reasoning_ground_truth": j.reasoning_texts[b + i], "d_answer_ground_truth": answer(b + i),
+                "d_value_ground_truth": _finite(j.value[b + i])}
 
     # ----- validation / generation for callbacks ---------------------------------------------------------------------
     @torch.no_grad()
@@ -554,25 +833,26 @@ class GANRL(L.LightningModule):
         discriminator's P(real) (`lightning-rlm predict` writes them to `predictions.jsonl`)."""
         prefixes, truths = list(batch["prefix"]), list(batch["completion"])
         rollout = self.generate(prefixes)
-        _, _, d_prob, _, rewards = self._score(rollout, truths)
+        scores = self._score(rollout, truths)
+        b = len(prefixes)
         return [{"prefix": p, "reasoning": r, "completion": c, "ground_truth": t, "d_prob": float(d),
-                 "reward": float(w)}
-                for p, r, c, t, d, w in zip(prefixes, rollout.reasoning_texts, rollout.completion_texts, truths,
-                                            d_prob.tolist(), rewards.tolist())]
+                 "reward": float(w), **self._judgement_row(scores.judgement, i, b)}
+                for i, (p, r, c, t, d, w) in enumerate(zip(prefixes, rollout.reasoning_texts, rollout.completion_texts,
+                                                           truths, scores.d_prob.tolist(), scores.rewards.tolist()))]
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> dict[str, Any]:
         prefixes, truths = list(batch["prefix"]), list(batch["completion"])
         rollout = self.generate(prefixes)
-        d_loss, stats, d_prob, _, rewards = self._score(rollout, truths)
+        scores = self._score(rollout, truths)
         log = dict(batch_size=len(prefixes), sync_dist=True)
-        for k, v in stats.items():
+        for k, v in scores.stats.items():
             self.log(f"{split}/{k}", v, **log)
-        self.log(f"{split}/d_loss", d_loss, **log)
-        self.log(f"{split}/reward", rewards.mean(), **log)
+        self.log(f"{split}/d_loss", scores.d_loss, **log)
+        self.log(f"{split}/reward", scores.rewards.mean(), **log)
         self.log(f"{split}/completion_length", rollout.completion_lengths.float().mean(), **log)
         self.log(f"{split}/reasoning_length", rollout.reasoning_lengths.float().mean(), **log)
         return {"rollout": TextRollout(prompts=prefixes, completions=rollout.completion_texts, references=truths,
-                                       rewards={"total": rewards.tolist(), "d_prob": d_prob.tolist()})}
+                                       rewards={"total": scores.rewards.tolist(), "d_prob": scores.d_prob.tolist()})}
 
     @torch.no_grad()
     def generate_text(self, prompts: list[str], max_new_tokens: Optional[int] = None) -> list[str]:
@@ -590,16 +870,21 @@ class GANRL(L.LightningModule):
 
     def exportable_lm(self, adapter_mode: Optional[str] = None) -> ExportableLM:
         """What `lightning-rlm export` writes: the generator (the LoRA policy, merged or as a PEFT adapter);
-        the discriminator head stays in the checkpoint."""
-        return ExportableLM(self.policy, self.tokenizer, description="the generator (discriminator head left out)")
+        the discriminator head, and its adapter when separate, stay in the checkpoint (export saves or merges
+        the active adapter only, which outside the discriminator's forward is the generator's)."""
+        assert self.policy.active_adapter == GENERATOR_ADAPTER
+        head = "value head" if self.reasoning_discriminator else "head"
+        left_out = f"discriminator {head} and adapter" if self.separate else f"discriminator {head}"
+        return ExportableLM(self.policy, self.tokenizer, description=f"the generator ({left_out} left out)")
 
     def configure_optimizers(self):
-        """Adapter and head each get AdamW (no weight decay) with warm-up and a linear decay."""
+        """Generator (its adapter) and discriminator (head, and its adapter when separate) each get AdamW (no
+        weight decay) with warm-up and a linear decay."""
         h = self.hparams
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
         g, d = (adamw_warmup([{"params": list(params)}], lr=lr, betas=h.betas, warmup_steps=h.warmup_steps,
                              total_steps=total, min_lr_ratio=h.min_lr_ratio, schedule="linear")
-                for params, lr in ((self.adapter_parameters(), h.g_lr), (self.d_head.parameters(), h.d_lr)))
+                for params, lr in ((self.adapter_parameters(), h.g_lr), (self.discriminator_parameters(), h.d_lr)))
         return [g["optimizer"], d["optimizer"]], [g["lr_scheduler"], d["lr_scheduler"]]
 
     def on_fit_start(self) -> None:

@@ -10,7 +10,8 @@ step, adapter mode, merged or not):
 
 * full fine-tuning (GRPO, SFT-KL barrier, the HF LM baseline, Quiet-STaR's LM): the model, for
   `AutoModelForCausalLM.from_pretrained(DIR)`;
-* PEFT LoRA (GRPO / SFT with `lora_rank`, GAN-RL's generator): a PEFT adapter folder, for
+* PEFT LoRA (GRPO / SFT with `lora_rank`, GAN-RL's generator; of a PEFT model with several adapters, the
+  active one): a PEFT adapter folder, for
   `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), DIR)` with BASE the base model
   recorded in its `adapter_config.json`; with `--merge` the LoRA is folded into the weights (a plain folder);
 * the two-adapter methods (gradient routing's dual LoRA, projected GRPO's SVD knobs): always merged, with
@@ -180,7 +181,9 @@ def save_model(lm: Any, folder: Path, merge: bool) -> dict[str, Any]:
             model = model.merge_and_unload()
         else:
             info |= {"merged": False, "format": "peft_adapter"}
-            model.save_pretrained(str(folder))
+            # the active adapter only: a method with more than one (GAN-RL's separate discriminator adapter)
+            # keeps the others out, as merge_and_unload (which folds in the active one) does
+            model.save_pretrained(str(folder), selected_adapters=[model.active_adapter])
             return info
     else:
         info |= {"adapters": None, "merged": False, "format": "hf"}

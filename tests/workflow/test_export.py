@@ -179,6 +179,35 @@ def test_gan_rl_exports_the_generator_only(tmp_path, tiny_llama_dir):
     assert not any("d_head" in p.name for p in (tmp_path / "out").iterdir())
 
 
+@pytest.mark.parametrize("config", ["separate_05_tinystories", "reasoning_disc_separate_05_tinystories"])
+def test_gan_rl_with_separate_adapters_exports_the_generator_only(tmp_path, tiny_llama_dir, config):
+    from peft import PeftModel
+
+    cli = fit(tmp_path, f"gan_rl/{config}.yaml", tiny_llama_dir, "--model.init_args.lora_rank=2",
+              "--model.init_args.reasoning_tokens=3", "--model.init_args.completion_tokens=3",
+              "--data.init_args.completion_tokens=3", "--data.init_args.prefix_tokens=8",
+              "--data.init_args.batch_size=2", "--data.init_args.source.max_documents=40",
+              *(["--model.init_args.d_reasoning_tokens=2"] if "reasoning" in config else []))
+    assert sorted(cli.model.policy.peft_config) == ["default", "discriminator"]
+    ckpt = trained_checkpoint(cli, lambda n, p: n.startswith("policy.") and p.requires_grad)  # both adapters
+    policy = cli.model.policy
+    trained = logits(policy)
+    with cli.model._discriminator_adapter():
+        discriminator = logits(policy)
+    assert_differ(trained, discriminator)
+
+    record = export(ckpt, tmp_path / "out")
+    assert record["format"] == "peft_adapter" and "head and adapter left out" in record["exported"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == []  # no discriminator/ folder
+    peft = PeftModel.from_pretrained(hf(tiny_llama_dir), str(tmp_path / "out"))
+    assert list(peft.peft_config) == ["default"]
+    assert_same(logits(peft), trained)
+    assert_differ(trained, logits(hf(tiny_llama_dir)))
+
+    export(ckpt, tmp_path / "merged", "--merge")  # the generator folded in, the discriminator's adapter dropped
+    assert_same(logits(hf(tmp_path / "merged")), trained)
+
+
 def test_sft_kl_barrier_lora_merged_keeps_the_chat_template(tmp_path, tiny_chat_llama_dir):
     from transformers import AutoTokenizer
 
