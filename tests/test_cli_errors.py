@@ -184,11 +184,16 @@ def _bad_files(tmp: Path) -> None:
 
 
 def test_predict_on_a_method_without_predict_step_is_one_line(tmp_path, capsys, tiny_llama_dir, monkeypatch):
+    """Every shipped method predicts; a user's method that defines neither predict_step nor forward is refused
+    before anything loads."""
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_method.py").write_text("import lightning as L\n\nclass NoPredict(L.LightningModule):\n"
+                                           "    def __init__(self, size: int = 2):\n        super().__init__()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
-        main(["predict", "--config", QSTAR_HF])
+        main(["predict", "--config", GRPO, "--model", "my_method.NoPredict"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "predict: QuietStar has no predict_step" in err and "Traceback" not in err
+    assert exit_info.value.code == 2 and "predict: NoPredict has no predict_step" in err and "Traceback" not in err
 
 
 def test_clean_error_keeps_the_keys_and_the_innermost_reason():

@@ -472,6 +472,20 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
                 log_text(self, "thoughts", "  \n".join(lines))
 
     @torch.no_grad()
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:
+        """A thinking continuation (`sample_tokens` tokens, a thought before each) of the first quarter of each
+        window, with the thoughts shown per token; `lightning-rlm predict` writes them to `predictions.jsonl`."""
+        h = self.hparams
+        ids = batch["input_ids"]
+        prompt = ids[:, : max(1, ids.shape[1] // 4)]  # [B, T0] (windows are unpadded)
+        gen = torch.Generator(self.device).manual_seed(batch_idx)  # the same thoughts on every predict run
+        res = self.net.generate(prompt, max_new_tokens=h.sample_tokens or 24, n_ahead=h.n_ahead,
+                                thought_temperature=h.thought_temperature, generator=gen, return_thoughts=True)
+        return [{"prompt": self._decode(p.tolist()), "completion": self._decode(t.tolist()),
+                 "thoughts": [self._decode(z.tolist()) for z in zs]}
+                for p, t, zs in zip(prompt, res.tokens, res.thoughts)]
+
     def sample_text(self, prompt: str, max_new_tokens: int) -> str:
         """A thinking generation from `prompt`, each token preceded by its thought as ⟨…⟩."""
         tok = self.tokenizer if self.tokenizer is not None else self.hf_tokenizer

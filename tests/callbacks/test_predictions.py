@@ -74,3 +74,15 @@ def test_sft_predict_writes_completions_with_trait_and_loop_flags(tmp_path, tiny
     assert [r["prompt"] for r in rows] == [val[i]["prompt"] for i in range(n) for _ in range(2)]
     assert all(isinstance(r["completion"], str) and r["trait"] in (0.0, 1.0) and isinstance(r["loop"], bool)
                for r in rows)
+
+
+def test_quiet_star_predict_writes_thinking_continuations(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = RLMCLI(args=["predict", "--config", str(CONFIGS / "quiet_star/llama_tinystories.yaml"),
+                       "--model.init_args.model_name_or_path", str(tiny_llama_dir), "--data.init_args.tokenizer",
+                       str(tiny_llama_dir), "--data.init_args.block_size=16", "--data.init_args.source.max_documents=40",
+                       "--model.init_args.n_ahead=3", "--model.init_args.sample_tokens=4",
+                       "--trainer.limit_predict_batches=1", "--trainer.enable_progress_bar=false"])
+    rows = [json.loads(line) for line in (Path(cli.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
+    assert rows and all(isinstance(r["prompt"], str) and isinstance(r["completion"], str) for r in rows)
+    assert all(len(r["thoughts"]) == 4 for r in rows)  # one thought per generated token
