@@ -23,6 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
 from lightning_rlm.adapters.wrapping import LinearWrappingModel
+from lightning_rlm.checks import read_checkpoint
 from lightning_rlm.rollout.generate import completion_logprobs
 
 __all__ = ["add_lora", "frozen_copy", "is_peft_model", "load_lora_weights", "lora_scaling", "reference_logprobs",
@@ -187,16 +188,8 @@ def load_lora_weights(policy: PeftModel, source: str | os.PathLike) -> dict[str,
                 str(cfg.base_model_name_or_path)).name:
             warnings.warn(f"init_adapter {str(source)!r} was trained on {base_saved!r}, the policy is "
                           f"{cfg.base_model_name_or_path!r}", stacklevel=2)
-    else:
-        import torch
-
-        try:  # mmap: only the LoRA tensors are read
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except Exception as e:  # noqa: BLE001 - any failure to unpickle means the same to the user
-            raise ValueError(f"init_adapter {str(source)!r}: {str(path)!r} is not a readable checkpoint "
-                             f"({type(e).__name__})") from None
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-            raise ValueError(f"init_adapter {str(source)!r}: {str(path)!r} is not a Lightning checkpoint")
+    else:  # mmap: only the LoRA tensors are read
+        ckpt = read_checkpoint(path, label=f"init_adapter {str(source)!r}: {str(path)!r}")
         hp = ckpt.get("hyper_parameters") or {}
         got = want if not hp.get("lora_rank") else (
             int(hp["lora_rank"]), lora_scaling(hp["lora_rank"], hp.get("lora_alpha"), bool(hp.get("use_rslora"))))

@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning_rlm.workflow.preflight import read_checkpoint
+from lightning_rlm.checks import read_checkpoint
 
 EXPORT_FILE = "EXPORT.json"
 

@@ -9,11 +9,12 @@ regular file, a truncated or foreign checkpoint, Trainer options a manually opti
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 from jsonargparse import Namespace
+
+from lightning_rlm.checks import read_checkpoint
 
 
 def _model_class(cfg: Namespace) -> Optional[type]:
@@ -62,27 +63,6 @@ def check_folders(cfg: Namespace) -> None:
                     raise ValueError(f"{key}={str(value)!r}: {parent} is a file, so no folder can be made there; "
                                      "choose a folder path")
                 break
-
-
-def read_checkpoint(ckpt_path: Any) -> dict[str, Any]:
-    """The checkpoint at `ckpt_path`, memory-mapped (its tensors are not read); one clear ValueError naming the
-    path when it is missing, truncated or not a checkpoint."""
-    p = Path(str(ckpt_path)).expanduser()
-    if not p.is_file():
-        raise ValueError(f"ckpt_path={str(ckpt_path)!r}: no such file")
-    if not zipfile.is_zipfile(p):  # torch.save writes a zip archive; a truncated one has no central directory
-        raise ValueError(f"ckpt_path={str(ckpt_path)!r}: not a readable checkpoint (truncated, or not written by "
-                         "torch.save); use another checkpoint, e.g. an earlier one in the same folder")
-    import torch
-
-    try:  # mmap: the tensors are not read, only the structure and hyperparameters
-        ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle means the same to the user
-        raise ValueError(f"ckpt_path={str(ckpt_path)!r}: not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"ckpt_path={str(ckpt_path)!r}: not a Lightning checkpoint (no state_dict)")
-    return ckpt
 
 
 def check_checkpoint(cfg: Namespace) -> None:
