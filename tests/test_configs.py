@@ -1,10 +1,12 @@
 """Every shipped YAML parses (run=False): method configs alone, presets on top of a method config."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from lightning_rlm.cli import RLMCLI
+from lightning_rlm.data.catalog import dataset_of_file
 from lightning_rlm.data.sources import PRESETS as PRESET_FILES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -21,9 +23,13 @@ def parse(*configs: Path):
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_method_config_parses(config, shared_data, tmp_path, need_data, tiny_model_config):
+    text = config.read_text()
     for dataset in ("pile", "fineweb"):  # samples that do not travel with the package
-        if f"preset: {dataset}" in config.read_text():
+        if f"preset: {dataset}" in text:
             need_data(PRESET_FILES[dataset]["path"])
+    for rel in re.findall(r"path:\s*([\w./-]+)", text):  # catalog files named by path (e.g. gsm8k/train.jsonl)
+        if dataset_of_file(rel):
+            need_data(rel)
     # configs on the pretrained base model or SmolLM2 are instantiated on a tiny random one (no minutes-long
     # build); the SmolLM2 ones on a tiny model with ChatML's tokens and template
     extra = [tiny] if (tiny := tiny_model_config(config)) else []
