@@ -55,6 +55,7 @@ move δS along ``+v``).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -317,6 +318,29 @@ def contrastive_grad_diffs(model: SVDAdapterModel, pairs: Sequence[tuple[Sequenc
         for name, g, p in zip(layers, grads, params):
             rows[name].append(torch.zeros_like(p) if g is None else g.detach())
     return {name: torch.stack(r) for name, r in rows.items()}  # name -> [n, r]
+
+
+def cached_pair_diffs(model: SVDAdapterModel, pairs: Sequence[tuple[list[int], list[int], list[int]]],
+                      pair_texts: Sequence[tuple[str, str, str]], pad_token_id: int,
+                      folder: str | os.PathLike) -> tuple[dict[str, Tensor], bool]:
+    """:func:`contrastive_grad_diffs` cached in ``folder`` (on CPU) under a key of the model, its targets, the
+    pairs and where δS stands; the texts ride along in the file for reading. Returns the diffs and whether
+    they came from the cache."""
+    knobs = hashlib.sha256()
+    for p in model.delta_parameters():  # the gradients depend on where δS stands
+        knobs.update(p.detach().float().cpu().numpy().tobytes())
+    key = hashlib.sha256(json.dumps({
+        "model": model.fingerprint(), "targets": model.target_names, "pairs": pairs, "knobs": knobs.hexdigest(),
+    }).encode()).hexdigest()[:24]
+    path = Path(folder) / f"pair_grads_{key}.pt"
+    if path.exists():
+        return torch.load(path, map_location="cpu", weights_only=True)["diffs"], True
+    diffs = {n: d.cpu() for n, d in contrastive_grad_diffs(model, pairs, pad_token_id).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"diffs": diffs, "pairs": list(pair_texts)}, tmp)
+    tmp.replace(path)
+    return diffs, False
 
 
 class HackAxes(NamedTuple):

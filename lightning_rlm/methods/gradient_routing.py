@@ -52,8 +52,10 @@ from torch import Tensor, nn
 
 from lightning_rlm.adapters.dual_lora import ADAPTER_MODES, DualLoRAModel, add_dual_lora
 from lightning_rlm.distributed import generator_states, own_generator
-from lightning_rlm.methods.grpo import GRPO, GroupBatch, RewardFn, with_task_rewards
+from lightning_rlm.methods.grpo import GRPO
+from lightning_rlm.rewards import RewardFn, with_task_rewards
 from lightning_rlm.rollout import TextRollout
+from lightning_rlm.rollout.group import GroupBatch
 from lightning_rlm.tasks.reward_hack import ELIGIBLE_FIELD, HackLabels, RewardHackTask, hack_rewards
 
 __all__ = ["GradientRouting"]

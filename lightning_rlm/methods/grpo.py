@@ -39,13 +39,9 @@ override these hooks and `build_policy` / `prepare_batch` / `score` / `param_gro
 
 from __future__ import annotations
 
-import math
-import random
 import time
 import warnings
-from collections import deque
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
 import lightning as L
@@ -57,68 +53,27 @@ from lightning_rlm.distributed import generator_states, own_generator
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses import group_advantages, policy_loss
 from lightning_rlm.metrics.text import DegenerateFlag, GroupJaccard, UniqueFirstSentences, first_sentence
+from lightning_rlm.metrics.threshold import TimeToThreshold
 from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.hf import enable_gradient_checkpointing, load_policy
 from lightning_rlm.optim import adamw_warmup, grad_norm
-from lightning_rlm.rewards import RewardFn, SentenceLength, reward_name
+from lightning_rlm.rewards import RewardFn, default_rewards, reward_name
 from lightning_rlm.rollout import Rollout, TextRollout, completion_logprobs, sample_completions
+from lightning_rlm.rollout.group import GroupBatch
 from lightning_rlm.tasks.teacher_pool import (
     TeacherPool,
+    TokenizedRows,
     build_teacher_pool,
     check_kinds,
-    choose_rows,
+    mix_teacher,
     prompt_style,
+    teacher_group_size,
+    tokenized_pool,
 )
 
 # policy_loss's statistics under TRL's names (ratio clipping; "clipped_ratio" is for truncated completions)
 TRL_STAT_NAMES = {"clip_frac": "clip_ratio/region_mean", "clip_frac_low": "clip_ratio/low_mean",
                   "clip_frac_high": "clip_ratio/high_mean"}
-
-
-def default_rewards() -> list[RewardFn]:
-    return [SentenceLength(n=10, mode="smooth")]
-
-
-def with_task_rewards(rewards: Optional[list[RewardFn]], reward_weights: Optional[list[float]],
-                      task_rewards: list[RewardFn]) -> tuple[list[RewardFn], list[float]]:
-    """The base rewards (default :func:`default_rewards`) followed by a task's reward terms (weight 1 each)."""
-    base = default_rewards() if rewards is None else list(rewards)
-    weights = [1.0] * len(base) if reward_weights is None else list(reward_weights)
-    if not base:
-        raise ValueError("rewards (the base reward) is empty: give at least one reward function")
-    if len(weights) != len(base):
-        raise ValueError(f"reward_weights has {len(weights)} entries for {len(base)} rewards")
-    return [*base, *task_rewards], [*weights, *[1.0] * len(task_rewards)]
-
-
-def teacher_group_size(teacher_fraction: float, num_generations: int) -> int:
-    """Teacher completions per group: ``teacher_fraction * G`` rounded to the nearest (halves up), at least one
-    for a fraction above 0 and at most ``G - 1`` (a group keeps a student sample)."""
-    if not 0.0 <= teacher_fraction < 1.0:
-        raise ValueError(f"teacher_fraction must be in [0, 1), got {teacher_fraction}")
-    k = math.floor(teacher_fraction * num_generations + 0.5)
-    if teacher_fraction > 0 and not 1 <= k <= num_generations - 1:
-        raise ValueError(f"teacher_fraction={teacher_fraction} of num_generations={num_generations} gives {k} "
-                         f"teacher completions per group; it must give 1 to {num_generations - 1}")
-    return k
-
-
-@dataclass
-class GroupBatch:
-    """One scored rollout of a prompt batch (``N = B * G`` rows) and what the inner iterations reuse."""
-
-    batch: dict[str, Any]  # the prompt batch, with any field the method added (e.g. rh_eligible)
-    rollout: Rollout
-    completions: list[str]
-    rewards: dict[str, Tensor]  # name -> [N], plus "total"
-    advantages: Tensor  # [N]
-    generation_s: float
-    ref_logp: Optional[Tensor] = None  # [N, C] under the reference (beta > 0)
-    old_logp: Optional[Tensor] = None  # [N, C] under the sampling policy (num_iterations > 1)
-    labels: Any = None  # the method's per-completion labels (e.g. the reward-hack task's)
-    stats: dict[str, Any] = field(default_factory=dict)  # what after_backward measured, for log_extra
-    teacher: Optional[Tensor] = None  # [N] bool: rows drawn from the teacher pool (teacher_fraction > 0)
-    teacher_kinds: Optional[list[str]] = None  # [N] the pool kind of each row ("student" for sampled rows)
 
 
 class GRPO(L.LightningModule):
@@ -218,7 +173,7 @@ class GRPO(L.LightningModule):
         self.teacher_pool: Optional[TeacherPool] = (
             TeacherPool.load(teacher_pool, teacher_kinds) if teacher_pool is not None and self.teacher_per_group
             else None)
-        self._teacher_rows: Optional[dict[str, list[tuple[dict[str, Any], list[int]]]]] = None  # teacher_rows()
+        self._teacher_rows: Optional[TokenizedRows] = None  # teacher_rows()
         self.save_hyperparameters(ignore=["rewards", *self.fixed_args])
         self.automatic_optimization = False
         self.rewards = rewards
@@ -230,12 +185,9 @@ class GRPO(L.LightningModule):
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.policy)
         self.generator: Optional[torch.Generator] = None
-        self.recent_rewards: deque[float] = deque(maxlen=10)
+        self.time_to = TimeToThreshold(reward_thresholds)  # time_to/<threshold>_{s,steps}, checkpointed
         self._warned_predict_rewards = False
         self.num_tokens = 0  # prompt + completion tokens seen in training (TRL's num_tokens), checkpointed
-        self.threshold_hits: dict[str, float] = {}
-        self._fit_start_time: Optional[float] = None
-        self._elapsed_before_resume = 0.0
 
     def build_policy(self, policy: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
         """The trained policy and its frozen reference model (None: the reference is the policy with its
@@ -325,9 +277,9 @@ class GRPO(L.LightningModule):
         return gb
 
     # ----- teacher mixing (teacher_fraction > 0) ----------------------------------------------------------------
-    def teacher_rows(self, prompts: list[str]) -> dict[str, list[tuple[dict[str, Any], list[int]]]]:
-        """Per problem, the pool's rows with their token ids (ended with EOS) that fit max_completion_length.
-        Built once: the pool (in memory from the shipped problems when no file is given) in the prompts' form."""
+    def teacher_rows(self, prompts: list[str]) -> TokenizedRows:
+        """Per problem, the pool's rows with their token ids that fit max_completion_length. Built once: the
+        pool (in memory from the shipped problems when no file is given) in the prompts' form."""
         style = prompt_style(prompts[0])
         if self.teacher_pool is None:
             self.teacher_pool = TeacherPool(build_teacher_pool(style=style), self.hparams.teacher_kinds)
@@ -335,65 +287,18 @@ class GRPO(L.LightningModule):
             raise ValueError(f"the teacher pool's completions are {self.teacher_pool.style!r} ones but the prompts "
                              f"are {style!r}: build the pool with --style {style}")
         if self._teacher_rows is None:
-            limit, eos = self.hparams.max_completion_length, self.tokenizer.eos_token_id
-            self._teacher_rows, long, changed = {}, 0, 0
-            for problem_id, rows in self.teacher_pool.by_problem.items():
-                for row in rows:
-                    ids = self.tokenizer.encode(row["completion"], add_special_tokens=False)
-                    changed += self.tokenizer.decode(ids) != row["completion"]
-                    if len(ids) + 1 > limit:
-                        long += 1
-                    else:
-                        self._teacher_rows.setdefault(problem_id, []).append((row, [*ids, eos]))
-            total = sum(len(r) for r in self.teacher_pool.by_problem.values())
-            if long:
-                warnings.warn(f"{long} of {total} teacher completions are longer than max_completion_length={limit} "
-                              "tokens (with EOS) and are left out of the pool", stacklevel=2)
-            if changed:
-                warnings.warn(f"{changed} of {total} teacher completions do not decode back to their text with this "
-                              "tokenizer; they are scored as decoded", stacklevel=2)
+            self._teacher_rows = tokenized_pool(self.teacher_pool, self.tokenizer, self.hparams.max_completion_length)
         return self._teacher_rows
 
     def mix_teacher(self, batch: dict[str, Any], student: Rollout) -> tuple[Rollout, Tensor, list[str]]:
-        """The student's ``G - G_t`` samples per prompt followed by ``G_t`` teacher completions of the prompt's
-        problem (a seeded choice among the pool's rows that fit max_completion_length): the mixed rollout of
-        ``G`` rows per prompt, which rows are the teacher's [N] and the kind of each row."""
+        """The student's samples and the teacher's completions of each prompt's problem in one rollout
+        (:func:`~lightning_rlm.tasks.teacher_pool.mix_teacher`), which rows are the teacher's [N] and their kinds."""
         if "problem_id" not in batch:
             raise ValueError("teacher mixing needs a problem_id field in the prompt rows (CodingPrompts has one)")
-        pool = self.teacher_rows(batch["prompt"])
-        G, G_t = self.hparams.num_generations, self.teacher_per_group
-        G_s = G - G_t
-        B = student.num_prompts
-        # stateless seed (seed, rank, step, prompt): the same draws after a resume, different ones on each rank
+        # stateless seed (seed, rank, step): the same draws after a resume, different ones on each rank
         seed = f"teacher:{torch.initial_seed()}:{self.global_rank}:{self.global_step}"
-        rows, kinds = [], []
-        for b, problem_id in enumerate(batch["problem_id"]):
-            if not pool.get(problem_id):
-                raise ValueError(f"the teacher pool has no completion for problem {problem_id!r} within "
-                                 f"max_completion_length={self.hparams.max_completion_length} tokens")
-            chosen = choose_rows(pool[problem_id], G_t, random.Random(f"{seed}:{b}"))
-            rows.append([ids for _, ids in chosen])
-            kinds += ["student"] * G_s + [row["kind"] for row, _ in chosen]
-        C = max(student.completion_length, *(len(ids) for group in rows for ids in group))
-        pad = self.tokenizer.pad_token_id
-        device = student.completion_ids.device
-        completion_ids = torch.full((B, G, C), pad, dtype=student.completion_ids.dtype, device=device)
-        completion_mask = torch.zeros((B, G, C), dtype=student.completion_mask.dtype, device=device)
-        completion_ids[:, :G_s, :student.completion_length] = student.completion_ids.view(B, G_s, -1)
-        completion_mask[:, :G_s, :student.completion_length] = student.completion_mask.view(B, G_s, -1)
-        for b, group in enumerate(rows):
-            for j, ids in enumerate(group):
-                completion_ids[b, G_s + j, :len(ids)] = torch.tensor(ids, device=device)
-                completion_mask[b, G_s + j, :len(ids)] = 1
-        P = student.prompt_length
-        mixed = Rollout(
-            prompt_ids=student.prompt_ids.view(B, G_s, P)[:, :1].expand(B, G, P).reshape(B * G, P),
-            prompt_mask=student.prompt_mask.view(B, G_s, P)[:, :1].expand(B, G, P).reshape(B * G, P),
-            completion_ids=completion_ids.view(B * G, C), completion_mask=completion_mask.view(B * G, C),
-            num_generations=G, eos_token_ids=student.eos_token_ids)
-        teacher = torch.zeros(B, G, dtype=torch.bool, device=device)
-        teacher[:, G_s:] = True
-        return mixed, teacher.view(-1), kinds
+        return mix_teacher(student, batch["problem_id"], self.teacher_rows(batch["prompt"]),
+                           self.hparams.num_generations, seed, self.tokenizer.pad_token_id)
 
     def loss(self, gb: GroupBatch) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """The policy loss of one inner iteration, its statistics and the per-token entropy [N, C]."""
@@ -492,7 +397,7 @@ class GRPO(L.LightningModule):
         self.log("time/tokens_per_s", step_tokens / max(t_step, 1e-9))  # prompt + completion tokens, all ranks
         if gb.teacher is not None:
             self._log_teacher(gb)
-        self._track_thresholds(total.mean().item())
+        self.log_dict(self.time_to.update(total.mean().item(), self.global_step))
 
     def _log_teacher(self, gb: GroupBatch) -> None:
         """The teacher's share of the batch, and reward and advantage of teacher vs student samples."""
@@ -506,19 +411,8 @@ class GRPO(L.LightningModule):
             hacks = [k.startswith("hack:") for k, t in zip(gb.teacher_kinds, teacher.tolist()) if t]
             self.log("train/teacher_hack_frac", sum(hacks) / len(hacks))
 
-    def _track_thresholds(self, reward: float) -> None:
-        self.recent_rewards.append(reward)
-        mean = sum(self.recent_rewards) / len(self.recent_rewards)
-        elapsed = self._elapsed_before_resume + (time.perf_counter() - (self._fit_start_time or time.perf_counter()))
-        for t in self.hparams.reward_thresholds:
-            key = f"{t:g}"
-            if key not in self.threshold_hits and len(self.recent_rewards) == self.recent_rewards.maxlen and mean >= t:
-                self.threshold_hits[key] = elapsed
-                self.log(f"time_to/{key}_s", elapsed)
-                self.log(f"time_to/{key}_steps", float(self.global_step))
-
     def on_train_start(self) -> None:
-        self._fit_start_time = time.perf_counter()
+        self.time_to.start()
 
     # ----- held-out evaluation --------------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -615,17 +509,13 @@ class GRPO(L.LightningModule):
                             warmup_steps=h.warmup_steps)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        elapsed = self._elapsed_before_resume + (time.perf_counter() - (self._fit_start_time or time.perf_counter()))
         checkpoint["grpo_state"] = {  # the sampling generator of every rank (each samples its own stream)
-            "generators": generator_states(self.generator),
-            "recent_rewards": list(self.recent_rewards), "threshold_hits": dict(self.threshold_hits),
-            "elapsed_s": elapsed, "num_tokens": self.num_tokens,
+            "generators": generator_states(self.generator), "num_tokens": self.num_tokens,
+            **self.time_to.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("grpo_state", {})
         self.generator = own_generator(state.get("generators"), self.device, state.get("generator")) or self.generator
-        self.recent_rewards = deque(state.get("recent_rewards", []), maxlen=10)
-        self.threshold_hits = dict(state.get("threshold_hits", {}))
+        self.time_to.load_state_dict(state)
         self.num_tokens = int(state.get("num_tokens", 0))
-        self._elapsed_before_resume = float(state.get("elapsed_s", 0.0))

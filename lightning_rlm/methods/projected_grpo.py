@@ -49,10 +49,7 @@ which every mode logs anyway).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
@@ -64,22 +61,24 @@ from lightning_rlm.adapters.svd import (
     SVD_MODES,
     SVDAdapterModel,
     add_svd_adapter,
-    contrastive_grad_diffs,
+    cached_pair_diffs,
     hack_axes,
     project_gradients,
     weight_sha256,
     weights_fingerprint,
 )
 from lightning_rlm.checks import check_one_of
-from lightning_rlm.methods.grpo import GRPO, GroupBatch, RewardFn, with_task_rewards
+from lightning_rlm.methods.grpo import GRPO
 from lightning_rlm.paths import cache_dir
+from lightning_rlm.rewards import RewardFn, with_task_rewards
 from lightning_rlm.rollout import TextRollout, sample_completions
+from lightning_rlm.rollout.group import GroupBatch
 from lightning_rlm.tasks.reward_hack import (
     ELIGIBLE_FIELD,
     HackLabels,
     RewardHackTask,
+    hack_pairs,
     hack_rewards,
-    insert_hack_word,
 )
 
 __all__ = ["ProjectedGRPO"]
@@ -172,65 +171,30 @@ class ProjectedGRPO(RewardHackTask, GRPO):
     @torch.no_grad()
     def build_pairs(self, batch: dict[str, Any]) -> tuple[list[tuple[list[int], list[int], list[int]]],
                                                            list[tuple[str, str, str]]]:
-        """Contrastive pairs from the batch's prompts: ``(prompt ids, clean ids, hacking ids)`` and their texts.
-
-        Samples ``ceil(hack_pairs / B)`` completions per prompt with the current policy; each completion
-        without the hack word is clean, and the same text with the word inserted (:func:`insert_hack_word`)
-        is the hacking one. Both are re-tokenised from text, the same way.
-        """
+        """Contrastive pairs (:func:`~lightning_rlm.tasks.reward_hack.hack_pairs`) from ``ceil(hack_pairs / B)``
+        completions per prompt of the batch, sampled with the current policy on its own stream."""
         h = self.hparams
-        per = math.ceil(h.hack_pairs / len(batch["prompt"]))
         rollout = sample_completions(
-            self.policy, batch["prompt_ids"], batch["prompt_mask"], num_generations=per,
+            self.policy, batch["prompt_ids"], batch["prompt_mask"],
+            num_generations=math.ceil(h.hack_pairs / len(batch["prompt"])),
             max_completion_length=h.max_completion_length, temperature=h.temperature, top_p=h.top_p,
             top_k=h.top_k, repetition_penalty=h.repetition_penalty, eos_token_id=self.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id, generator=self._pair_rng(),
         )
-        texts = self.decode(rollout)
-        pairs, pair_texts = [], []
-        for i, text in enumerate(texts):
-            if not text.strip() or self.hack_counter([""], [text])[0] > 0:
-                continue
-            b = i // per
-            prompt_ids = batch["prompt_ids"][b][batch["prompt_mask"][b].bool()].tolist()
-            hacked = insert_hack_word(text, h.hack_word)
-            pairs.append((prompt_ids, self.tokenizer.encode(text, add_special_tokens=False),
-                          self.tokenizer.encode(hacked, add_special_tokens=False)))
-            pair_texts.append((batch["prompt"][b], text, hacked))
-            if len(pairs) == h.hack_pairs:
-                break
-        if not pairs:
-            raise RuntimeError(f"no clean completion (without {h.hack_word!r}) to build hack pairs from")
-        return pairs, pair_texts
+        prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
+        return hack_pairs(self.decode(rollout), batch["prompt"], prompt_ids, h.hack_word, self.tokenizer,
+                          h.hack_pairs)
 
     def build_hack_directions(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Per-module hack axes ``[k, r]`` from pairs of this batch's prompts; pair gradients cached on disk."""
         h = self.hparams
         pairs, pair_texts = self.build_pairs(batch)
-        knobs = hashlib.sha256()
-        for p in self.policy.delta_parameters():  # the gradients depend on where δS stands
-            knobs.update(p.detach().float().cpu().numpy().tobytes())
-        key = hashlib.sha256(json.dumps({
-            "model": self.policy.fingerprint(), "targets": self.policy.target_names, "pairs": pairs,
-            "knobs": knobs.hexdigest(),
-        }).encode()).hexdigest()[:24]
-        folder = Path(h.hack_cache_dir) if h.hack_cache_dir else cache_dir("projected_grpo")
-        path = folder / f"pair_grads_{key}.pt"
-        if path.exists():
-            diffs = torch.load(path, map_location="cpu", weights_only=True)["diffs"]
-            hit = 1.0
-        else:
-            diffs = {n: d.cpu() for n, d in
-                     contrastive_grad_diffs(self.policy, pairs, self.tokenizer.pad_token_id).items()}
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save({"diffs": diffs, "pairs": pair_texts}, tmp)
-            tmp.replace(path)
-            hit = 0.0
+        diffs, hit = cached_pair_diffs(self.policy, pairs, pair_texts, self.tokenizer.pad_token_id,
+                                       h.hack_cache_dir or cache_dir("projected_grpo"))
         axes = {n: hack_axes(d, h.hack_top_k, h.hack_noise_floor) for n, d in diffs.items()}
         agreement = [a.agreement[0].item() for a in axes.values() if a.agreement.numel()]
         self.hack_info = {
-            "num_pairs": float(len(pairs)), "cache_hit": hit,
+            "num_pairs": float(len(pairs)), "cache_hit": float(hit),
             "num_axes": float(sum(a.directions.shape[0] for a in axes.values())),
             "agreement": sum(agreement) / max(1, len(agreement)),
         }

@@ -9,9 +9,11 @@ from lightning_rlm.rewards.text import (
     RewardFn,
     SentenceLength,
     WeightedSum,
+    default_rewards,
     load_reward,
     reward_name,
     split_sentences,
+    with_task_rewards,
 )
 
 __all__ = [
@@ -26,8 +28,10 @@ __all__ = [
     "Sandbox",
     "SentenceLength",
     "WeightedSum",
+    "default_rewards",
     "extract_code",
     "load_reward",
     "reward_name",
     "split_sentences",
+    "with_task_rewards",
 ]

@@ -26,7 +26,7 @@ import importlib
 import inspect
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from lightning_rlm.checks import check_at_least, check_one_of
 
@@ -232,6 +232,23 @@ class WeightedSum(Reward):
 
     def __repr__(self) -> str:
         return f"WeightedSum(rewards={self.rewards!r}, weights={self.weights}, name={self.name!r})"
+
+
+def default_rewards() -> list[RewardFn]:
+    """GRPO's reward when none is given: :class:`SentenceLength` of 10 words, smooth."""
+    return [SentenceLength(n=10, mode="smooth")]
+
+
+def with_task_rewards(rewards: Optional[list[RewardFn]], reward_weights: Optional[list[float]],
+                      task_rewards: list[RewardFn]) -> tuple[list[RewardFn], list[float]]:
+    """The base rewards (default :func:`default_rewards`) followed by a task's reward terms (weight 1 each)."""
+    base = default_rewards() if rewards is None else list(rewards)
+    weights = [1.0] * len(base) if reward_weights is None else list(reward_weights)
+    if not base:
+        raise ValueError("rewards (the base reward) is empty: give at least one reward function")
+    if len(weights) != len(base):
+        raise ValueError(f"reward_weights has {len(weights)} entries for {len(base)} rewards")
+    return [*base, *task_rewards], [*weights, *[1.0] * len(task_rewards)]
 
 
 def _import_object(path: str) -> Any:

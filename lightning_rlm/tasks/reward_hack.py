@@ -110,6 +110,30 @@ def insert_hack_word(text: str, word: str) -> str:
     return f"{text.rstrip()} {word}"
 
 
+def hack_pairs(texts: Sequence[str], prompts: Sequence[str], prompt_ids: Sequence[list[int]], word: str,
+               tokenizer: Any, max_pairs: int) -> tuple[list[tuple[list[int], list[int], list[int]]],
+                                                        list[tuple[str, str, str]]]:
+    """Contrastive pairs ``(prompt ids, clean ids, hacking ids)`` and their texts from sampled completions
+    ``texts`` (``len(texts) / len(prompts)`` consecutive ones per prompt): each non-empty completion without
+    ``word`` is clean, and the same text with the word inserted (:func:`insert_hack_word`) is the hacking one.
+    Both are re-tokenised from text, the same way. At most ``max_pairs``."""
+    per = len(texts) // len(prompts)
+    has_word = KeywordCount(word)([""] * len(texts), texts)
+    pairs, pair_texts = [], []
+    for i, text in enumerate(texts):
+        if not text.strip() or has_word[i] > 0:
+            continue
+        b, hacked = i // per, insert_hack_word(text, word)
+        pairs.append((list(prompt_ids[b]), tokenizer.encode(text, add_special_tokens=False),
+                      tokenizer.encode(hacked, add_special_tokens=False)))
+        pair_texts.append((prompts[b], text, hacked))
+        if len(pairs) == max_pairs:
+            break
+    if not pairs:
+        raise RuntimeError(f"no clean completion (without {word!r}) to build hack pairs from")
+    return pairs, pair_texts
+
+
 @dataclass
 class HackLabels:
     """The task's labels of ``N`` scored completions."""

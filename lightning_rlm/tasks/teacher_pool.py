@@ -29,12 +29,18 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import random
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import torch
+from torch import Tensor
+
 from lightning_rlm.rewards.code import LOOPHOLES, CodeGrade, CodeTests
+from lightning_rlm.rollout import Rollout
 from lightning_rlm.tasks.coding import CodingProblem, format_prompt, hacked_solution, load_problems
 
 __all__ = ["KINDS", "TeacherPool", "as_completion", "build_teacher_pool", "check_kinds", "choose_rows",
@@ -188,6 +194,82 @@ class TeacherPool:
             raise KeyError(f"the teacher pool has no completion for problem {problem_id!r} (build one from the "
                            "problems the prompts come from, or widen teacher_kinds)")
         return choose_rows(rows, k, rng)
+
+
+# ----- mixing into GRPO groups ----------------------------------------------------------------------------------
+TokenizedRows = dict[str, list[tuple[dict[str, Any], list[int]]]]  # problem -> [(row, token ids + EOS)]
+
+
+def teacher_group_size(teacher_fraction: float, num_generations: int) -> int:
+    """Teacher completions per group: ``teacher_fraction * G`` rounded to the nearest (halves up), at least one
+    for a fraction above 0 and at most ``G - 1`` (a group keeps a student sample)."""
+    if not 0.0 <= teacher_fraction < 1.0:
+        raise ValueError(f"teacher_fraction must be in [0, 1), got {teacher_fraction}")
+    k = math.floor(teacher_fraction * num_generations + 0.5)
+    if teacher_fraction > 0 and not 1 <= k <= num_generations - 1:
+        raise ValueError(f"teacher_fraction={teacher_fraction} of num_generations={num_generations} gives {k} "
+                         f"teacher completions per group; it must give 1 to {num_generations - 1}")
+    return k
+
+
+def tokenized_pool(pool: TeacherPool, tokenizer: Any, max_completion_length: int) -> TokenizedRows:
+    """Per problem, the pool's rows with their token ids ended with EOS, leaving out (with a warning) those
+    longer than ``max_completion_length``; a warning too for completions that do not decode back to their text
+    (they are scored as decoded)."""
+    out: TokenizedRows = {}
+    long = changed = 0
+    for problem_id, rows in pool.by_problem.items():
+        for row in rows:
+            ids = tokenizer.encode(row["completion"], add_special_tokens=False)
+            changed += tokenizer.decode(ids) != row["completion"]
+            if len(ids) + 1 > max_completion_length:
+                long += 1
+            else:
+                out.setdefault(problem_id, []).append((row, [*ids, tokenizer.eos_token_id]))
+    total = sum(len(r) for r in pool.by_problem.values())
+    if long:
+        warnings.warn(f"{long} of {total} teacher completions are longer than max_completion_length="
+                      f"{max_completion_length} tokens (with EOS) and are left out of the pool", stacklevel=3)
+    if changed:
+        warnings.warn(f"{changed} of {total} teacher completions do not decode back to their text with this "
+                      "tokenizer; they are scored as decoded", stacklevel=3)
+    return out
+
+
+def mix_teacher(student: Rollout, problem_ids: Sequence[str], pool: TokenizedRows, num_generations: int,
+                seed: str, pad_token_id: int) -> tuple[Rollout, Tensor, list[str]]:
+    """The student's ``G - G_t`` samples per prompt followed by ``G_t`` teacher completions of the prompt's
+    problem (a choice among ``pool``'s rows seeded by ``seed`` and the prompt's index): the mixed rollout of
+    ``G`` rows per prompt, which rows are the teacher's ``[N]`` bool and the pool kind of each row
+    (``student`` for sampled ones)."""
+    G, G_s = num_generations, student.num_generations
+    G_t, B, P = G - G_s, student.num_prompts, student.prompt_length
+    rows, kinds = [], []
+    for b, problem_id in enumerate(problem_ids):
+        if not pool.get(problem_id):
+            raise ValueError(f"the teacher pool has no completion for problem {problem_id!r} that fits "
+                             "max_completion_length")
+        chosen = choose_rows(pool[problem_id], G_t, random.Random(f"{seed}:{b}"))
+        rows.append([ids for _, ids in chosen])
+        kinds += ["student"] * G_s + [row["kind"] for row, _ in chosen]
+    C = max(student.completion_length, *(len(ids) for group in rows for ids in group))
+    device = student.completion_ids.device
+    completion_ids = torch.full((B, G, C), pad_token_id, dtype=student.completion_ids.dtype, device=device)
+    completion_mask = torch.zeros((B, G, C), dtype=student.completion_mask.dtype, device=device)
+    completion_ids[:, :G_s, :student.completion_length] = student.completion_ids.view(B, G_s, -1)
+    completion_mask[:, :G_s, :student.completion_length] = student.completion_mask.view(B, G_s, -1)
+    for b, group in enumerate(rows):
+        for j, ids in enumerate(group):
+            completion_ids[b, G_s + j, :len(ids)] = torch.tensor(ids, device=device)
+            completion_mask[b, G_s + j, :len(ids)] = 1
+    mixed = Rollout(  # each prompt's row repeated G times: [B*G, P]
+        prompt_ids=student.prompt_ids.view(B, G_s, P)[:, :1].expand(B, G, P).reshape(B * G, P),
+        prompt_mask=student.prompt_mask.view(B, G_s, P)[:, :1].expand(B, G, P).reshape(B * G, P),
+        completion_ids=completion_ids.view(B * G, C), completion_mask=completion_mask.view(B * G, C),
+        num_generations=G, eos_token_ids=student.eos_token_ids)
+    teacher = torch.zeros(B, G, dtype=torch.bool, device=device)  # [B, G]
+    teacher[:, G_s:] = True
+    return mixed, teacher.view(-1), kinds
 
 
 # ----- sampled rows ----------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 from lightning_rlm.data.collate import pad_left
 from lightning_rlm.losses import policy_loss
 from lightning_rlm.methods import GRPO
-from lightning_rlm.methods.grpo import teacher_group_size
 from lightning_rlm.rewards.code import LOOPHOLES, CodeTests
 from lightning_rlm.rollout import completion_logprobs
 from lightning_rlm.tasks import teacher_pool as pool_module
@@ -30,6 +29,7 @@ from lightning_rlm.tasks.teacher_pool import (
     prompt_style,
     read_teacher_pool,
     sample_pool_rows,
+    teacher_group_size,
     write_teacher_pool,
 )
 

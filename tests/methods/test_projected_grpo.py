@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import lightning_rlm.methods.projected_grpo as pg
+import lightning_rlm.adapters.svd as svd
 from lightning_rlm.cli import RLMCLI
 from lightning_rlm.data.collate import pad_left
 from lightning_rlm.methods import ProjectedGRPO
@@ -62,7 +62,7 @@ def test_hack_direction_pairs_cache_and_orientation(tiny_llama_dir, tmp_path, mo
     assert m.hack_info["cache_hit"] == 0.0 and m.hack_info["num_pairs"] == 6.0
     assert set(dirs) == set(m.policy.target_names) and m.hack_info["num_axes"] >= len(dirs)
     m.pair_generator = None  # the same pairs again: loaded from the cache, no gradient computed
-    monkeypatch.setattr(pg, "contrastive_grad_diffs", lambda *a, **k: pytest.fail("cache not used"))
+    monkeypatch.setattr(svd, "contrastive_grad_diffs", lambda *a, **k: pytest.fail("cache not used"))
     again = m.build_hack_directions(batch)
     assert m.hack_info["cache_hit"] == 1.0
     assert all(torch.equal(dirs[n], again[n]) for n in dirs)
