@@ -18,18 +18,9 @@ sum / (N · max_completion_length) with no std scaling (`dr_grpo`, Liu et al. 20
 seeded per process (seed + rank), so runs are reproducible and DDP ranks draw different samples.
 Manual optimisation: a rollout is reused for `num_iterations` optimizer steps.
 
-Teacher mixing (``teacher_fraction > 0``, off by default): in each group of G, ``G_t = round(teacher_fraction * G)``
-(halves up) completions are not sampled but drawn (seeded) from a frozen teacher pool
-(:mod:`lightning_rlm.tasks.teacher_pool`: honest and hacked solutions per ``problem_id``), tokenized as
-completions of the group's prompt and ended with EOS; the student samples the other ``G - G_t``. The mixed group
-is scored and its advantages computed as usual. Importance weighting: none, by design: a teacher token's "old"
-log-prob is the student's own (``old_logp`` is computed on the mixed rollout, or taken as ``logp.detach()``
-with one iteration), so its ratio is 1 at the first iteration and its loss term is exactly a student token's,
-``-A * exp(logp - logp.detach())`` (gradient ``-A * grad log pi``): advantage-weighted imitation of the teacher,
-LUFFY's off-policy guidance without its policy shaping. Later inner iterations clip ``pi / pi_rollout`` as for
-student tokens, and the KL penalty covers teacher tokens too. A true ratio ``pi / mu`` has no ``mu`` here (the
-completions are written, not sampled) and with a tiny student ``pi`` is ~0 on them, so it would erase the very
-signal the pool is for.
+Teacher mixing (``teacher_fraction > 0``, off by default): ``round(teacher_fraction * G)`` completions of each
+group are drawn from a frozen teacher pool instead of sampled, with no importance weighting (advantage-weighted
+imitation); :mod:`lightning_rlm.tasks.teacher_pool` states the mixing and why.
 
 `GRPO.training_step` is the one step of the GRPO family: `make_batch` (sample, score, advantages,
 reference and old log-probs), then per inner iteration `with loss_context(gb): loss(gb)`, backward,

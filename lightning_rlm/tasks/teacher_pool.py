@@ -22,6 +22,19 @@ A pool is a jsonl file, one row per completion, in a fixed order (problems, then
 
     python -m lightning_rlm.tasks.teacher_pool pool.jsonl --style plain
     python -m lightning_rlm.tasks.teacher_pool pool.jsonl --model lrlm:smollm2-135m-instruct --style chat --samples 8
+
+GRPO's teacher mixing (``teacher_fraction > 0``, :func:`mix_teacher`): in each group of G,
+``G_t = round(teacher_fraction * G)`` (halves up) completions are not sampled but drawn (seeded) from a frozen
+teacher pool (honest and hacked solutions per ``problem_id``), tokenized as
+completions of the group's prompt and ended with EOS; the student samples the other ``G - G_t``. The mixed group
+is scored and its advantages computed as usual. Importance weighting: none, by design: a teacher token's "old"
+log-prob is the student's own (``old_logp`` is computed on the mixed rollout, or taken as ``logp.detach()``
+with one iteration), so its ratio is 1 at the first iteration and its loss term is exactly a student token's,
+``-A * exp(logp - logp.detach())`` (gradient ``-A * grad log pi``): advantage-weighted imitation of the teacher,
+LUFFY's off-policy guidance without its policy shaping. Later inner iterations clip ``pi / pi_rollout`` as for
+student tokens, and the KL penalty covers teacher tokens too. A true ratio ``pi / mu`` has no ``mu`` here (the
+completions are written, not sampled) and with a tiny student ``pi`` is ~0 on them, so it would erase the very
+signal the pool is for.
 """
 
 from __future__ import annotations
