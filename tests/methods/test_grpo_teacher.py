@@ -227,15 +227,6 @@ def test_mixing_errors_are_clear(tiny_llama_dir, coding_batch, tmp_path):
 
 
 # ----- end to end ----------------------------------------------------------------------------------------------
-class _Data(L.LightningDataModule):
-    def __init__(self, batches: list[dict[str, Any]]) -> None:
-        super().__init__()
-        self.batches = batches
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.batches, batch_size=None)
-
-
 class _Collect(L.Callback):
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
@@ -250,7 +241,7 @@ def fit(model: GRPO, batches: list[dict[str, Any]], root) -> list[dict[str, floa
     trainer = L.Trainer(max_steps=len(batches), accelerator="cpu", devices=1, logger=False, default_root_dir=root,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[collect])
-    trainer.fit(model, datamodule=_Data(batches))
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
     return collect.rows
 
 
