@@ -74,12 +74,10 @@ discriminator is a generation task on the same adapter (or its own, with separat
                 (+ the length term as above); with "prob": P(answer "real")
 
 The value head (LayerNorm + Linear(hidden, 1), fp32) replaces the classifier head in the discriminator's
-optimizer. Logged beside the usual ``d_acc_*`` (of the sampled answers), ``d_prob_*`` and ``d_loss``:
-``d_value_generated``/``_real``, ``d_pg_loss``, ``d_value_loss`` and ``d_reasoning_length`` (also
-``/generated`` and ``/real``): the seed's question, does the discriminator stop reasoning? Each rollout row adds
-the discriminator's reasoning, answer and value on the generated completion and on the ground truth. Ours, not
-the seed's: the prompt, the two-token answer, the value read before the reasoning, the squared-error value
-loss, no KL on the discriminator's tokens. Needs ``d_trains_adapter=True``.
+optimizer. Its statistics (:func:`~lightning_rlm.losses.discriminator.reasoning_discriminator_stats`) include
+``d_reasoning_length``: the seed's question, does the discriminator stop reasoning? Ours, not the seed's: the
+prompt, the two-token answer, the value read before the reasoning, the squared-error value loss, no KL on the
+discriminator's tokens. Needs ``d_trains_adapter=True``.
 
 Departures from the seed (which gives no code): the rewards are computed from the same discriminator
 forward that is trained this step (before the update); the phase-1 stop token (EOS) is scored as an
@@ -92,203 +90,77 @@ optimizer steps through Lightning, the head's steps as a raw torch optimizer (tw
 steps would count two global steps per batch), so fp16 mixed precision with a grad scaler is refused —
 use 32 or bf16.
 
-Every training rollout is appended to ``<log_dir>/rollouts.jsonl`` (one JSON object a line, written in a
-single ``os.write`` to an ``O_APPEND`` descriptor: ``step, rank, prefix, reasoning, completion,
-ground_truth, reward, d_prob, d_prob_ground_truth, advantage``) unless ``write_rollouts=False``.
-``training_step`` returns the rollout contract of ``lightning_rlm.callbacks.rollout`` with the ground
-truths as references, so ``MauveCallback`` scores the last ``window`` completions against them.
+Every training rollout is appended to ``<log_dir>/rollouts.jsonl`` unless ``write_rollouts=False``.
+``training_step`` returns the rollout contract of ``lightning_rlm.callbacks.rollout`` with the ground truths as
+references, so ``MauveCallback`` scores the last ``window`` completions against them. Building blocks: the
+prompts (:mod:`lightning_rlm.tasks.gan_prompts`), losses and rewards (:mod:`lightning_rlm.losses.discriminator`),
+sampling, judging and rollout rows (:mod:`lightning_rlm.rollout.gan`), adapter switching (``adapters.lora_switch``).
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from pathlib import Path
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_rlm.adapters import add_lora, load_lora_weights, reference_logprobs
+from lightning_rlm.adapters.lora_switch import (
+    add_named_adapter,
+    lora_grads_on,
+    lora_parameters,
+    using_adapter,
+)
 from lightning_rlm.checks import check_at_least, check_one_of, check_prompt_template
 from lightning_rlm.data.chat import ChatFormat
-from lightning_rlm.data.collate import pad_left
 from lightning_rlm.distributed import generator_states, own_generator
-from lightning_rlm.logging_utils import append_jsonl_line
-from lightning_rlm.losses import judge_correct, kl_penalty, reinforce_with_value, value_threshold_reward
+from lightning_rlm.losses import kl_penalty
+from lightning_rlm.losses.discriminator import (
+    RewardForm,
+    discriminator_stats,
+    gan_rewards,
+    reasoning_discriminator_stats,
+)
 from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.hf import load_policy
 from lightning_rlm.optim import adamw_warmup, grad_norm
-from lightning_rlm.rollout import (
-    Rollout,
-    TextRollout,
-    completion_logprobs,
-    position_ids_from_mask,
-    sample_completions,
+from lightning_rlm.rollout import TextRollout, completion_logprobs
+from lightning_rlm.rollout.gan import (
+    GANRollout,
+    Judgement,
+    PhaseSampler,
+    Scores,
+    judge_continuations,
+    left_padded_hidden,
+    prediction_rows,
+    rollouts_file,
+    sample_phase,
+    sample_two_phase,
+    write_rollouts,
+)
+from lightning_rlm.tasks.gan_prompts import (
+    D_PROMPT_TEMPLATE,
+    PLAIN_D_PROMPT_TEMPLATE,
+    PLAIN_PROMPT_TEMPLATE,
+    SEED_PROMPT_TEMPLATE,
+    answer_token_ids,
+    judged_text,
+    render_prompt,
 )
 
-__all__ = [
-    "D_PROMPT_TEMPLATE",
-    "GANRL",
-    "PLAIN_D_PROMPT_TEMPLATE",
-    "PLAIN_PROMPT_TEMPLATE",
-    "SEED_PROMPT_TEMPLATE",
-    "GANRollout",
-    "Judgement",
-    "Scores",
-    "discriminator_stats",
-    "gan_rewards",
-]
+# GANRL; the prompts, rollout types and losses it takes from shared modules stay importable from here.
+__all__ = ["GANRL", "D_PROMPT_TEMPLATE", "PLAIN_D_PROMPT_TEMPLATE", "PLAIN_PROMPT_TEMPLATE", "SEED_PROMPT_TEMPLATE",
+           "GANRollout", "Judgement", "Scores", "discriminator_stats", "gan_rewards"]
 
-# The seed's prompt, verbatim (Qwen chat markers as written in the note; `{text}` is the prefix).
-SEED_PROMPT_TEMPLATE = (
-    "<|im_start|>system\n"
-    "You act as a causal model of language.\n"
-    "Example:\n"
-    '"""\n'
-    "user:\n"
-    "<prefix>\n"
-    "The user will present a prefix they wish for you to continue, \n"
-    "then you'll start at the last few words\n"
-    "</prefix>\n"
-    "assistant:\n"
-    "...last few words, then continuation starts, \n"
-    "and you just keep generating, without any other commentary.\n"
-    '"""\n'
-    "<|im_start|>user\n"
-    "<prefix>\n"
-    "{text}\n"
-    "</prefix>\n"
-    "<|im_start|>assistant\n"
-    "<think>\n"
-)
-# A short template for tiny models that have never seen a chat format.
-PLAIN_PROMPT_TEMPLATE = "<prefix>\n{text}\n</prefix>\n<think>\n"
-# The reasoning discriminator's prompt (ours: the seed does not give it), in the seed's hand-written ChatML;
-# `{text}` is "<prefix>\n{prefix}\n</prefix>\n<continuation>\n{completion}\n</continuation>".
-D_PROMPT_TEMPLATE = (
-    "<|im_start|>system\n"
-    "You judge continuations of text. You are shown a prefix of a document and a continuation, which is either "
-    "the document's real continuation or one written by a language model. Think it over, then answer real or "
-    "generated.\n"
-    "<|im_start|>user\n"
-    "{text}\n"
-    "Is the continuation real or generated?\n"
-    "<|im_start|>assistant\n"
-    "<think>\n"
-)
-PLAIN_D_PROMPT_TEMPLATE = "{text}\nreal or generated?\n<think>\n"
-
-RewardForm = Literal["prob", "value_threshold"]
 LossNorm = Literal["sum", "budget", "token_mean"]
 DiscriminatorBackbone = Literal["shared", "separate_adapter"]
 DiscriminatorKind = Literal["head", "reasoning"]
 GENERATOR_ADAPTER = "default"  # PEFT's default name: what export, init_adapter and sampling use
 DISCRIMINATOR_ADAPTER = "discriminator"  # only with discriminator_backbone="separate_adapter"
-
-
-# ----- pure functions (unit-tested on hand-computed values) ------------------------------------------------------
-def gan_rewards(
-    d_prob: Tensor,
-    lengths: Tensor,
-    *,
-    form: RewardForm = "prob",
-    target_length: int,
-    length_weight: float = 0.5,
-    threshold: float = 0.125,
-    d_value: Optional[Tensor] = None,
-) -> Tensor:
-    """Generator rewards ``[B]`` from the discriminator's P(ground truth) ``d_prob [B]`` and lengths ``[B]``.
-
-    ``"prob"``: ``d_prob``. ``"value_threshold"``: with ``d_value`` the discriminator's probability of being
-    right about this generated sample (default ``1 − d_prob``; the reasoning discriminator's value head gives
-    its own), ``1 − d_value`` if ``d_value > threshold`` else 0. Both plus
-    ``length_weight · min(length, target_length) / target_length``.
-    """
-    check_at_least(1, target_length=target_length)
-    d_prob = d_prob.float()
-    if form == "prob":
-        base = d_prob  # [B]
-    elif form == "value_threshold":
-        base = value_threshold_reward(1.0 - d_prob if d_value is None else d_value, threshold)  # [B]
-    else:
-        raise ValueError(f"reward must be 'prob' or 'value_threshold', got {form!r}")
-    length_term = lengths.float().clamp(max=target_length) / target_length  # [B]
-    return base + length_weight * length_term  # [B]
-
-
-def discriminator_stats(logits_gen: Tensor, logits_real: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Cross-entropy of the discriminator (generated = class 0, ground truth = class 1) and its statistics.
-
-    Args:
-        logits_gen: ``[B, 2]`` logits on prefix + generated completion.
-        logits_real: ``[B', 2]`` logits on prefix + ground-truth completion.
-
-    Returns:
-        The mean cross-entropy over the ``B + B'`` inputs, and detached ``d_acc_generated``, ``d_acc_real``,
-        ``d_prob_generated`` (mean P(ground truth) on generated) and ``d_prob_real``.
-    """
-    logits = torch.cat([logits_gen, logits_real]).float()  # [B+B', 2]
-    labels = torch.cat([
-        torch.zeros(logits_gen.shape[0], dtype=torch.long, device=logits.device),
-        torch.ones(logits_real.shape[0], dtype=torch.long, device=logits.device),
-    ])  # [B+B']
-    loss = F.cross_entropy(logits, labels)
-    with torch.no_grad():
-        p_gen = logits_gen.float().softmax(-1)[:, 1]  # [B]
-        p_real = logits_real.float().softmax(-1)[:, 1]  # [B']
-        stats = {
-            "d_acc_generated": (p_gen < 0.5).float().mean(),
-            "d_acc_real": (p_real >= 0.5).float().mean(),
-            "d_prob_generated": p_gen.mean(),
-            "d_prob_real": p_real.mean(),
-        }
-    return loss, stats
-
-
-@dataclass
-class GANRollout:
-    """One two-phase generation for B prefixes. Lengths exclude the stop token (EOS)."""
-
-    prefixes: list[str]
-    reasoning: Optional[Rollout]  # [B, R] phase 1, None when reasoning_tokens == 0
-    completion: Rollout  # [B, C] phase 2 (its prompt = prompt + reasoning + think_close)
-    reasoning_texts: list[str]
-    completion_texts: list[str]
-    reasoning_lengths: Tensor  # [B]
-    completion_lengths: Tensor  # [B]
-
-
-@dataclass
-class Judgement:
-    """The reasoning discriminator on M (prefix, completion) inputs. Lengths exclude the stop token."""
-
-    reasoning: Optional[Rollout]  # [M, R] its deliberation, None when d_reasoning_tokens == 0
-    reasoning_texts: list[str]
-    reasoning_lengths: Tensor  # [M]
-    reasoning_logp: Tensor  # [M] summed log-probs of the reasoning tokens (incl. the EOS that ended it), grad
-    p_real: Tensor  # [M] P(answer "real") over the two answers, at the sampling temperature (detached)
-    said_real: Tensor  # [M] bool, the sampled answers
-    answer_logp: Tensor  # [M] log-prob of the sampled answer (grad)
-    value: Tensor  # [M] the value head's estimate of its chance of being right, in (0, 1) (grad)
-
-
-@dataclass
-class Scores:
-    """The discriminator on a rollout's B generated completions and their B ground truths."""
-
-    d_loss: Tensor  # scalar, with grad
-    stats: dict[str, Tensor]  # detached scalars, logged as <split>/<name>
-    d_prob: Tensor  # [B] P(ground truth) of the generated completions (head: softmax; reasoning: P(answer real))
-    d_prob_real: Tensor  # [B] the same on the ground truths
-    rewards: Tensor  # [B] the generator's
-    judgement: Optional[Judgement] = None  # the reasoning discriminator's, rows [generated; ground truths]
 
 
 class GANRL(L.LightningModule):
@@ -420,19 +292,14 @@ class GANRL(L.LightningModule):
         if init_adapter is not None:  # e.g. the SFT'd adapter of the rationalization recipe (docs/rationalize.md)
             load_lora_weights(self.policy, init_adapter)
         if discriminator_backbone == "separate_adapter":  # same config, fresh weights (B = 0), not active
-            self.policy.add_adapter(DISCRIMINATOR_ADAPTER, copy.deepcopy(self.policy.peft_config[GENERATOR_ADAPTER]))
-            self._lora_grads_on()
+            add_named_adapter(self.policy, DISCRIMINATOR_ADAPTER, like=GENERATOR_ADAPTER)
         self.policy.train()  # from_pretrained returns eval mode; sampling and the reference switch it as needed
         if discriminator == "head":
             self.d_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2))  # fp32
         else:  # the reasoning discriminator's value head: logit of its chance of being right
             self.value_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 1))  # fp32
             self.answer_prefix_ids: list[int] = self.tokenizer.encode(d_answer_prefix, add_special_tokens=False)
-            firsts = [self.tokenizer.encode(a, add_special_tokens=False)[:1] for a in d_answers]  # [real, generated]
-            if len(firsts) != 2 or not all(firsts) or firsts[0] == firsts[1]:
-                raise ValueError(f"d_answers {d_answers!r} must be two answers that start with two different "
-                                 f"tokens, got first tokens {firsts}")
-            self.answer_ids: list[int] = [f[0] for f in firsts]
+            self.answer_ids: list[int] = answer_token_ids(self.tokenizer, d_answers)  # [real, generated]
         self.register_buffer("baseline", torch.zeros(()))  # EMA of rewards (checkpointed with the weights)
         self.register_buffer("baseline_updates", torch.zeros((), dtype=torch.long))
         self.close_ids: list[int] = self.tokenizer.encode(think_close, add_special_tokens=False)
@@ -453,22 +320,12 @@ class GANRL(L.LightningModule):
         return self.hparams.target_length or self.hparams.completion_tokens
 
     def render_prompt(self, prefix: str) -> str:
-        chat = self.hparams.chat
-        if isinstance(chat, dict):  # hparams read back from a checkpoint
-            chat = ChatFormat(**chat)
-        if chat is not None:
-            return chat.render(self.tokenizer, prefix)
-        return self.hparams.prompt_template.replace("{text}", prefix)
+        return render_prompt(self.tokenizer, prefix, self.hparams.prompt_template, self.hparams.chat)
 
     def render_d_prompt(self, prefix: str, completion: str) -> str:
         """The reasoning discriminator's prompt for one (prefix, completion)."""
-        text = f"<prefix>\n{prefix}\n</prefix>\n<continuation>\n{completion}\n</continuation>"
-        chat = self.hparams.d_chat
-        if isinstance(chat, dict):
-            chat = ChatFormat(**chat)
-        if chat is not None:
-            return chat.render(self.tokenizer, text)
-        return self.hparams.d_prompt_template.replace("{text}", text)
+        h = self.hparams
+        return render_prompt(self.tokenizer, judged_text(prefix, completion), h.d_prompt_template, h.d_chat)
 
     def _sampling_generator(self) -> torch.Generator:
         if self.generator is None or self.generator.device != self.device:
@@ -485,82 +342,40 @@ class GANRL(L.LightningModule):
         """The discriminator has its own adapter (``discriminator_backbone="separate_adapter"``)."""
         return self.hparams.get("discriminator_backbone", "shared") == "separate_adapter"
 
-    def _lora_parameters(self, adapter: str) -> list[nn.Parameter]:
-        return [p for n, p in self.policy.named_parameters() if ".lora_" in n and f".{adapter}." in n]
-
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The generator's adapter (its optimizer's parameters); shared with the discriminator by default."""
         if self.separate:
-            return self._lora_parameters(GENERATOR_ADAPTER)
+            return lora_parameters(self.policy, GENERATOR_ADAPTER)
         return [p for p in self.policy.parameters() if p.requires_grad]
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
         """The discriminator optimizer's parameters: its head (the classifier, or the reasoning discriminator's
         value head), after its own adapter when it has one."""
-        own = self._lora_parameters(DISCRIMINATOR_ADAPTER) if self.separate else []
+        own = lora_parameters(self.policy, DISCRIMINATOR_ADAPTER) if self.separate else []
         head = self.value_head if self.reasoning_discriminator else self.d_head
         return own + list(head.parameters())
 
-    def _lora_grads_on(self) -> None:
-        """PEFT marks inactive adapters ``requires_grad=False`` whenever it switches or re-enables adapters
-        (``set_adapter``, leaving ``disable_adapter``), and autograd drops the gradient of a leaf that no
-        longer requires it at backward time: with two adapters, both are turned back on after every switch."""
-        for n, p in self.policy.named_parameters():
-            if ".lora_" in n:
-                p.requires_grad_(True)
-
-    @contextmanager
-    def _discriminator_adapter(self) -> Iterator[None]:
+    def _discriminator_adapter(self) -> AbstractContextManager[None]:
         """Inside: the discriminator's adapter is the active one (separate adapters), else nothing changes."""
-        if not self.separate:
-            yield
-            return
-        self.policy.set_adapter(DISCRIMINATOR_ADAPTER)
-        self._lora_grads_on()
-        try:
-            yield
-        finally:
-            self.policy.set_adapter(GENERATOR_ADAPTER)
-            self._lora_grads_on()
+        return using_adapter(self.policy, DISCRIMINATOR_ADAPTER, GENERATOR_ADAPTER) if self.separate else nullcontext()
 
-    def _strip(self, ids: Tensor, mask: Tensor) -> list[list[int]]:
-        """Token lists of the masked rows of ``ids [B, T]``, without EOS."""
-        eos = set(_as_list(self.eos_token_id))
-        return [[t for t in row[m.bool()].tolist() if t not in eos] for row, m in zip(ids, mask)]
-
-    def _sample(self, ids: Tensor, mask: Tensor, max_new: int, greedy: bool) -> Rollout:
+    def _sampler(self, greedy: bool = False) -> PhaseSampler:
+        """One sampling phase ``(token prompts, budget) -> (rollout, tokens without EOS)`` with the policy at the
+        sampling settings (greedy: argmax) and this rank's generator (:func:`~lightning_rlm.rollout.gan.sample_phase`)."""
         h = self.hparams
-        return sample_completions(
-            self.policy, ids, mask, num_generations=1, max_completion_length=max_new,
-            temperature=0.0 if greedy else h.temperature, top_p=h.top_p, top_k=h.top_k,
-            eos_token_id=self.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-            generator=None if greedy else self._sampling_generator(),
-        )
+        return partial(sample_phase, self.policy, temperature=0.0 if greedy else h.temperature, top_p=h.top_p,
+                       top_k=h.top_k, eos_token_id=self.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                       generator=None if greedy else self._sampling_generator, device=self.device)
 
     # ----- generator ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prefixes: list[str], greedy: bool = False) -> GANRollout:
         """Two-phase sampling: reasoning (stop at EOS or budget), then ``think_close``, then the completion."""
-        h = self.hparams
-        pad = self.tokenizer.pad_token_id
         prompts = [self.tokenizer.encode(self.render_prompt(p), add_special_tokens=False) for p in prefixes]
-        reasoning: Optional[Rollout] = None
-        reasoning_ids: list[list[int]] = [[] for _ in prompts]
-        if h.reasoning_tokens > 0:
-            ids, mask = pad_left(prompts, pad)  # [B, P]
-            reasoning = self._sample(ids.to(self.device), mask.to(self.device), h.reasoning_tokens, greedy)
-            reasoning_ids = self._strip(reasoning.completion_ids, reasoning.completion_mask)
-        phase2 = [p + r + self.close_ids for p, r in zip(prompts, reasoning_ids)]
-        ids2, mask2 = pad_left(phase2, pad)  # [B, P2]
-        completion = self._sample(ids2.to(self.device), mask2.to(self.device), h.completion_tokens, greedy)
-        completion_ids = self._strip(completion.completion_ids, completion.completion_mask)
-        return GANRollout(
-            prefixes=list(prefixes), reasoning=reasoning, completion=completion,
-            reasoning_texts=self.tokenizer.batch_decode(reasoning_ids, skip_special_tokens=True),
-            completion_texts=self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
-            reasoning_lengths=torch.tensor([len(r) for r in reasoning_ids], device=self.device),  # [B]
-            completion_lengths=torch.tensor([len(c) for c in completion_ids], device=self.device),  # [B]
-        )
+        return sample_two_phase(self._sampler(greedy), prefixes, prompts, self.close_ids,
+                                reasoning_tokens=self.hparams.reasoning_tokens,
+                                completion_tokens=self.hparams.completion_tokens, tokenizer=self.tokenizer,
+                                device=self.device)
 
     def sequence_logprobs(self, rollout: GANRollout) -> tuple[Tensor, Tensor, Tensor]:
         """Per sequence: summed log-prob of the generated tokens (with grad), summed k3 KL to the base
@@ -570,25 +385,18 @@ class GANRL(L.LightningModule):
         tokens (with its EOS); the appended ``think_close`` tokens are not actions and are not scored.
         """
         t = self.hparams.temperature
-        logp_sum = kl_sum = n_tokens = None
-        for part in (rollout.reasoning, rollout.completion):
-            if part is None:
-                continue
+        sums: list[tuple[Tensor, Tensor, Tensor]] = []  # per part: summed log-prob, k3, token count ([B] each)
+        for part in (p for p in (rollout.reasoning, rollout.completion) if p is not None):
             mask = part.completion_mask.bool()  # [B, C]
             logp = completion_logprobs(self.policy, part, temperature=t)  # [B, C]
             ref = reference_logprobs(self.policy, None, part.input_ids, part.attention_mask,
                                      part.completion_length, temperature=t)  # [B, C]
             k3 = kl_penalty(logp, ref, "k3")  # [B, C]
             zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-            lp = torch.where(mask, logp, zero).sum(-1)  # [B]
-            kl = torch.where(mask, k3, zero).sum(-1)  # [B]
-            n = mask.sum(-1)  # [B]
-            logp_sum = lp if logp_sum is None else logp_sum + lp
-            kl_sum = kl if kl_sum is None else kl_sum + kl
-            n_tokens = n if n_tokens is None else n_tokens + n
-        assert logp_sum is not None and kl_sum is not None and n_tokens is not None
+            sums.append((torch.where(mask, logp, zero).sum(-1), torch.where(mask, k3, zero).sum(-1), mask.sum(-1)))
+        logp_sum, kl_sum, n_tokens = (sum(x[1:], x[0]) for x in zip(*sums))  # [B] each: reasoning + completion
         if self.separate:  # leaving the reference (adapters disabled) froze the discriminator's adapter
-            self._lora_grads_on()
+            lora_grads_on(self.policy)
         return logp_sum, kl_sum, n_tokens
 
     def generator_loss(self, seq_logp: Tensor, seq_kl: Tensor, n_tokens: Tensor, advantages: Tensor) -> Tensor:
@@ -613,15 +421,10 @@ class GANRL(L.LightningModule):
         if self.reasoning_discriminator:
             raise RuntimeError("discriminator='reasoning' has no classifier head: use judge()")
         seqs = [self.tokenizer.encode(p + c, add_special_tokens=False) for p, c in zip(prefixes, completions)]
-        ids, mask = pad_left(seqs, self.tokenizer.pad_token_id)  # [M, L] left-padded
-        ids, mask = ids.to(self.device), mask.to(self.device)
         grad_ok = self.hparams.d_trains_adapter and torch.is_grad_enabled()
         with nullcontext() if grad_ok else torch.no_grad(), self._discriminator_adapter():
-            out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                                use_cache=False)
-            last = out.last_hidden_state[:, -1]  # [M, H]: left padding puts the last real token last
-        head_dtype = self.d_head[1].weight.dtype
-        return self.d_head(last.to(head_dtype))  # [M, 2]
+            last = left_padded_hidden(self.backbone, seqs, self.tokenizer.pad_token_id, self.device)[:, -1]  # [M, H]
+        return self.d_head(last.to(self.d_head[1].weight.dtype))  # [M, 2]
 
     def judge(self, prefixes: list[str], completions: list[str]) -> Judgement:
         """The reasoning discriminator on M (prefix, completion) pairs: it deliberates after its prompt (up to
@@ -630,43 +433,14 @@ class GANRL(L.LightningModule):
         reads the last prompt token (before any reasoning). With separate adapters all of it runs on the
         discriminator's adapter. Log-probs, answer and value carry gradients when grad is enabled."""
         h = self.hparams
-        pad = self.tokenizer.pad_token_id
         prompts = [self.tokenizer.encode(self.render_d_prompt(p, c), add_special_tokens=False)
                    for p, c in zip(prefixes, completions)]
         with self._discriminator_adapter():
-            reasoning: Optional[Rollout] = None
-            reasoning_ids: list[list[int]] = [[] for _ in prompts]
-            reasoning_logp = torch.zeros(len(prompts), device=self.device)  # [M]
-            if h.d_reasoning_tokens > 0:
-                ids, mask = pad_left(prompts, pad)  # [M, P]
-                with torch.no_grad():
-                    reasoning = self._sample(ids.to(self.device), mask.to(self.device), h.d_reasoning_tokens, False)
-                reasoning_ids = self._strip(reasoning.completion_ids, reasoning.completion_mask)
-                logp = completion_logprobs(self.policy, reasoning, temperature=h.temperature)  # [M, R]
-                zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-                reasoning_logp = torch.where(reasoning.completion_mask.bool(), logp, zero).sum(-1)  # [M]
-            tail = self.close_ids + self.answer_prefix_ids
-            ids2, mask2 = pad_left([p + r + tail for p, r in zip(prompts, reasoning_ids)], pad)  # [M, L]
-            ids2, mask2 = ids2.to(self.device), mask2.to(self.device)
-            hidden = self.backbone(input_ids=ids2, attention_mask=mask2, position_ids=position_ids_from_mask(mask2),
-                                   use_cache=False).last_hidden_state  # [M, L, H]
-            rows = torch.arange(len(prompts), device=self.device)
-            last_prompt = ids2.shape[1] - 1 - torch.tensor([len(r) + len(tail) for r in reasoning_ids],
-                                                           device=self.device)  # [M]: left padding
-            value_dtype = self.value_head[1].weight.dtype
-            value = torch.sigmoid(self.value_head(hidden[rows, last_prompt].to(value_dtype)).squeeze(-1))  # [M]
-            lm_head = self.policy.get_base_model().get_output_embeddings()
-            logits = lm_head(hidden[:, -1])[:, self.answer_ids].float() / h.temperature  # [M, 2]: real, generated
-            logp2 = logits.log_softmax(-1)  # [M, 2]
-            p_real = logp2[:, 0].detach().exp()  # [M]
-            u = torch.rand(len(prompts), generator=self._sampling_generator(), device=self.device)
-            said_real = u < p_real  # [M]
-            answer_logp = torch.where(said_real, logp2[:, 0], logp2[:, 1])  # [M]
-        return Judgement(
-            reasoning=reasoning, reasoning_texts=self.tokenizer.batch_decode(reasoning_ids, skip_special_tokens=True),
-            reasoning_lengths=torch.tensor([len(r) for r in reasoning_ids], device=self.device),
-            reasoning_logp=reasoning_logp, p_real=p_real, said_real=said_real, answer_logp=answer_logp, value=value,
-        )
+            return judge_continuations(
+                self.policy, self.backbone, self.value_head, prompts, sample=self._sampler(),
+                reasoning_tokens=h.d_reasoning_tokens, tail=self.close_ids + self.answer_prefix_ids,
+                answer_ids=self.answer_ids, temperature=h.temperature, generator=self._sampling_generator(),
+                tokenizer=self.tokenizer, device=self.device)
 
     # ----- baseline -------------------------------------------------------------------------------------------------
     def _global_mean(self, x: Tensor) -> Tensor:
@@ -677,9 +451,7 @@ class GANRL(L.LightningModule):
 
     def current_baseline(self, rewards: Tensor) -> Tensor:
         """The baseline to subtract now: the EMA, or the batch mean before the first update."""
-        if int(self.baseline_updates) == 0:
-            return self._global_mean(rewards)
-        return self.baseline.detach().clone()
+        return self._global_mean(rewards) if int(self.baseline_updates) == 0 else self.baseline.detach().clone()
 
     @torch.no_grad()
     def update_baseline(self, rewards: Tensor) -> None:
@@ -687,8 +459,7 @@ class GANRL(L.LightningModule):
         if int(self.baseline_updates) == 0:
             self.baseline.copy_(mean)
         else:
-            d = self.hparams.ema_decay
-            self.baseline.mul_(d).add_((1 - d) * mean)
+            self.baseline.mul_(self.hparams.ema_decay).add_((1 - self.hparams.ema_decay) * mean)
         self.baseline_updates += 1
 
     # ----- training -------------------------------------------------------------------------------------------------
@@ -702,42 +473,28 @@ class GANRL(L.LightningModule):
         logits = self.discriminator_logits(rollout.prefixes * 2, rollout.completion_texts + list(ground_truths))
         logits_gen, logits_real = logits[:b], logits[b:]  # [B, 2] each
         d_loss, stats = discriminator_stats(logits_gen, logits_real)
-        d_prob = logits_gen.detach().float().softmax(-1)[:, 1]  # [B]
-        d_prob_real = logits_real.detach().float().softmax(-1)[:, 1]  # [B]
+        d_prob, d_prob_real = (x.detach().float().softmax(-1)[:, 1] for x in (logits_gen, logits_real))  # [B] each
         rewards = gan_rewards(d_prob, rollout.completion_lengths, form=h.reward, target_length=self.target_length,
                               length_weight=h.length_weight, threshold=h.value_threshold)  # [B]
         return Scores(d_loss, stats, d_prob, d_prob_real, rewards)
 
     def _score_reasoning(self, rollout: GANRollout, ground_truths: list[str]) -> Scores:
-        """The reasoning discriminator judges the 2B inputs; it is rewarded 1 for a right answer, its loss is
-        REINFORCE on (reasoning + answer) with the value as baseline plus ``d_value_coeff`` × the value's
-        squared error, and the generator's reward is the value-threshold (or P(answer real)) reward."""
+        """The reasoning discriminator judges the 2B inputs: its loss (REINFORCE on being right, the value as
+        baseline), and the generator's value-threshold (or P(answer real)) reward."""
         h = self.hparams
         b = len(rollout.prefixes)
-        j = self.judge(rollout.prefixes * 2, rollout.completion_texts + list(ground_truths))
-        is_real = torch.arange(2 * b, device=self.device) >= b  # [2B]: generated first, then ground truths
-        correct = judge_correct(j.said_real, is_real)  # [2B]
-        pg_loss, value_loss, _ = reinforce_with_value(j.reasoning_logp + j.answer_logp, j.value, correct)
-        d_loss = pg_loss + h.d_value_coeff * value_loss
-        d_value = j.value.detach()  # [2B]
+        j = self.judge(rollout.prefixes * 2, rollout.completion_texts + list(ground_truths))  # rows [2B]
+        d_loss, stats = reasoning_discriminator_stats(j.said_real, j.p_real, j.reasoning_logp + j.answer_logp, j.value,
+                                                      j.reasoning_lengths, h.d_value_coeff)
         rewards = gan_rewards(j.p_real[:b], rollout.completion_lengths, form=h.reward, target_length=self.target_length,
-                              length_weight=h.length_weight, threshold=h.value_threshold, d_value=d_value[:b])  # [B]
-        lengths = j.reasoning_lengths.float()  # [2B]
-        stats = {
-            "d_acc_generated": correct[:b].mean(), "d_acc_real": correct[b:].mean(),
-            "d_prob_generated": j.p_real[:b].mean(), "d_prob_real": j.p_real[b:].mean(),
-            "d_value_generated": d_value[:b].mean(), "d_value_real": d_value[b:].mean(),
-            "d_reasoning_length": lengths.mean(), "d_reasoning_length/generated": lengths[:b].mean(),
-            "d_reasoning_length/real": lengths[b:].mean(),
-            "d_pg_loss": pg_loss.detach(), "d_value_loss": value_loss.detach(),
-        }
+                              length_weight=h.length_weight, threshold=h.value_threshold,
+                              d_value=j.value.detach()[:b])  # [B]
         return Scores(d_loss, stats, j.p_real[:b], j.p_real[b:], rewards, judgement=j)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         h = self.hparams
         step = int(self.global_step)  # before this batch's optimizer step
         prefixes, truths = list(batch["prefix"]), list(batch["completion"])
-        b = len(prefixes)
         rollout = self.generate(prefixes)
         scores = self._score(rollout, truths)
         d_loss, rewards = scores.d_loss, scores.rewards
@@ -763,60 +520,24 @@ class GANRL(L.LightningModule):
 
         with torch.no_grad():
             kl_tok = seq_kl.sum() / n_tokens.sum().clamp(min=1)
-        log = dict(batch_size=b)
-        for k, v in scores.stats.items():
-            self.log(f"train/{k}", v, **log)
-        self.log("train/reward", rewards.mean(), prog_bar=True, **log)
-        self.log("train/baseline", baseline, **log)
-        self.log("train/reasoning_length", rollout.reasoning_lengths.float().mean(), **log)
-        self.log("train/completions/mean_length", rollout.completion_lengths.float().mean(), **log)
-        self.log("train/kl", kl_tok, **log)
-        self.log("train/d_loss", d_loss.detach(), prog_bar=True, **log)
-        self.log("train/g_loss", g_loss.detach(), **log)
-        self.log("train/grad_norm", g_norm, **log)  # the generator's (TRL's name); the head's beside it
-        self.log("train/grad_norm/discriminator", d_norm, **log)  # head (+ its adapter when separate)
-        self.log("train/learning_rate", g_opt.param_groups[0]["lr"], **log)
-        self.log("train/learning_rate/discriminator", d_opt.param_groups[0]["lr"], **log)
+        for k, v in {**scores.stats, "reward": rewards.mean(), "baseline": baseline,
+                     "reasoning_length": rollout.reasoning_lengths.float().mean(),
+                     "completions/mean_length": rollout.completion_lengths.float().mean(), "kl": kl_tok,
+                     "d_loss": d_loss.detach(), "g_loss": g_loss.detach(),
+                     "grad_norm": g_norm,  # the generator's (TRL's name); the head's beside it
+                     "grad_norm/discriminator": d_norm,  # head (+ its adapter when separate)
+                     "learning_rate": g_opt.param_groups[0]["lr"],
+                     "learning_rate/discriminator": d_opt.param_groups[0]["lr"]}.items():
+            self.log(f"train/{k}", v, prog_bar=k in ("reward", "d_loss"), batch_size=len(prefixes))
 
-        if h.write_rollouts:
-            self._write_rollouts(step, rollout, truths, scores, advantages)
+        if h.write_rollouts and (path := rollouts_file(self._trainer, h.rollouts_filename)) is not None:
+            write_rollouts(path, step=step, rank=int(self.global_rank), rollout=rollout, truths=truths, scores=scores,
+                           advantages=advantages)
         return {"loss": (g_loss + h.d_scale * d_loss).detach(), "rollout": TextRollout(
             prompts=prefixes, completions=rollout.completion_texts, references=truths,
             rewards={"total": rewards.tolist(), "d_prob": scores.d_prob.tolist()},
             advantages=advantages.detach().tolist(),
         )}
-
-    def rollouts_path(self) -> Optional[Path]:
-        if self._trainer is None:
-            return None
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        return Path(log_dir) / self.hparams.rollouts_filename if log_dir else None
-
-    def _write_rollouts(self, step: int, rollout: GANRollout, truths: list[str], scores: Scores,
-                        advantages: Tensor) -> None:
-        path = self.rollouts_path()
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for i in range(len(rollout.prefixes)):
-            append_jsonl_line(path, {
-                "step": step, "rank": int(self.global_rank), "prefix": rollout.prefixes[i],
-                "reasoning": rollout.reasoning_texts[i], "completion": rollout.completion_texts[i],
-                "ground_truth": truths[i], "reward": _finite(scores.rewards[i]), "d_prob": _finite(scores.d_prob[i]),
-                "d_prob_ground_truth": _finite(scores.d_prob_real[i]), "advantage": _finite(advantages[i]),
-                **self._judgement_row(scores.judgement, i, len(rollout.prefixes)),
-            })
-
-    @staticmethod
-    def _judgement_row(j: Optional[Judgement], i: int, b: int) -> dict[str, Any]:
-        """The reasoning discriminator's side of rollout i: its reasoning, answer and value on the generated
-        completion (row i) and on the ground truth (row b + i); nothing for the head discriminator."""
-        if j is None:
-            return {}
-        answer = lambda k: "real" if bool(j.said_real[k]) else "generated"  # noqa: E731
-        return {"d_reasoning": j.reasoning_texts[i], "d_answer": answer(i), "d_value": _finite(j.value[i]),
-                "d_reasoning_ground_truth": j.reasoning_texts[b + i], "d_answer_ground_truth": answer(b + i),
-                "d_value_ground_truth": _finite(j.value[b + i])}
 
     # ----- validation / generation for callbacks ---------------------------------------------------------------------
     @torch.no_grad()
@@ -833,33 +554,23 @@ class GANRL(L.LightningModule):
         discriminator's P(real) (`lightning-rlm predict` writes them to `predictions.jsonl`)."""
         prefixes, truths = list(batch["prefix"]), list(batch["completion"])
         rollout = self.generate(prefixes)
-        scores = self._score(rollout, truths)
-        b = len(prefixes)
-        return [{"prefix": p, "reasoning": r, "completion": c, "ground_truth": t, "d_prob": float(d),
-                 "reward": float(w), **self._judgement_row(scores.judgement, i, b)}
-                for i, (p, r, c, t, d, w) in enumerate(zip(prefixes, rollout.reasoning_texts, rollout.completion_texts,
-                                                           truths, scores.d_prob.tolist(), scores.rewards.tolist()))]
+        return prediction_rows(rollout, truths, self._score(rollout, truths))
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> dict[str, Any]:
         prefixes, truths = list(batch["prefix"]), list(batch["completion"])
         rollout = self.generate(prefixes)
         scores = self._score(rollout, truths)
-        log = dict(batch_size=len(prefixes), sync_dist=True)
-        for k, v in scores.stats.items():
-            self.log(f"{split}/{k}", v, **log)
-        self.log(f"{split}/d_loss", scores.d_loss, **log)
-        self.log(f"{split}/reward", scores.rewards.mean(), **log)
-        self.log(f"{split}/completion_length", rollout.completion_lengths.float().mean(), **log)
-        self.log(f"{split}/reasoning_length", rollout.reasoning_lengths.float().mean(), **log)
+        for k, v in {**scores.stats, "d_loss": scores.d_loss, "reward": scores.rewards.mean(),
+                     "completion_length": rollout.completion_lengths.float().mean(),
+                     "reasoning_length": rollout.reasoning_lengths.float().mean()}.items():
+            self.log(f"{split}/{k}", v, batch_size=len(prefixes), sync_dist=True)
         return {"rollout": TextRollout(prompts=prefixes, completions=rollout.completion_texts, references=truths,
                                        rewards={"total": scores.rewards.tolist(), "d_prob": scores.d_prob.tolist()})}
 
     @torch.no_grad()
     def generate_text(self, prompts: list[str], max_new_tokens: Optional[int] = None) -> list[str]:
-        """Completions (after reasoning) for prefixes, for ``MauveCallback``'s generation mode.
-
-        ``max_new_tokens`` is ignored: the completion budget is ``completion_tokens``.
-        """
+        """Completions (after reasoning) for prefixes, for ``MauveCallback``'s generation mode (``max_new_tokens``
+        is ignored: the completion budget is ``completion_tokens``)."""
         return self.generate(list(prompts)).completion_texts
 
     # ----- optimisation and state ------------------------------------------------------------------------------------
@@ -900,20 +611,10 @@ class GANRL(L.LightningModule):
                           stacklevel=2)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["gan_rl_state"] = {  # the sampling generator of every rank (each samples its own stream)
-            "generators": generator_states(self.generator),
-        }
+        # the sampling generator of every rank (each samples its own stream)
+        checkpoint["gan_rl_state"] = {"generators": generator_states(self.generator)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("gan_rl_state", {})
         self.generator = own_generator(state.get("generators"), self.device, state.get("generator")) or self.generator
-
-
-def _as_list(x: int | list[int] | tuple[int, ...]) -> list[int]:
-    return list(x) if isinstance(x, (list, tuple)) else [int(x)]
-
-
-def _finite(x: Tensor) -> Optional[float]:
-    v = float(x)
-    return v if math.isfinite(v) else None
 

@@ -14,13 +14,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_rlm.callbacks import MauveCallback
 from lightning_rlm.data import PrefixCompletionDataModule, TextSource
 from lightning_rlm.losses import judge_correct, reinforce_with_value, value_threshold_reward
+from lightning_rlm.losses.discriminator import discriminator_stats, gan_rewards
 from lightning_rlm.methods import GANRL
-from lightning_rlm.methods.gan_rl import (
-    PLAIN_D_PROMPT_TEMPLATE,
-    PLAIN_PROMPT_TEMPLATE,
-    discriminator_stats,
-    gan_rewards,
-)
+from lightning_rlm.tasks.gan_prompts import PLAIN_D_PROMPT_TEMPLATE, PLAIN_PROMPT_TEMPLATE
 
 PREFIXES = ["Once upon a time there was a cat.", "Tom went to the park with his"]
 TRUTHS = [" The cat liked milk.", " dog and they played."]
