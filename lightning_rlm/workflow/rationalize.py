@@ -128,7 +128,7 @@ def pairs_from_config(cfg: dict[str, Any], where: str, split: str) -> list[tuple
 def seed_chat() -> Any:
     """Seed 000's prompt through a tokenizer's own chat template (as configs/gan_rl/smollm2_05_pile.yaml)."""
     from lightning_rlm.data import ChatFormat
-    from lightning_rlm.methods.gan_rl import SEED_PROMPT_TEMPLATE
+    from lightning_rlm.tasks.gan_prompts import SEED_PROMPT_TEMPLATE
 
     system = SEED_PROMPT_TEMPLATE.split("<|im_start|>system\n", 1)[1].split("\n<|im_start|>user", 1)[0]
     return ChatFormat(system=system, user_template=SEED_USER_TEMPLATE, assistant_prefix="<think>\n")
@@ -138,7 +138,7 @@ def prompt_renderer(tokenizer: Any, gan: dict[str, Any], args: argparse.Namespac
     """(prefix -> prompt, description): the flags, else the GAN-RL config's prompt format, else its defaults."""
     from lightning_rlm.checks import check_prompt_template
     from lightning_rlm.data import ChatFormat
-    from lightning_rlm.methods.gan_rl import SEED_PROMPT_TEMPLATE
+    from lightning_rlm.tasks.gan_prompts import SEED_PROMPT_TEMPLATE
 
     chat, template = None, None
     if args.chat is not None and args.prompt_template is not None:
