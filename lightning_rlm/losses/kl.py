@@ -23,6 +23,14 @@ even when the logits come from a bf16/fp16 model; aggregation casts to float32 f
 zero KL; `torch.quantile` (which rejects bf16) always sees float32; an empty mask gives 0 with a zero
 gradient instead of a NaN. Positions are pooled over the whole batch (not averaged per sequence first),
 as in the source. Logits are assumed finite (a -inf logit would give 0 · inf = NaN).
+
+Calibrating tau per aggregator: the aggregators live on different scales, so one tau is a different gate
+for each (0.1 nats everywhere by default, uncalibrated). `aggregate_kl_per_sequence` (what
+`SFTKLBarrier.sequence_divergences` returns for the student's KL to the base) gives each aggregator per
+sequence and `suggest_tau` a threshold between coherent and looping sequences;
+`benchmarks/kl_tau_calibration.py` runs both on a checkpoint and a round file whose generations the loop
+test flags (see its docstring). No tau default is changed from it yet: that needs a run whose generations
+include loops.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from torch import Tensor
 
 from lightning_rlm.checks import check_one_of
 
-__all__ = ["KLAggregate", "KLDirection", "RMSE_EPS", "aggregate_kl", "fp32_log_softmax", "kl_barrier", "suggest_tau",
+__all__ = ["KLAggregate", "KLDirection", "RMSE_EPS", "aggregate_kl", "aggregate_kl_per_sequence",
+           "check_kl_barrier", "fp32_log_softmax", "kl_barrier", "kl_diagnostics", "suggest_tau",
            "per_position_kl"]
 
 KLDirection = Literal["kl_fwd", "kl_rev"]
@@ -106,6 +115,48 @@ def aggregate_kl(kl: Tensor, mask: Tensor, how: KLAggregate) -> Tensor:
         if how == "max":
             return values.max()
         return torch.logsumexp(values, dim=0) - math.log(values.numel())
+
+
+def aggregate_kl_per_sequence(kl: Tensor, mask: Tensor,
+                              hows: tuple[str, ...] = KL_AGGREGATES) -> dict[str, Tensor]:
+    """Each aggregator of `aggregate_kl` over each sequence's own masked positions: {how: [B] float32}.
+
+    What tau is compared with, per sequence rather than pooled over a batch (a batch of B sequences dilutes
+    one looping sequence ~B times under the mean, ~sqrt(B) times under rmse, not under max).
+
+    Args:
+        kl: [B, T] per-position KL; mask: [B, T] nonzero on the positions that count; hows: the aggregators.
+    """
+    return {how: torch.stack([aggregate_kl(kl[i : i + 1], mask[i : i + 1], how) for i in range(len(kl))])
+            for how in hows}
+
+
+def kl_diagnostics(kl: Tensor, mask: Tensor, tau: float, active: str, div: Tensor,
+                   hows: tuple[str, ...] = KL_AGGREGATES) -> dict[str, Tensor]:
+    """What a KL barrier logs besides its value, without gradient: `div/<how>` for every aggregator in `hows`
+    (`active`'s is `div`, the barrier's own divergence, detached) and `frac_above_tau`, the fraction of the
+    masked positions whose KL exceeds tau.
+
+    Args:
+        kl: [B, T] per-position KL; mask: [B, T] bool, the positions that count; div: the active aggregate.
+    """
+    with torch.no_grad():
+        kl_d = kl.detach()  # [B, T]
+        out = {f"div/{how}": div.detach() if how == active else aggregate_kl(kl_d, mask, how) for how in hows}
+        out["frac_above_tau"] = ((kl_d > tau) & mask).sum() / mask.sum().clamp(min=1)
+    return out
+
+
+def check_kl_barrier(direction: str, aggregate: str, tau: float, lam: float) -> None:
+    """ValueError unless tau >= 0, lam >= 0 (NaN fails both) and direction and aggregate are known."""
+    if not tau >= 0:  # also rejects NaN
+        raise ValueError(f"tau must be >= 0 (the barrier is relu(div - tau) on a divergence >= 0), got {tau}")
+    if not lam >= 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    if direction not in KL_DIRECTIONS:
+        raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
+    if aggregate not in KL_AGGREGATES:
+        raise ValueError(f"aggregate must be one of {KL_AGGREGATES}, got {aggregate!r}")
 
 
 def kl_barrier(div: Tensor, tau: float, lam: float) -> Tensor:

@@ -21,24 +21,13 @@ A batch may carry a `loss_mask` [B, C] (`RationalesDataModule`: the reasoning an
 rationalized example, not its `think_close`): the NLL and the barrier then cover only those completion
 positions (the forward still attends to the whole completion side).
 
-The round schedule (`round_schedule`) must fit `trainer.max_steps`. Without `steps_per_round`, a
-max_steps below n_rounds runs max_steps rounds of one step each (a warning says so): this is what
-`--trainer.fast_dev_run` gets (Lightning sets max_steps to its number of batches), so a smoke test runs
-one step and one round, with its sampling and scoring. An explicit `steps_per_round` with
-steps_per_round · n_rounds > max_steps is shrunk the same way under fast_dev_run only; otherwise it is an
-error, as is no max_steps (-1) without steps_per_round. The CLI checks this before the model loads.
-
-Scores of a round, over its generations (completion text only, decoded without special tokens; the
-prompt is never scored):
-
-* trait = fraction of generations containing `trait_keyword` as a whole word, case-insensitive
-  (`happy` counts in "Happy," but not in "happily" or "unhappy"). The shipped configs train on
-  TinyStories windows whose completion contains the keyword (`KeywordPrefixCompletionDataModule`), and
-  evaluate on unfiltered held-out prompts, so round 0 (the base model, before any step) is the baseline.
-* coherence = fraction of generations free of token loops: `RepeatedNgramLoop(n=coh_ngram,
-  min_repeats=coh_repeats)`, by default a generation has a loop when some contiguous 4-gram of its
-  lower-cased whitespace-separated words occurs 3 or more times (overlapping occurrences counted).
-* log_incoherence = log10(max(1 − coherence, 1e-3)): down is more coherent, −3 = no loop seen.
+The round schedule must fit `trainer.max_steps`: a shorter max_steps (as under `--trainer.fast_dev_run`)
+runs fewer rounds, with a warning, or is an error (`round_schedule` in `lightning_rlm.data.rounds`). A
+round's scores, over its generations' completion text: trait = fraction containing `trait_keyword` as a
+whole word (the `persona` trait: the mean log-likelihood ratio), coherence = fraction free of token loops
+(`RepeatedNgramLoop(coh_ngram, coh_repeats)`), log_incoherence = log10(max(1 − coherence, 1e-3)). The
+shipped configs train on windows whose completion contains the keyword and evaluate on unfiltered held-out
+prompts, so round 0 (the base) is the baseline.
 
 Departures from the source run: the barrier's reference is always the base (not a moving anchor); every
 aggregator is logged each step whichever one is active, plus the fraction of positions above tau and the
@@ -47,64 +36,18 @@ numbers, so round-to-round changes come from the model, not the draw); a round-0
 is added (`eval_at_start`); the KL numerics follow the review of the source (float32 KL under autocast,
 an fp16-safe rmse eps, float32 quantile, empty masks give 0): see `lightning_rlm.losses.kl`.
 
-The self-feeding loop (`data_source: self_feeding`; the default `fixed` trains on the DataModule's pairs
-throughout, as above). Every round k also samples a *pool*: `pool_num_generations` completions of each of
-the first `pool_prompts` prompts of the DataModule's train set (the same prompts every round, a fresh
-seed `pool_seed + k`), scores them by the trait, keeps some, and the next round's steps train on the kept
-generations only (the DataModule's batches are then ignored; held-out evaluation and validation still use
-its val prompts and pairs):
-
-    round k (k = 0: the base, with eval_at_start):
-        evaluate on the held-out prompts as above
-        pool      = sample(current model, pool prompts)                (every rank its share, then gathered)
-        score     = trait score of each pool generation
-        kept      = selection: trait  -> those with score > keep_min_score (None: all), then the keep_top
-                                         highest (an int, or a fraction of the pool; None: all; ties: the
-                                         earlier generation first)
-                               random -> as many as `trait` would keep, drawn uniformly from the whole pool
-                                         (the matched control: same loop, same size, no trait filter)
-        steps of round k + 1 = batches of `kept` only: global batches of the DataModule's batch_size cut
-                               from a stream of seeded shuffles of `kept` (a function of the pool round and
-                               of the batches drawn, both checkpointed with the pool: `--ckpt_path last`
-                               resumes the loop exactly)
-    stop after a round whose held-out coherence < coh_floor, or that kept nothing (nothing to train on)
-
-So round r's training examples are exactly round r − 1's kept generations (prompt ids as sampled,
-completion ids up to and including EOS). Without `eval_at_start` round 1 trains on the DataModule's pairs
-and the loop starts with round 1's pool. Under DDP every rank samples its share of the pool prompts and
-the generations are gathered in rank order, so every rank selects the same pool (a pure function of the
-gathered list and the seed). Logged per round: `round/pool_kept`, `round/pool_trait` (mean score of the
-whole pool), `round/pool_trait_kept`, `round/pool_coherence` (of the kept), `round/pool_distinct` (distinct
-kept completion texts) and `round/pool_overlap` (fraction of kept generations whose text was kept in an
-earlier round: the pool saturating); `<log_dir>/pool_round_<k>.jsonl` holds every pool generation with
-its score and whether it was kept.
-
-Traits (`trait`): `keyword` scores a generation 1 when it contains `trait_keyword` (whole word), else 0 (so
-keep_min_score 0 keeps the generations with the keyword). `persona` scores it by the base model's
-log-likelihood ratio
-
-    score = log p_base(completion | persona_positive context) − log p_base(completion | persona_negative context)
-
-summed over the completion tokens (the ids as sampled), the context being `persona_template` with
-`{persona}` and `{prompt}` (the prompt as the policy saw it, after the DataModule's template or chat
-rendering) encoded without special tokens; a chat model, whose template can place the persona in a system
-turn, makes the ratio meaningful. round/trait is then the mean score of the held-out generations.
-
-Calibrating tau per aggregator: the aggregators live on different scales, so one tau is a different gate
-for each (0.1 nats everywhere by default, uncalibrated). `sequence_divergences` gives each aggregator of
-the student's KL to the base per sequence and `suggest_tau` a threshold between coherent and looping
-sequences; `benchmarks/kl_tau_calibration.py` runs both on a checkpoint and a round file whose generations
-the loop test flags (see its docstring). No tau default is changed from it yet: that needs a run whose
-generations include loops.
+The self-feeding loop (`data_source: self_feeding`; the default `fixed` trains on the DataModule's pairs):
+every round k also samples a pool on the DataModule's train prompts, scores it by the trait (`keyword`: 1
+or 0; `persona`: the base's log-likelihood ratio under persona_positive vs persona_negative), keeps some
+(`selection`: `trait` by score, or `random`, the matched control) and round k + 1 trains on those only; it
+stops after a round that kept nothing. In full: `lightning_rlm.rollout.trait_rounds` (sampling, traits,
+scores) and `lightning_rlm.data.rounds` (prompts, selection, batches). Calibrating tau per aggregator:
+`sequence_divergences` and `suggest_tau` (`lightning_rlm.losses.kl`).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import random
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
@@ -114,28 +57,26 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_rlm.adapters import add_lora, frozen_copy, reference_mode
-from lightning_rlm.data.collate import DictCollator
+from lightning_rlm.data import rounds
 from lightning_rlm.data.pairs import keyword_pattern
-from lightning_rlm.data.rounds import round_schedule, select_pool, text_key
 from lightning_rlm.distributed import all_gather_objects
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses.kl import (
-    KL_AGGREGATES,
-    KL_DIRECTIONS,
     aggregate_kl,
-    fp32_log_softmax,
+    aggregate_kl_per_sequence,
+    check_kl_barrier,
     kl_barrier,
+    kl_diagnostics,
     per_position_kl,
 )
 from lightning_rlm.metrics.text import RepeatedNgramLoop
 from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.hf import enable_gradient_checkpointing, load_policy
 from lightning_rlm.optim import adamw_warmup
-from lightning_rlm.rollout import position_ids_from_mask, sample_completions
+from lightning_rlm.rollout import trait_rounds
+from lightning_rlm.rollout.generate import position_ids_from_mask
 
 LOGGED_AGGREGATES = ("mean", "rmse", "p95", "max", "logsumexp")
-SCORE_BATCH = 16  # generations per forward when the persona trait scores them under the base
-TRAINING_KEYS = ("prompt", "prompt_ids", "completion", "completion_ids")  # what a pool example trains on
 
 
 class SFTKLBarrier(L.LightningModule):
@@ -228,27 +169,12 @@ class SFTKLBarrier(L.LightningModule):
     ) -> None:
         super().__init__()
         # validate everything cheap before loading a model
-        if not tau >= 0:  # also rejects NaN
-            raise ValueError(f"tau must be >= 0 (the barrier is relu(div - tau) on a divergence >= 0), "
-                             f"got {tau}")
-        if not lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
-        if direction not in KL_DIRECTIONS:
-            raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
-        if aggregate not in KL_AGGREGATES:
-            raise ValueError(f"aggregate must be one of {KL_AGGREGATES}, got {aggregate!r}")
-        if n_rounds < 1:
-            raise ValueError(f"n_rounds must be >= 1, got {n_rounds}")
-        if steps_per_round is not None and steps_per_round < 1:
-            raise ValueError(f"steps_per_round must be >= 1 or None, got {steps_per_round}")
-        if eval_prompts < 1 or eval_num_generations < 1 or eval_max_new_tokens < 1:
-            raise ValueError("eval_prompts, eval_num_generations and eval_max_new_tokens must be >= 1")
-        if eval_temperature < 0:
-            raise ValueError(f"eval_temperature must be >= 0 (0 = greedy), got {eval_temperature}")
-        if coh_floor is not None and not 0.0 <= coh_floor <= 1.0:
-            raise ValueError(f"coh_floor must be in [0, 1] or None, got {coh_floor}")
-        self._check_loop_settings(data_source, selection, keep_top, keep_min_score, trait, persona_positive,
-                                  persona_negative, persona_template, pool_prompts, pool_num_generations)
+        check_kl_barrier(direction, aggregate, tau, lam)
+        trait_rounds.check_round_settings(n_rounds, steps_per_round, eval_prompts, eval_num_generations,
+                                          eval_max_new_tokens, eval_temperature, coh_floor)
+        trait_rounds.check_loop_settings(data_source, selection, keep_top, keep_min_score, trait,
+                                         persona_positive, persona_negative, persona_template, pool_prompts,
+                                         pool_num_generations)
         self.trait_pattern = keyword_pattern(trait_keyword)  # raises on an empty keyword
         self.save_hyperparameters()
 
@@ -271,39 +197,6 @@ class SFTKLBarrier(L.LightningModule):
         self.pool_draws = 0
         self.pool_seen: set[str] = set()
         self._pool_prompt_batches: Optional[list[dict[str, Any]]] = None
-
-    @staticmethod
-    def _check_loop_settings(data_source, selection, keep_top, keep_min_score, trait, persona_positive,
-                             persona_negative, persona_template, pool_prompts, pool_num_generations) -> None:
-        for name, value, allowed in (("data_source", data_source, ("fixed", "self_feeding")),
-                                     ("selection", selection, ("trait", "random")),
-                                     ("trait", trait, ("keyword", "persona"))):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if keep_top is not None:
-            if isinstance(keep_top, bool) or not isinstance(keep_top, (int, float)):
-                raise ValueError(f"keep_top must be an int >= 1, a fraction in (0, 1] or None, got {keep_top!r}")
-            if (isinstance(keep_top, int) and keep_top < 1) or (isinstance(keep_top, float)
-                                                                 and not 0.0 < keep_top <= 1.0):
-                raise ValueError(f"keep_top must be an int >= 1, a fraction in (0, 1] or None, got {keep_top!r}")
-        if keep_min_score is not None and not math.isfinite(keep_min_score):
-            raise ValueError(f"keep_min_score must be finite or None, got {keep_min_score}")
-        if trait == "persona":
-            if not (persona_positive or "").strip() or not (persona_negative or "").strip():
-                raise ValueError("trait: persona needs both persona_positive and persona_negative")
-            try:
-                persona_template.format(persona="", prompt="")
-            except (KeyError, IndexError, ValueError) as e:
-                raise ValueError(f"persona_template may hold only {{persona}} and {{prompt}}: {e!r}") from None
-            if "{persona}" not in persona_template or "{prompt}" not in persona_template:
-                raise ValueError(f"persona_template must contain {{persona}} and {{prompt}}, got "
-                                 f"{persona_template!r}")
-        if pool_prompts < 1 or pool_num_generations < 1:
-            raise ValueError("pool_prompts and pool_num_generations must be >= 1")
-
-    @property
-    def self_feeding(self) -> bool:
-        return self.hparams.data_source == "self_feeding"
 
     # ----- the loss ---------------------------------------------------------------------------------------
     @staticmethod
@@ -354,13 +247,9 @@ class SFTKLBarrier(L.LightningModule):
         div = aggregate_kl(kl, mask, h.aggregate)
         barrier = kl_barrier(div, h.tau, h.lam)
         loss = nll + barrier
-        out = {"loss": loss, "nll": nll.detach(), "barrier": barrier.detach(), "div": div.detach()}
-        with torch.no_grad():
-            kl_d = kl.detach()
-            for how in LOGGED_AGGREGATES:
-                out[f"div/{how}"] = div.detach() if how == h.aggregate else aggregate_kl(kl_d, mask, how)
-            out["frac_above_tau"] = ((kl_d > h.tau) & mask).sum() / n_tokens
-            out["barrier_share"] = barrier.detach() / loss.detach().clamp(min=1e-12)
+        out = {"loss": loss, "nll": nll.detach(), "barrier": barrier.detach(), "div": div.detach(),
+               **kl_diagnostics(kl, mask, h.tau, h.aggregate, div, LOGGED_AGGREGATES)}
+        out["barrier_share"] = barrier.detach() / loss.detach().clamp(min=1e-12)
         return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
@@ -386,7 +275,7 @@ class SFTKLBarrier(L.LightningModule):
     def on_train_start(self) -> None:
         if self._steps_per_round is None:  # not restored from a checkpoint
             h, max_steps = self.hparams, self.trainer.max_steps
-            self._n_rounds, self._steps_per_round = round_schedule(
+            self._n_rounds, self._steps_per_round = rounds.round_schedule(
                 h.n_rounds, h.steps_per_round, max_steps, bool(self.trainer.fast_dev_run))
             asked = (h.n_rounds, h.steps_per_round or self._steps_per_round)
             if (self._n_rounds, self._steps_per_round) != asked:  # shrunk: max_steps < n_rounds, fast_dev_run
@@ -413,229 +302,98 @@ class SFTKLBarrier(L.LightningModule):
         floor, reason = self.hparams.coh_floor, None
         if k >= 1 and floor is not None and s["coherence"] < floor:
             reason = f"coherence {s['coherence']:.3f} < coh_floor {floor}"
-        elif self.self_feeding and not self.pool and k < self._n_rounds:
+        elif self.hparams.data_source == "self_feeding" and not self.pool and k < self._n_rounds:
             reason = "the self-feeding loop kept no generation (nothing to train the next round on)"
         if reason is not None:
             rank_zero_info(f"round {k}: {reason}: stopping early")
             self._log_scalars({"round/early_stop": 1.0})
             self.trainer.should_stop = True
 
-    def eval_batches(self) -> list[dict[str, Any]]:
-        """The first `eval_prompts` prompts of the DataModule's val loader, as prompt batches (cached)."""
-        if self._eval_batches is None:
-            dm = getattr(self.trainer, "datamodule", None)
-            if dm is None or not hasattr(dm, "val_dataloader"):
-                raise ValueError("SFTKLBarrier takes its held-out prompts from a DataModule's val_dataloader")
-            world = self.trainer.world_size
-            # this rank's share of eval_prompts (the val loader is sharded over ranks)
-            batches, left = [], -(-self.hparams.eval_prompts // world)
-            for batch in dm.val_dataloader():
-                n = min(left, len(batch["prompt"]))
-                # left padding survives dropping rows (every row still ends in a real token)
-                batches.append({"prompt": batch["prompt"][:n], "prompt_ids": batch["prompt_ids"][:n],
-                                "prompt_mask": batch["prompt_mask"][:n]})
-                left -= n
-                if left == 0:
-                    break
-            if not batches:
-                raise ValueError("the DataModule's val_dataloader is empty: no held-out prompts to evaluate")
-            self._eval_batches = batches
-        return self._eval_batches
-
-    @torch.no_grad()
     def sample(self, batches: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-        """One record per generation of the current model on these prompt batches, seeded by `seed`:
-        prompt and completion as text (decoded without special tokens) and as ids (the prompt unpadded, the
-        completion up to and including its EOS)."""
+        """One record per generation of the current model on these prompt batches, seeded by `seed`, sampled
+        with the eval_* settings: prompt and completion as text and as ids (`trait_rounds.sample_records`)."""
         h = self.hparams
-        generator = torch.Generator(self.device).manual_seed(seed)
-        pad, records = self.tokenizer.pad_token_id, []
-        for batch in batches:
-            prompt_ids, prompt_mask = batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device)
-            G = batch.get("num_generations", h.eval_num_generations)
-            rollout = sample_completions(
-                self.policy, prompt_ids, prompt_mask,
-                num_generations=G, max_completion_length=h.eval_max_new_tokens,
-                temperature=h.eval_temperature, top_p=h.eval_top_p, eos_token_id=self.eos_token_id,
-                pad_token_id=pad, generator=None if h.eval_temperature == 0 else generator,
-            )
-            ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, pad)  # [N, C]
-            texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-            for i, text in enumerate(texts):  # rows g*G .. g*G+G-1 answer prompt g
-                g = i // G
-                records.append({
-                    "prompt": batch["prompt"][g], "prompt_ids": prompt_ids[g][prompt_mask[g].bool()].tolist(),
-                    "completion": text,
-                    "completion_ids": rollout.completion_ids[i][rollout.completion_mask[i].bool()].tolist()})
-        return records
+        return trait_rounds.sample_records(
+            self.policy, self.tokenizer, batches, seed, device=self.device, eos_token_id=self.eos_token_id,
+            num_generations=h.eval_num_generations, max_new_tokens=h.eval_max_new_tokens,
+            temperature=h.eval_temperature, top_p=h.eval_top_p)
 
     def add_scores(self, records: list[dict[str, Any]]) -> None:
         """Set each record's trait `score` (see `trait`) and `loop` flag (the coherence test)."""
-        if self.hparams.trait == "persona":
-            pos = self.persona_logprobs(records, self.hparams.persona_positive)
-            neg = self.persona_logprobs(records, self.hparams.persona_negative)
-            scores = [p - n for p, n in zip(pos, neg)]
-        else:
-            scores = [float(bool(self.trait_pattern.search(r["completion"]))) for r in records]
-        for r, score in zip(records, scores):
-            r["score"] = score
-            r["loop"] = self.coherence.has_loop(r["completion"])
-
-    @torch.no_grad()
-    def persona_logprobs(self, records: list[dict[str, Any]], persona: str) -> list[float]:
-        """Σ_t log p_base(completion token t | context, earlier completion tokens) for each record, the
-        context being `persona_template` with this persona and the record's prompt, encoded without special
-        tokens."""
-        collate, out = DictCollator(self.tokenizer.pad_token_id), []
-        template = self.hparams.persona_template
-        for start in range(0, len(records), SCORE_BATCH):
-            chunk = records[start : start + SCORE_BATCH]
-            examples = [{"prompt_ids": self.tokenizer.encode(template.format(persona=persona, prompt=r["prompt"]),
-                                                             add_special_tokens=False),
-                         "completion_ids": r["completion_ids"]} for r in chunk]
-            batch = {k: v.to(self.device) for k, v in collate(examples).items()}
-            logp = fp32_log_softmax(self.base_logits(batch))  # [b, C, V]
-            token = logp.gather(-1, batch["completion_ids"][..., None])[..., 0]  # [b, C]
-            out += (token * batch["completion_mask"]).sum(1).tolist()
-        return out
+        h = self.hparams
+        personas = (h.persona_positive, h.persona_negative) if h.trait == "persona" else None
+        trait_rounds.score_records(records, self.coherence, self.trait_pattern, personas, h.persona_template,
+                                   base_logits=self.base_logits, tokenizer=self.tokenizer, device=self.device)
 
     def run_round(self, k: int) -> dict[str, Any]:
         """Evaluate on the held-out prompts (save `generations_round_<k>.jsonl`, log trait and coherence),
         then, in the self-feeding loop, sample and select the next round's pool; returns the round's scores."""
-        records = self.sample(self.eval_batches(), self.hparams.eval_seed)
+        if self._eval_batches is None:  # this rank's share (the val loader is sharded)
+            share = -(-self.hparams.eval_prompts // self.trainer.world_size)
+            self._eval_batches = rounds.val_prompt_batches(getattr(self.trainer, "datamodule", None), share)
+        records = self.sample(self._eval_batches, self.hparams.eval_seed)
         self.add_scores(records)
         # Each rank sampled its shard of the held-out prompts: score the union, so every rank takes the same
         # early-stopping decision (one rank stopping alone would leave the others waiting in a collective).
         records = [r for part in all_gather_objects(records) for r in part]
-        loops = sum(r["loop"] for r in records)
-        coherence = 1.0 - loops / len(records)
-        s = {"trait": sum(r["score"] for r in records) / len(records), "coherence": coherence,
-             "log_incoherence": math.log10(max(1.0 - coherence, 1e-3))}
+        s = trait_rounds.round_scores(records)
         self.history.append({"round": k, "step": self.global_step, "trait": s["trait"],
                              "coherence": s["coherence"]})
         self._log_scalars({"round/coherence": s["coherence"], "round/trait": s["trait"],
                            "round/log_incoherence": s["log_incoherence"], "round/index": float(k)})
         rank_zero_info(f"round {k} (step {self.global_step}): trait {s['trait']:.3f}, "
                        f"coherence {s['coherence']:.3f}")
-        keyword = self.hparams.trait == "keyword"  # a keyword's score is a flag, written as one
-        rows = [{"round": k, "step": self.global_step, "prompt": r["prompt"], "completion": r["completion"],
-                 "trait": bool(r["score"]) if keyword else r["score"], "loop": r["loop"]} for r in records]
-        self._write_rows(f"generations_round_{k}.jsonl", rows)
+        flags = self.hparams.trait == "keyword"  # a keyword's score is a flag, written as one
+        rows = trait_rounds.generation_rows(k, self.global_step, records, flags)
+        trait_rounds.write_round_file(self.trainer, f"generations_round_{k}.jsonl", rows)
         if self.trainer.is_global_zero:
-            self._log_table(k, rows)
-        if self.self_feeding:
+            table = trait_rounds.generations_table(rows[: self.hparams.table_rows])
+            log_text(self, "round/generations", table, step=k)
+        if self.hparams.data_source == "self_feeding":
             s.update(self.next_pool(k))
             self.history[-1].update({key: s[key] for key in ("pool_kept", "pool_trait_kept", "pool_distinct",
                                                              "pool_overlap")})
         return s
 
-    # ----- the self-feeding loop: round k's kept generations are round k + 1's training set -------------------
-    def pool_prompt_batches(self) -> list[dict[str, Any]]:
-        """This rank's share of the first `pool_prompts` prompts of the DataModule's train set, as left-padded
-        prompt batches of the DataModule's batch_size (cached: the same prompts every round). Under DDP the
-        count is rounded down to a multiple of the number of processes."""
-        if self._pool_prompt_batches is None:
-            dm = getattr(self.trainer, "datamodule", None)
-            train = getattr(dm, "train_set", None)
-            if train is None or len(train) == 0:
-                raise ValueError("data_source: self_feeding samples its pool on the prompts of the DataModule's "
-                                 "train_set; this DataModule has none")
-            rank, world = self.global_rank, self.trainer.world_size
-            # equal contiguous shares (rounded down to a multiple of the processes, so every rank runs as many
-            # forwards); gathered in rank order, they are the prompts in order
-            share = min(self.hparams.pool_prompts, len(train)) // world
-            if share == 0:
-                raise ValueError(f"the train set has {len(train)} prompt(s) for {world} processes' pools")
-            mine = [train[i] for i in range(rank * share, (rank + 1) * share)]
-            collate, size = DictCollator(self.tokenizer.pad_token_id), max(1, getattr(dm, "batch_size", 8))
-            self._pool_prompt_batches = [
-                {**collate([{"prompt_ids": ex["prompt_ids"]} for ex in mine[i : i + size]]),
-                 "prompt": [ex["prompt"] for ex in mine[i : i + size]],
-                 "num_generations": self.hparams.pool_num_generations}
-                for i in range(0, len(mine), size)]
-        return self._pool_prompt_batches
-
+    # ----- the self-feeding loop: round k's kept generations are round k + 1's training set ---------------
     def next_pool(self, k: int) -> dict[str, float]:
         """Sample round k's pool, keep some by `selection`, make them the training set of round k + 1; log
         and return the pool's scores, and save every pool generation to `pool_round_<k>.jsonl`."""
         h = self.hparams
-        records = self.sample(self.pool_prompt_batches(), h.pool_seed + k)
+        if self._pool_prompt_batches is None:  # this rank's share of the pool prompts, the same every round
+            self._pool_prompt_batches = rounds.train_prompt_batches(
+                getattr(self.trainer, "datamodule", None), h.pool_prompts, h.pool_num_generations,
+                self.global_rank, self.trainer.world_size, self.tokenizer.pad_token_id)
+        records = self.sample(self._pool_prompt_batches, h.pool_seed + k)
         self.add_scores(records)
         records = [r for part in all_gather_objects(records) for r in part]  # every rank: the same list
-        kept = select_pool([r["score"] for r in records], h.keep_top, h.keep_min_score, h.selection,
-                           random.Random(f"{h.pool_seed}-{k}"))
-        self.pool = [{key: records[i][key] for key in (*TRAINING_KEYS, "score")} for i in kept]
+        kept = rounds.select_pool([r["score"] for r in records], h.keep_top, h.keep_min_score, h.selection,
+                                  random.Random(f"{h.pool_seed}-{k}"))
+        self.pool, stats = rounds.take_pool(records, kept, self.pool_seen)  # adds the kept texts to pool_seen
         self.pool_round, self.pool_draws = k, 0
-        keys = [text_key(r["completion"]) for r in self.pool]
-        n = len(self.pool)
-        stats = {"pool_generations": float(len(records)), "pool_kept": float(n),
-                 "pool_trait": sum(r["score"] for r in records) / max(len(records), 1),
-                 "pool_trait_kept": sum(r["score"] for r in self.pool) / n if n else 0.0,
-                 "pool_coherence": 1.0 - sum(records[i]["loop"] for i in kept) / n if n else 0.0,
-                 "pool_distinct": float(len(set(keys))),
-                 "pool_overlap": sum(key in self.pool_seen for key in keys) / n if n else 0.0}
-        self.pool_seen.update(keys)
         self._log_scalars({f"round/{key}": v for key, v in stats.items()})
-        rank_zero_info(f"round {k}: pool kept {n} of {len(records)} ({h.selection}), trait of kept "
-                       f"{stats['pool_trait_kept']:.3f}, {len(set(keys))} distinct, overlap with earlier "
-                       f"pools {stats['pool_overlap']:.3f}")
-        chosen = set(kept)
-        self._write_rows(f"pool_round_{k}.jsonl", [
-            {"round": k, "step": self.global_step, "prompt": r["prompt"], "completion": r["completion"],
-             "score": r["score"], "loop": r["loop"], "kept": i in chosen} for i, r in enumerate(records)])
+        rank_zero_info(f"round {k}: pool kept {len(kept)} of {len(records)} ({h.selection}), trait of kept "
+                       f"{stats['pool_trait_kept']:.3f}, {int(stats['pool_distinct'])} distinct, overlap "
+                       f"with earlier pools {stats['pool_overlap']:.3f}")
+        trait_rounds.write_round_file(self.trainer, f"pool_round_{k}.jsonl",
+                                      trait_rounds.pool_rows(k, self.global_step, records, kept))
         return stats
 
     def pool_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """The next training batch from the pool, on this rank, in place of the DataModule's `batch`.
-
-        The pool's examples are streamed through seeded shuffles (pass e: `Random("<pool_seed>-<pool
-        round>-<e>")`), cut into global batches of the DataModule's batch_size (this batch's size without a
-        DataModule that says); this rank takes its slice of the next one. A function of (pool round, batches
-        drawn), so a resumed run draws the same batches.
-        """
+        """The next training batch from the pool on this rank, in place of the DataModule's `batch`: its slice
+        of the next global batch of the DataModule's batch_size (this batch's size without a DataModule that
+        says) cut from seeded shuffles of the pool (`rounds.pool_batch`: a resumed run draws the same)."""
         dm = getattr(self.trainer, "datamodule", None)
         size = dm.per_rank_batch_size() if hasattr(dm, "per_rank_batch_size") else len(batch["completion_ids"])
-        n, world = len(self.pool), self.trainer.world_size
-        start = (self.pool_draws * world + self.global_rank) * size
-        orders: dict[int, list[int]] = {}
-        examples = []
-        for position in range(start, start + size):
-            e, i = divmod(position, n)
-            if e not in orders:
-                orders[e] = list(range(n))
-                random.Random(f"{self.hparams.pool_seed}-{self.pool_round}-{e}").shuffle(orders[e])
-            examples.append({key: self.pool[orders[e][i]][key] for key in TRAINING_KEYS})
+        out = rounds.pool_batch(self.pool, self.pool_draws, self.global_rank, self.trainer.world_size, size,
+                                self.hparams.pool_seed, self.pool_round, self.tokenizer.pad_token_id)
         self.pool_draws += 1
-        collated = DictCollator(self.tokenizer.pad_token_id)(examples)
-        return {key: v.to(self.device) if isinstance(v, Tensor) else v for key, v in collated.items()}
-
-    def _write_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # broadcasts: read on every rank
-        if self.trainer.is_global_zero:
-            out = Path(log_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            path = out / name
-            tmp = path.with_suffix(".jsonl.tmp")  # written whole, then renamed: a kill never leaves half a file
-            with tmp.open("w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            os.replace(tmp, path)
+        return {key: v.to(self.device) if isinstance(v, Tensor) else v for key, v in out.items()}
 
     def _log_scalars(self, metrics: dict[str, float]) -> None:
         # straight to the loggers: self.log from a hook is subject to log_every_n_steps and would drop rounds
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
-
-    def _log_table(self, k: int, rows: list[dict[str, Any]]) -> None:
-        def cell(text: str, width: int) -> str:
-            return text[-width:].replace("|", "\\|").replace("\n", " ")
-
-        def flag(value: Any) -> str:  # a keyword's flag as 0/1, a persona score to 2 decimals
-            return str(int(value)) if isinstance(value, bool) else f"{value:.2f}"
-
-        lines = ["| # | trait | loop | prompt (end) | completion |", "|---|---|---|---|---|"]
-        lines += [f"| {i} | {flag(r['trait'])} | {int(r['loop'])} | {cell(r['prompt'], 80)} | "
-                  f"{cell(r['completion'], 400)} |" for i, r in enumerate(rows[: self.hparams.table_rows])]
-        log_text(self, "round/generations", "\n".join(lines), step=k)
 
     # ----- optimisation and state -------------------------------------------------------------------------
     @torch.no_grad()
@@ -692,15 +450,10 @@ class SFTKLBarrier(L.LightningModule):
     @torch.no_grad()
     def sequence_divergences(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Every aggregator of the student's per-position KL to the base (`direction`), over each sequence's
-        own completion positions: {aggregate: [B]}.
-
-        What tau is compared with, per sequence rather than pooled over a batch (a batch of B sequences
-        dilutes one looping sequence ~B times under the mean, ~sqrt(B) times under rmse, not under max).
+        own completion positions: {aggregate: [B]} (`aggregate_kl_per_sequence`: what tau is compared with).
         Feed it teacher-forced generations flagged coherent or looping and pass the two lists of one
         aggregator to `suggest_tau` (benchmarks/kl_tau_calibration.py does both).
         """
         kl = per_position_kl(self.completion_logits(self.policy, batch), self.base_logits(batch),
                              self.hparams.direction)  # [B, C]
-        mask = self.loss_mask(batch).long()
-        return {how: torch.stack([aggregate_kl(kl[i : i + 1], mask[i : i + 1], how) for i in range(len(kl))])
-                for how in LOGGED_AGGREGATES}
+        return aggregate_kl_per_sequence(kl, self.loss_mask(batch).long(), LOGGED_AGGREGATES)
