@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_rlm.adapters import add_lora, frozen_copy, reference_logprobs
+from lightning_rlm.checks import check_at_least, check_positive
 from lightning_rlm.distributed import generator_states, own_generator
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses import group_advantages, policy_loss
@@ -144,16 +145,10 @@ class GRPO(L.LightningModule):
     ) -> None:
         super().__init__()
         # validate everything cheap before loading a model
-        if num_generations < 2:
-            raise ValueError(f"num_generations must be >= 2 (advantages are relative to the group), got {num_generations}")
-        if max_completion_length < 1:
-            raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
-        if num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        check_at_least(2, num_generations=num_generations)  # advantages are relative to the group
+        check_at_least(1, max_completion_length=max_completion_length, num_iterations=num_iterations)
+        check_at_least(0, beta=beta)
+        check_positive(temperature=temperature)
         rewards = default_rewards() if rewards is None else list(rewards)
         if not rewards:
             raise ValueError("rewards is empty: give at least one reward function")
@@ -352,55 +347,24 @@ class GRPO(L.LightningModule):
     def _log_train(self, gb: GroupBatch, stats: dict[str, Tensor], entropy: Tensor, loss: Tensor,
                    t_step: float) -> None:
         """Training metrics under TRL's GRPOTrainer names (README: "Logged names"), plus this framework's own."""
-        rollout, completions = gb.rollout, gb.completions
-        mask = rollout.completion_mask.bool()
-        G = self.hparams.num_generations
+        mask = gb.rollout.completion_mask.bool()  # [N, C]
         total = gb.rewards["total"]  # [N]
-        group_std = total.view(-1, G).std(dim=1)  # [B] TRL's reward_std: the std within each group
-        self.log("train/reward", total.mean(), prog_bar=True)
-        self.log("train/reward_std", group_std.mean())
-        self.log("train/frac_reward_zero_std", (group_std < 1e-6).float().mean())
-        for name, values in gb.rewards.items():
-            if name != "total":
-                self.log(f"train/rewards/{name}/mean", values.mean())
-                self.log(f"train/rewards/{name}/std", values.std())
-        self.log("train/loss", loss.detach())
-        for k, v in stats.items():
-            self.log(f"train/{TRL_STAT_NAMES.get(k, k)}", v, prog_bar=k == "kl")
-        self.log("train/entropy", entropy[mask].mean() if mask.any() else torch.tensor(0.0))
-        lengths = rollout.completion_lengths.float()  # [N]
-        self.log("train/completions/mean_length", lengths.mean())
-        self.log("train/completions/min_length", lengths.min())
-        self.log("train/completions/max_length", lengths.max())
-        self.log("train/completions/clipped_ratio", rollout.is_clipped.float().mean())  # hit max_completion_length
-        tokens = gb.batch["prompt_mask"].sum() * G + mask.sum()  # this rank's prompt + completion tokens
+        tokens = gb.batch["prompt_mask"].sum() * gb.rollout.num_generations + mask.sum()  # this rank's, all tokens
         step_tokens = int(self.trainer.strategy.reduce(tokens.float(), reduce_op="sum"))  # over all ranks
         self.num_tokens += step_tokens
-        self.log("train/num_tokens", float(self.num_tokens))
-        self.log("train/learning_rate", self.optimizers().param_groups[0]["lr"])
-        if gb.stats.get("grad_norm") is not None:
-            self.log("train/grad_norm", gb.stats["grad_norm"])
-        ids = [row[m].tolist() for row, m in zip(rollout.completion_ids, mask)]
-        self.log("train/jaccard", GroupJaccard(rollout.num_generations)(ids))
-        self.log("train/degenerate", DegenerateFlag(min_sentences=2.0)(completions))
-        self.log("time/generation_s", gb.generation_s)
-        self.log("time/step_s", t_step)
-        self.log("time/tokens_per_s", step_tokens / max(t_step, 1e-9))  # prompt + completion tokens, all ranks
-        if gb.teacher is not None:
-            self._log_teacher(gb)
+        metrics = {
+            **gb.reward_metrics(), **gb.completion_metrics(), **gb.teacher_metrics(), "loss": loss.detach(),
+            **{TRL_STAT_NAMES.get(k, k): v for k, v in stats.items()},
+            "entropy": entropy[mask].mean() if mask.any() else torch.tensor(0.0),
+            "num_tokens": float(self.num_tokens), "learning_rate": self.optimizers().param_groups[0]["lr"],
+            **({"grad_norm": gb.stats["grad_norm"]} if gb.stats.get("grad_norm") is not None else {}),
+        }
+        shown = ("reward", "kl")  # on the progress bar
+        self.log_dict({f"train/{k}": v for k, v in metrics.items() if k in shown}, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items() if k not in shown})
+        self.log_dict({"time/generation_s": gb.generation_s, "time/step_s": t_step,
+                       "time/tokens_per_s": step_tokens / max(t_step, 1e-9)})  # prompt + completion, all ranks
         self.log_dict(self.time_to.update(total.mean().item(), self.global_step))
-
-    def _log_teacher(self, gb: GroupBatch) -> None:
-        """The teacher's share of the batch, and reward and advantage of teacher vs student samples."""
-        teacher, total = gb.teacher, gb.rewards["total"]  # [N] each
-        self.log("train/teacher_frac", teacher.float().mean())
-        for side, sel in (("teacher", teacher), ("student", ~teacher)):
-            if sel.any():
-                self.log(f"train/reward_{side}", total[sel].mean())
-                self.log(f"train/advantage_{side}", gb.advantages[sel].mean())
-        if gb.teacher_kinds is not None and teacher.any():
-            hacks = [k.startswith("hack:") for k, t in zip(gb.teacher_kinds, teacher.tolist()) if t]
-            self.log("train/teacher_hack_frac", sum(hacks) / len(hacks))
 
     def on_train_start(self) -> None:
         self.time_to.start()
