@@ -1,15 +1,19 @@
-"""The one optimiser helper of every method: AdamW with linear warm-up, then a constant, cosine or linear rate."""
+"""The one optimiser helper of every method: AdamW with linear warm-up, then a constant, cosine or linear rate;
+and per-role parameter groups (`parameter_groups: {role: {"lr": ..., "weight_decay": ...}}`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Any, Literal
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
 
+from lightning_rlm.checks import check_at_least, check_one_of, check_positive
+
 Schedule = Literal["constant", "cosine", "linear"]
+GROUP_SETTINGS = ("lr", "weight_decay")  # what `parameter_groups` may set per role
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float, schedule: str) -> float:
@@ -46,6 +50,36 @@ def adamw_warmup_cosine(module: nn.Module, total_steps: float, lr: float, weight
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return adamw_warmup(groups, lr=lr, betas=betas, warmup_steps=warmup_steps, total_steps=total_steps,
                         min_lr_ratio=min_lr_ratio, schedule=lr_schedule)  # type: ignore[arg-type]
+
+
+def check_group_settings(parameter_groups: Optional[dict[str, dict[str, float]]], roles: Sequence[str]) -> None:
+    """`parameter_groups` names only `roles` and only the settings `lr` (> 0) and `weight_decay` (>= 0)."""
+    for role, settings in (parameter_groups or {}).items():
+        check_one_of("a parameter_groups role", role, tuple(roles))
+        for key, value in settings.items():
+            check_one_of(f"a parameter_groups[{role!r}] setting", key, GROUP_SETTINGS)
+            if key == "lr":
+                check_positive(**{f"parameter_groups.{role}.lr": value})
+            else:
+                check_at_least(0.0, **{f"parameter_groups.{role}.weight_decay": value})
+
+
+def role_param_groups(roles: dict[str, list[nn.Parameter]], parameter_groups: dict[str, dict[str, float]],
+                      lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups, per role of `roles` (each parameter in one role): one group of its trainable
+    matrices with the role's weight decay (named the role) and one of its vectors without (`<role>_no_decay`),
+    both with the role's lr; a role or setting that `parameter_groups` does not name takes `lr` /
+    `weight_decay`. Empty groups are left out; the :func:`adamw_warmup` schedule scales every group."""
+    groups: list[dict[str, Any]] = []
+    for role, params in roles.items():
+        params = [p for p in params if p.requires_grad]
+        role_lr = parameter_groups.get(role, {}).get("lr", lr)
+        wd = parameter_groups.get(role, {}).get("weight_decay", weight_decay)
+        for suffix, chosen, decay in (("", [p for p in params if p.dim() >= 2], wd),
+                                      ("_no_decay", [p for p in params if p.dim() < 2], 0.0)):
+            if chosen:
+                groups.append({"params": chosen, "lr": role_lr, "weight_decay": decay, "name": role + suffix})
+    return groups
 
 
 def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:

@@ -27,21 +27,18 @@ every position's thought, `diagonal` the context block + own-thought band (see
 `lightning_rlm/models/thought_attention.py`); both give the same loss and gradients.
 
 Padded batches: a batch may carry `attention_mask` [B, L] (1 real, 0 padding, left or right; missing means
-all real, as LMWindow's windows are). Padding is masked in the model (never attended, position ids count
-real tokens), and every mean above and in the logs is over real label positions only (mask 1 and label
-not -100), mask-weighted: sum(x * m) / sum(m). Thinking positions are columns shared by the batch, drawn
-among those holding a real token in some row; a thought at a row's padding has weight 0 everywhere (loss,
-reward, baseline, stats).
+all real, as LMWindow's windows are). Padding is masked in the model (`QuietStarLM.think`), thinking
+positions are columns that hold a real token in some row (`thinking_positions`), and every mean above and
+in the logs is over real label positions only (mask 1 and label not -100; `weighted_mean`): a thought at a
+row's padding has weight 0 everywhere (loss, reward, baseline, stats).
 
-Logs (train/ and val/): `nll` (the model's next-token NLL: mixed at thinking positions, base elsewhere;
-comparable with the LM baselines' `loss`), `nll_base` (the base path alone, all real positions),
-`nll_thought` and `nll_base_at_thought` (next token at thinking positions with and without the thought),
-`nll_post` (the post-thought prediction alone, before mixing),
-`gap` (their difference; < 0 means thoughts help) and `gap_easy|medium|hard` (by the base NLL of that
-token, edges `gap_buckets`), `talk_nll`, `reward`, `advantage_std`, `policy_loss`, `mix_weight`,
-`thought_entropy` and `thought_entropy_max`, `nll_interest` / `nll_base_interest` (at the thinking positions
-whose base NLL is in the top `1 - interest_percentile` of the batch), `talk_gate_open`; TensorBoard text `thoughts` (context → thought → prediction) and `samples` (a thinking
-generation with its thoughts shown).
+Logs (train/ and val/): `nll` (the model's own next-token NLL, comparable with the LM baselines' `loss`),
+`nll_base` (the base path alone), `nll_thought`, `nll_base_at_thought`, `gap` (< 0: thoughts help),
+`gap_easy|medium|hard` (edges `gap_buckets`), `nll_interest` / `nll_base_interest` (`interest_percentile`),
+all defined at `lightning_rlm.losses.quiet_star.next_token_metrics`; `nll_post` (the post-thought prediction
+alone, before mixing), `talk_nll`, `reward`, `advantage_std`, `policy_loss`, `mix_weight`, `thought_entropy`
+and `thought_entropy_max`, `talk_gate_open`, `null_reward`; TensorBoard text `thoughts` and `samples`
+(`lightning_rlm.rollout.thoughts`).
 """
 
 from __future__ import annotations
@@ -50,35 +47,32 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from lightning_rlm.checks import check_at_least, check_one_of, check_positive
 from lightning_rlm.distributed import generator_states, own_generator
 from lightning_rlm.logging_utils import log_text
-from lightning_rlm.losses import leave_one_out_baseline
+from lightning_rlm.losses.quiet_star import (
+    next_token_metrics,
+    reinforce_advantage,
+    talk_logprobs,
+    talk_nll,
+    talk_reward,
+    thought_entropy_stats,
+    thought_means,
+    token_logprobs,
+    weighted_mean,
+)
 from lightning_rlm.methods.token_window import TokenWindowSteps, VocabFromData
 from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.quiet_star_lm import (
-    THOUGHTS_FILE,
     MixingHead,
     QuietStarLM,
     ThinkingCausalLM,
     ThinkOutput,
+    thinking_positions,
 )
 from lightning_rlm.models.thought_attention import Engine
-
-
-def marker_init(lm: torch.nn.Module, ids: list[int], text: str, unk_id: Optional[int] = None) -> torch.Tensor:
-    """Mean input embedding of `text`'s tokens: the start value of <sot>/<eot>. A tokenizer that cannot
-    encode the text (nothing, or only its unknown token) is a clear error naming it."""
-    if not ids or (unk_id is not None and all(i == unk_id for i in ids)):
-        raise ValueError(f"thought_init_text {text!r} encodes to no known token with this tokenizer "
-                         f"(ids {ids}); set model.init_args.thought_init_text to a text it can encode")
-    weight = lm.get_input_embeddings().weight
-    if max(ids) >= weight.shape[0]:
-        raise ValueError(f"thought_init_text {text!r} has token id {max(ids)} outside the model's vocab "
-                         f"{weight.shape[0]}: the tokenizer does not belong to this model")
-    return weight[torch.tensor(ids)].detach().float().mean(0)
+from lightning_rlm.rollout.thoughts import thinking_continuations, thinking_sample, thought_lines
 
 
 class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
@@ -182,8 +176,7 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             from lightning_rlm.models.hf import load_policy
 
             lm, self.hf_tokenizer, _ = load_policy(model_name_or_path)
-            self.net = self._wrap(lm, self.hf_tokenizer.encode(thought_init_text, add_special_tokens=False),
-                                  self.hf_tokenizer.unk_token_id)
+            self.net = QuietStarLM.around(lm, self.hf_tokenizer, thought_init_text, embedding_grad_scale, mixing_head)
             self.hparams.vocab_size = lm.config.vocab_size  # the DataModule's tokenizer must fit in it
         elif vocab_size is not None:  # a checkpoint: the markers' start value is overwritten by its weights
             self._build(vocab_size)
@@ -201,22 +194,9 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
 
         from lightning_rlm.models.hf import config_from_dict
 
-        lm = AutoModelForCausalLM.from_config(config_from_dict(self.hparams.model_config, vocab_size))
-        tok, text = self.tokenizer, self.hparams.thought_init_text
-        if tok is None:
-            return self._wrap(lm, None, None)
-        try:
-            ids = tok.encode(text)
-        except ValueError as e:  # e.g. a char vocabulary without '-'
-            raise ValueError(f"thought_init_text {text!r} cannot be encoded by the DataModule's tokenizer "
-                             f"({e}); set model.init_args.thought_init_text to a text it can encode") from None
-        return self._wrap(lm, ids, getattr(getattr(tok, "hf", None), "unk_token_id", None))
-
-    def _wrap(self, lm: torch.nn.Module, init_ids: Optional[list[int]], unk_id: Optional[int]) -> QuietStarLM:
         h = self.hparams
-        init = marker_init(lm, init_ids, h.thought_init_text, unk_id) if init_ids is not None else None
-        lm.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
-        return QuietStarLM(lm, init, h.embedding_grad_scale, h.mixing_head)
+        lm = AutoModelForCausalLM.from_config(config_from_dict(h.model_config, vocab_size))
+        return QuietStarLM.around(lm, self.tokenizer, h.thought_init_text, h.embedding_grad_scale, h.mixing_head)
 
     def downstream_lms(self) -> dict[str, tuple[torch.nn.Module, Any]]:
         """What downstream evaluation scores (:mod:`lightning_rlm.callbacks.downstream`): ``base``, the base
@@ -227,16 +207,12 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         return {"base": (self.net.lm, tok), "thoughts": (thinking, tok)}
 
     def exportable_lm(self, adapter_mode: Optional[str] = None) -> ExportableLM:
-        """What `lightning-rlm export` writes: the LM with its trained weights (the base path, no thoughts), and
-        beside it `quiet_star.pt`: the thought markers, the mixing head and the thinking settings
-        (`QuietStarLM.from_export` rebuilds the thinking model). The tokenizer is the run's when the model
-        was built from a config (the DataModule's)."""
+        """What `lightning-rlm export` writes: the LM (base path) and beside it `quiet_star.pt`, the markers, the
+        mixing head and the thinking settings (`QuietStarLM.exportable`; `QuietStarLM.from_export` rebuilds the
+        thinking model). The tokenizer is the run's when the model was built from a config (the DataModule's)."""
         h = self.hparams
-        extras = {THOUGHTS_FILE: {**self.net.thought_state(), "thinking": {
-            "n_ahead": h.n_ahead, "n_talk": h.n_talk, "engine": h.engine,
-            "thought_temperature": h.thought_temperature}}}
-        return ExportableLM(self.net.lm, self.hf_tokenizer, extras=extras,
-                            description=f"the LM (base path); thought markers and mixing head in {THOUGHTS_FILE}")
+        return self.net.exportable(self.hf_tokenizer, n_ahead=h.n_ahead, n_talk=h.n_talk, engine=h.engine,
+                                   thought_temperature=h.thought_temperature)
 
     def setup(self, stage: str) -> None:
         self.build_from_data()  # a random model gets the tokenizer's vocab; a built one is checked against it
@@ -249,18 +225,10 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
 
     def thought_positions(self, length: int, generator: Optional[torch.Generator],
                           real: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[Lq] positions to think at in a window of `length` tokens. `real` [length] bool: the columns that
-        hold a real token in some row of the batch; the others (padding in every row) are never picked."""
+        """[Lq] positions to think at in a window of `length` tokens (`thinking_positions`: every think_every-th,
+        think_positions of them drawn; never a column that is padding in every row, `real` [length] bool)."""
         h = self.hparams
-        pos = torch.arange(0, length, h.think_every)
-        if real is not None:
-            keep = real.cpu()[pos]
-            if bool(keep.any()):  # a batch of padding only: think anywhere, every weight is 0 anyway
-                pos = pos[keep]
-        if h.think_positions is not None and h.think_positions < pos.numel():
-            pick = torch.randperm(pos.numel(), generator=generator, device=generator.device if generator else None)
-            pos = pos[pick[: h.think_positions].cpu()].sort().values
-        return pos.to(self.device)
+        return thinking_positions(length, h.think_every, h.think_positions, generator, real).to(self.device)
 
     # ----- objective ------------------------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, torch.Tensor], generator: Optional[torch.Generator],
@@ -268,10 +236,8 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         """Loss and detached statistics for windows {"input_ids", "labels"} [B, L] and, for padded batches,
         "attention_mask" [B, L] (1 real, 0 padding; missing: all real). `thought_tokens`
         [B * n_passes, Lq, n_ahead - 2] replaces sampling (tests run both engines on the same thoughts).
-
-        Padding is masked (see `QuietStarLM.think`) and every mean is over real label positions only: a label
-        counts where the attention mask is 1 and the label is not -100; a thought counts where its position's
-        label does, a talk target where its own label does too."""
+        Padding: see the module docstring; a thought counts where its position's label does, a talk target
+        where its own label does too."""
         h = self.hparams
         ids, labels = batch["input_ids"], batch["labels"]  # [B, L]
         B, L_ = ids.shape
@@ -279,119 +245,65 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         attention_mask = batch.get("attention_mask")  # [B, L] or None
         real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         label_ok = real & (labels != -100)  # [B, L] the positions every mean is over
-        if not h.use_reasoner:
-            return self.plain_lm_losses(ids, labels, attention_mask, label_ok)
+        if not h.use_reasoner:  # the plain LM through the same code: its next-token NLL over real labels
+            logits = self.net.plain_logits(ids, attention_mask)  # [B, L, V]
+            nll = weighted_mean(-token_logprobs(logits, labels), label_ok.float())  # -token_logprobs: 0 at -100
+            return {"loss": h.base_loss_beta * nll, "nll": nll.detach(), "nll_base": nll.detach()}, None
         positions = self.thought_positions(L_, generator, None if attention_mask is None else real.any(0))
         out = self.net.think(ids, positions, h.n_ahead, J, P, h.engine, h.thought_temperature, generator,
                              thought_tokens=thought_tokens, null_thought=h.null_thought_baseline,
                              attention_mask=attention_mask)
-        V = out.base_logits.shape[-1]
         Lq = positions.numel()
-        base_tok_nll = F.cross_entropy(out.base_logits.float().reshape(-1, V), labels.reshape(-1),
-                                       reduction="none").view(B, L_)  # [B, L] (0 at -100)
+        base_tok_nll = -token_logprobs(out.base_logits, labels)  # [B, L] (0 at -100)
         lw = label_ok.to(base_tok_nll.dtype)  # [B, L]
         pos_w = lw[:, positions]  # [B, Lq] thoughts at real label positions
+        thought_w = pos_w[:, None].expand(B, P, Lq)  # [B, P, Lq]
         targets = labels[:, out.talk_index]  # [B, Lq, J]
         # a talk target counts if it is inside the window and it and its thought's position are real labels
         valid = out.talk_valid[None] & label_ok[:, out.talk_index] & label_ok[:, positions, None]  # [B, Lq, J]
         valid = valid.float()
-        n_talk = (valid.sum() * P).clamp(min=1)
-        thought_w = pos_w[:, None].expand(B, P, Lq)  # [B, P, Lq]
-        n_thought = thought_w.sum().clamp(min=1)
-        n_pos = pos_w.sum().clamp(min=1)
-
-        def talk_logp(logits: torch.Tensor, rows: int) -> torch.Tensor:  # logits [B*rows, Lq, J, V]
-            tgt = targets.repeat_interleave(rows, 0)
-            return -F.cross_entropy(logits.float().reshape(-1, V), tgt.reshape(-1),
-                                    reduction="none").view(B, rows, Lq, J)
-
-        def over_thoughts(x: torch.Tensor) -> torch.Tensor:  # [B, P, Lq] -> mean over real thoughts
-            return (x * thought_w).sum() / n_thought
-
-        logp = talk_logp(out.talk_logits, P)  # [B, P, Lq, J]
-        talk_w = valid[:, None].expand(B, P, Lq, J)  # [B, P, Lq, J] which talk targets train p(y | z, x)
+        logp = talk_logprobs(out.talk_logits, targets)  # [B, P, Lq, J]
         with torch.set_grad_enabled(h.post_loss_beta != 0 and torch.is_grad_enabled()):
-            post_logp = talk_logp(out.post_logits, P)  # the thought's own prediction, before mixing
+            post_logp = talk_logprobs(out.post_logits, targets)  # the thought's own prediction, before mixing
         mixed = h.reward_logits == "mixed"
-        reward = ((logp if mixed else post_logp) * valid[:, None]).sum(-1).detach()  # [B, P, Lq]
-        post_nll = -(post_logp * valid[:, None]).sum() / n_talk
-        null_reward = None  # [B, Lq, 1]
+        reward = talk_reward(logp if mixed else post_logp, valid)  # [B, P, Lq]
+        null_reward = None  # [B, 1, Lq] the empty thought's
         if out.null_talk_logits is not None:
-            null_logp = talk_logp(out.null_talk_logits if mixed else out.null_post_logits, 1)  # [B, 1, Lq, J]
-            null_reward = (null_logp * valid[:, None]).sum(-1).transpose(1, 2)
-        beats_null = None  # [B, P, Lq] the thought's reward exceeds the empty thought's
-        if h.talk_gate:
-            beats_null = (reward > null_reward.transpose(1, 2)).float()
-            talk_w = talk_w * beats_null[..., None]
-        talk_nll = -(logp * talk_w).sum() / n_talk  # gated targets count as 0, the denominator stays all targets
-        # the baseline compares the P thoughts of one (row, position): put them on the last dim; a padding
-        # position's thoughts all have reward 0, so they never reach a real position's baseline
-        advantage = reward - leave_one_out_baseline(reward.transpose(1, 2), null_reward).transpose(1, 2)
+            null_reward = talk_reward(talk_logprobs(out.null_talk_logits if mixed else out.null_post_logits,
+                                                    targets), valid)
+        beats_null = (reward > null_reward).float() if h.talk_gate else None  # [B, P, Lq]
+        talk = talk_nll(logp, valid, beats_null)  # gated targets count as 0, the denominator stays all targets
+        post_nll = talk_nll(post_logp, valid)
+        # the baseline compares the P thoughts of one (row, position); a padding position's thoughts all have
+        # reward 0, so they never reach a real position's baseline
+        advantage = reinforce_advantage(reward, null_reward, dim=1)  # [B, P, Lq]
         if h.clamp_negative_advantage:
             advantage = advantage.clamp(min=0)
         thought_logp = out.thought_logprob.view(B, P, Lq, -1).sum(-1)  # [B, P, Lq]
-        policy_loss = -over_thoughts(advantage * thought_logp)
-        base_nll = (base_tok_nll * lw).sum() / lw.sum().clamp(min=1)
-        loss = h.base_loss_beta * base_nll + h.talk_loss_beta * talk_nll
+        policy_loss = -weighted_mean(advantage * thought_logp, thought_w)
+        base_nll = weighted_mean(base_tok_nll, lw)
+        loss = h.base_loss_beta * base_nll + h.talk_loss_beta * talk
         if h.post_loss_beta != 0:
             loss = loss + h.post_loss_beta * post_nll
         if h.n_ahead > 2 and h.policy_loss_beta != 0:
             loss = loss + h.policy_loss_beta * policy_loss
 
         with torch.no_grad():
-            nll_thought = -logp[..., 0].mean(1)  # [B, Lq] next token after the thought, mean over passes
-            nll_base_at = base_tok_nll[:, positions]  # [B, Lq]
-            gap = nll_thought - nll_base_at
-            # the model's own next-token NLL: mixed where it thinks, base elsewhere (real labels only)
-            nll = (((base_tok_nll * lw).sum() - (nll_base_at * pos_w).sum() + (nll_thought * pos_w).sum())
-                   / lw.sum().clamp(min=1))
-            sel_ok = pos_w.bool()  # [B, Lq]
             adv_real = advantage[thought_w.bool()]
-            entropy = out.thought_entropy.view(B, P, Lq, -1)  # [B, P, Lq, M]
-            stats = {
-                "loss": loss, "nll": nll, "nll_base": base_nll.detach(),
-                "nll_thought": (nll_thought * pos_w).sum() / n_pos,
-                "nll_base_at_thought": (nll_base_at * pos_w).sum() / n_pos, "gap": (gap * pos_w).sum() / n_pos,
-                "talk_nll": talk_nll.detach(), "nll_post": over_thoughts(-post_logp[..., 0]),
-                "post_nll": post_nll.detach(), "reward": over_thoughts(reward),
+            mix = None if out.mix_weight is None else out.mix_weight.view(B, P, Lq, J).mean(-1)  # [B, P, Lq]
+            stats = {  # nll: the model's own next-token NLL (mixed where it thinks, base elsewhere), gap, ...
+                "loss": loss, "nll_base": base_nll.detach(),
+                **next_token_metrics(base_tok_nll, lw, positions, -logp[..., 0].mean(1),  # mean over passes
+                                     h.gap_buckets, h.interest_percentile),
+                "talk_nll": talk.detach(), "post_nll": post_nll.detach(), "policy_loss": policy_loss.detach(),
                 "advantage_std": adv_real.std() if adv_real.numel() > 1 else adv_real.sum(),
-                "policy_loss": policy_loss.detach(),
-                "thought_entropy": over_thoughts(entropy.mean(-1)) if entropy.numel()
-                else torch.zeros((), device=self.device),
+                **thought_means(thought_w, nll_post=-post_logp[..., 0], reward=reward, mix_weight=mix,
+                                talk_gate_open=beats_null),  # mix_weight: mean over the J talk steps
+                **thought_entropy_stats(out.thought_entropy.view(B, P, Lq, -1), thought_w),
             }
-            lo, hi = h.gap_buckets
-            for name, sel in (("easy", nll_base_at < lo), ("medium", (nll_base_at >= lo) & (nll_base_at < hi)),
-                              ("hard", nll_base_at >= hi)):
-                sel = sel & sel_ok
-                if bool(sel.any()):
-                    stats[f"gap_{name}"] = gap[sel].mean()
-            if out.mix_weight is not None:  # [N, Lq, J, 1]: mean over the real thoughts' J talk steps
-                stats["mix_weight"] = over_thoughts(out.mix_weight.view(B, P, Lq, J).mean(-1))
             if null_reward is not None:
-                stats["null_reward"] = (null_reward[..., 0] * pos_w).sum() / n_pos
-            if beats_null is not None:
-                stats["talk_gate_open"] = over_thoughts(beats_null)
-            if entropy.numel():
-                stats["thought_entropy_max"] = entropy.amax(-1)[thought_w.bool()].max()
-            if bool(sel_ok.any()):  # tokens of interest: the hardest thinking positions for the base model
-                cut = torch.quantile(nll_base_at[sel_ok].float(), h.interest_percentile)
-                hard = sel_ok & (nll_base_at >= cut)
-                stats["nll_interest"] = nll_thought[hard].mean()
-                stats["nll_base_interest"] = nll_base_at[hard].mean()
+                stats["null_reward"] = weighted_mean(null_reward[:, 0], pos_w)
         return stats, out
-
-    def plain_lm_losses(self, ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                        label_ok: torch.Tensor) -> tuple[dict[str, torch.Tensor], None]:
-        """`use_reasoner: false`: the base LM's next-token NLL over real labels, nothing else."""
-        from lightning_rlm.models.decoding import position_ids_from_mask
-
-        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask,
-                                                    "position_ids": position_ids_from_mask(attention_mask)}
-        logits = self.net.lm(input_ids=ids, **kwargs).logits  # [B, L, V]
-        tok = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-        w = label_ok.to(tok.dtype)
-        nll = (tok * w).sum() / w.sum().clamp(min=1)
-        return {"loss": self.hparams.base_loss_beta * nll, "nll": nll.detach(), "nll_base": nll.detach()}, None
 
     # ----- training ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -435,43 +347,16 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         self.generator = own_generator(states, self.device) or self.generator
 
     # ----- samples ----------------------------------------------------------------------------------------
-    def _decode(self, ids: list[int]) -> str:
-        tok = self.tokenizer if self.tokenizer is not None else self.hf_tokenizer
-        return tok.decode(ids).replace("\n", "⏎").replace("`", "'")
-
-    @torch.no_grad()
-    def thought_lines(self, batch: dict[str, torch.Tensor], out: ThinkOutput, n: int,
-                      context_tokens: int = 12) -> list[str]:
-        """`context → ⟨thought⟩ → prediction (true, p base → p mixed)` for n thinking positions of row 0 (its
-        real tokens only when the batch has an attention mask)."""
-        ids, labels = batch["input_ids"][0], batch["labels"][0]
-        mask = batch.get("attention_mask")
-        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask[0].bool()
-        positions = out.talk_index[:, 0].tolist()
-        qs = [q for q, t in enumerate(positions) if bool(real[t])]
-        if not qs:
-            return []
-        picks = [qs[i] for i in torch.linspace(0, len(qs) - 1, min(n, len(qs))).long().unique().tolist()]
-        lines = []
-        for q in picks:
-            t = positions[q]
-            true = int(labels[t])
-            p_base = out.base_logits[0, t].float().softmax(-1)[true].item()
-            mixed = out.talk_logits[0, q, 0].float().softmax(-1)  # pass 0 of row 0
-            thought = self._decode(out.thought_tokens[0, q].tolist())
-            context = ids[: t + 1][real[: t + 1]][-context_tokens:]
-            lines.append(f"`{self._decode(context.tolist())}` → ⟨t⟩`{thought}`⟨/t⟩"
-                         f" → **`{self._decode([int(mixed.argmax())])}`** (true `{self._decode([true])}`, "
-                         f"p {p_base:.2f} → {mixed[true].item():.2f})")
-        return lines
+    def _text_tokenizer(self) -> Any:
+        return self.tokenizer if self.tokenizer is not None else self.hf_tokenizer
 
     def log_thoughts(self, batch: dict[str, torch.Tensor], out: ThinkOutput) -> None:
+        """TensorBoard text `thoughts`: context → thought → prediction at `sample_positions` positions of row 0."""
         if self.trainer.is_global_zero and self.hparams.sample_positions:
-            lines = self.thought_lines(batch, out, self.hparams.sample_positions)
+            lines = thought_lines(self._text_tokenizer(), batch, out, self.hparams.sample_positions)
             if lines:  # none when row 0 is all padding
                 log_text(self, "thoughts", "  \n".join(lines))
 
-    @torch.no_grad()
     @torch.no_grad()
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:
         """A thinking continuation (`sample_tokens` tokens, a thought before each) of the first quarter of each
@@ -480,26 +365,12 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         ids = batch["input_ids"]
         prompt = ids[:, : max(1, ids.shape[1] // 4)]  # [B, T0] (windows are unpadded)
         gen = torch.Generator(self.device).manual_seed(batch_idx)  # the same thoughts on every predict run
-        res = self.net.generate(prompt, max_new_tokens=h.sample_tokens or 24, n_ahead=h.n_ahead,
-                                thought_temperature=h.thought_temperature, generator=gen, return_thoughts=True)
-        return [{"prompt": self._decode(p.tolist()), "completion": self._decode(t.tolist()),
-                 "thoughts": [self._decode(z.tolist()) for z in zs]}
-                for p, t, zs in zip(prompt, res.tokens, res.thoughts)]
-
-    def sample_text(self, prompt: str, max_new_tokens: int) -> str:
-        """A thinking generation from `prompt`, each token preceded by its thought as ⟨…⟩."""
-        tok = self.tokenizer if self.tokenizer is not None else self.hf_tokenizer
-        ids = torch.tensor([tok.encode(prompt)], device=self.device)
-        gen = torch.Generator(self.device).manual_seed(0)
-        res = self.net.generate(ids, max_new_tokens=max_new_tokens, n_ahead=self.hparams.n_ahead,
-                                thought_temperature=self.hparams.thought_temperature, generator=gen,
-                                return_thoughts=True)
-        parts = [f"**{self._decode(ids[0].tolist())}**"]
-        for i, t in enumerate(res.tokens[0].tolist()):
-            parts.append(f"⟨{self._decode(res.thoughts[0, i].tolist())}⟩{self._decode([t])}")
-        return "".join(parts)
+        return thinking_continuations(self.net, self._text_tokenizer(), prompt, h.sample_tokens or 24, h.n_ahead,
+                                      h.thought_temperature, gen)
 
     def log_sample(self) -> None:
+        """TensorBoard text `samples`: a thinking generation of `sample_tokens` tokens from `sample_prompt`."""
         h = self.hparams
         if self.trainer.is_global_zero and h.sample_prompt and h.sample_tokens:
-            log_text(self, "samples", self.sample_text(h.sample_prompt, h.sample_tokens))
+            log_text(self, "samples", thinking_sample(self.net, self._text_tokenizer(), h.sample_prompt,
+                                                      h.sample_tokens, h.n_ahead, h.thought_temperature, self.device))

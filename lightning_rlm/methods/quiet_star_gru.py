@@ -46,21 +46,19 @@ The knobs of seed 001 added to the GRU experiments (`null_thought_baseline`, `tr
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lightning_rlm.checks import check_at_least, check_fraction, check_one_of, check_positive
+from lightning_rlm.checks import check_fraction, check_one_of, check_positive
 from lightning_rlm.logging_utils import log_text
-from lightning_rlm.losses import leave_one_out_baseline
+from lightning_rlm.losses.quiet_star import bound_advantage, reinforce_advantage, talk_targets, token_logprobs
 from lightning_rlm.methods.token_window import TokenWindowSteps, VocabFromData
-from lightning_rlm.models.quiet_star_gru import Combine, QuietStarGRUNet, QuietStarOutput
-from lightning_rlm.optim import adamw_warmup
-
-GROUP_ROLES = ("base", "reasoner", "interpreter", "heads")  # keys of parameter_groups
-GROUP_SETTINGS = ("lr", "weight_decay")
+from lightning_rlm.models.quiet_star_gru import GROUP_ROLES, Combine, QuietStarGRUNet, QuietStarOutput
+from lightning_rlm.optim import adamw_warmup, check_group_settings, role_param_groups
+from lightning_rlm.rollout.thoughts import gru_thought_lines
 
 
 class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
@@ -75,9 +73,8 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
             share one module ("AAAA": one model, "ABCD": all separate).
         share_lm_head: one output head for the base and thought paths (`concat` always has one).
         combine: `residual`, `concat`, `mix` (learned unsquashed weight, 0 at init) or `mix_sigmoid`.
-        gate_start, gate_warmup_steps: mix_sigmoid only: the gate is held near `gate_start` at first, as an
-            EMA that moves to the learned gate: w = b^s * gate_start + (1 - b^s) * sigmoid(a) at step s,
-            b = 0.01^(1 / gate_warmup_steps); from step gate_warmup_steps on, w = sigmoid(a).
+        gate_start, gate_warmup_steps: mix_sigmoid only: the gate is held near `gate_start` at first, an EMA
+            that reaches the learned gate at step gate_warmup_steps (`QuietStarGRUNet.gate_hold`).
         linear_lm_head: linear output heads (else a 2-layer MLP).
         use_reasoner: False: the plain base LM (the NLL baseline through the same code).
         use_base_lm: False: predict from the thought vector alone.
@@ -115,22 +112,17 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
             (thoughts are i.i.d., so any n); None: all K. Seed 001's `train_nll_num` (1, 2, 4 with
             trice_samples=4: "try training the NLL head less?"). The policy loss still uses all K
             and the logged `nll` is still the mean over all K; `nll_trained` logs the trained part.
-        reward_bound: bound b > 0 on the advantage A_k (reward minus baseline) that multiplies
-            log pi(z_k); None: unbounded. Seed 001: "I should clip the gradient or bound the reward ...
-            bound of +/- 0.1". As in Quiet-STaR's code, the "reward" bounded there is the baseline-
-            subtracted one: a bound on the raw log-likelihood (about -2 nats/char) would make every
-            thought's reward equal.
+        reward_bound: bound b > 0 on the advantage A_k (reward minus baseline, not the raw reward: see
+            `bound_advantage`) that multiplies log pi(z_k); None: unbounded. Seed 001: "I should clip the
+            gradient or bound the reward ... bound of +/- 0.1".
         reward_bound_mode: `clip` (clamp to [-b, b]) or `tanh` (b * tanh(A / b): smooth, ~A near 0).
     Optimisation and logging: as `LanguageModel` (AdamW, warmup + constant/cosine); `sample_every_n_steps`
         logs `sample_positions` thoughts of the current batch as TensorBoard text (0: never).
         parameter_groups: per-role AdamW settings, {role: {"lr": ..., "weight_decay": ...}} with roles
-            `base`, `reasoner`, `interpreter` (embedding and GRU each; the reasoner also its policy head)
-            and `heads` (LM heads, projection, concat/mix MLPs); an unnamed role or setting takes `lr` /
-            `weight_decay`, biases and other vectors are never decayed, the schedule scales every group.
-            A module shared by `weight_groups` belongs to the first of base, interpreter, reasoner
-            (naming two roles that share one with different settings is an error). None: one lr and
-            weight decay for all, as before. Seed 001 records only `parameter_groups=1`, tried "to fix the
-            model performance degrading as reasoner/interpreter increases in size", not its groups or rates.
+            `base`, `reasoner`, `interpreter` and `heads` (`QuietStarGRUNet.parameter_roles`; the groups:
+            `lightning_rlm.optim.role_param_groups`). None: one lr and weight decay for all, as before.
+            Seed 001 records only `parameter_groups=1`, tried "to fix the model performance degrading as
+            reasoner/interpreter increases in size", not its groups or rates.
         log_thought_entropy_max: also log `thought_entropy_max`, the largest per-step entropy of the
             reasoner's policy over the batch's sampled thought steps (seed 001: "I need to fix the mean
             reasoning entropy calculation. Maybe look at max instead.").
@@ -188,14 +180,7 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
         check_one_of("reward_bound_mode", reward_bound_mode, ("clip", "tanh"))
         if train_nll_num is not None and not 1 <= train_nll_num <= trice_samples:
             raise ValueError(f"train_nll_num must be in [1, trice_samples={trice_samples}], got {train_nll_num}")
-        for role, settings in (parameter_groups or {}).items():
-            check_one_of("a parameter_groups role", role, GROUP_ROLES)
-            for key, value in settings.items():
-                check_one_of(f"a parameter_groups[{role!r}] setting", key, GROUP_SETTINGS)
-                if key == "lr":
-                    check_positive(**{f"parameter_groups.{role}.lr": value})
-                else:
-                    check_at_least(0.0, **{f"parameter_groups.{role}.weight_decay": value})
+        check_group_settings(parameter_groups, GROUP_ROLES)
         if max_reasoning_len < 0 or trice_samples < 1 or n_talk < 1 or thought_temperature <= 0:
             raise ValueError(f"need max_reasoning_len >= 0, trice_samples >= 1, n_talk >= 1 and "
                              f"thought_temperature > 0; got {max_reasoning_len}, {trice_samples}, {n_talk}, "
@@ -231,19 +216,13 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         self.net.load_gru_lm(ckpt.get("state_dict", ckpt), role)
 
-    def gate_hold(self) -> float:
-        """Weight of `gate_start` in the sigmoid gate at the current step (see the class docstring)."""
-        h = self.hparams
-        if h.combine != "mix_sigmoid" or h.gate_start is None or self.global_step >= h.gate_warmup_steps:
-            return 0.0
-        return 0.01 ** (self.global_step / h.gate_warmup_steps)
-
     def forward(self, input_ids: torch.Tensor, reasoner_grad: bool = False) -> QuietStarOutput:
         h = self.hparams
         return self.net(
             input_ids, trice_samples=h.trice_samples, max_reasoning_len=h.max_reasoning_len,
             variable_len=h.variable_len, temperature=h.thought_temperature, reasoner_grad=reasoner_grad,
-            n_talk=h.n_talk, gate_hold=self.gate_hold(), gate_start=h.gate_start or 0.5,
+            n_talk=h.n_talk, gate_hold=self.net.gate_hold(self.global_step, h.gate_start, h.gate_warmup_steps),
+            gate_start=h.gate_start or 0.5,
             null_thought=h.null_thought_baseline and h.use_reasoner,
         )
 
@@ -252,18 +231,12 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
         """Loss and detached statistics for one batch of windows {"input_ids", "labels"} [B, T]."""
         h = self.hparams
         ids, labels = batch["input_ids"], batch["labels"]  # [B, T]
-        B, T = ids.shape
         reasoner_grad = (self.training and h.use_reasoner and h.policy_loss_beta != 0
                          and h.max_reasoning_len > 0)
         out = self(ids, reasoner_grad=reasoner_grad)
-        J, _, _, K, V = out.logits.shape
-        # targets x_{t+1+j}: labels shifted by j; positions past the window are masked
-        pos = torch.arange(T, device=ids.device)
-        shifted = torch.stack([labels[:, (pos + j).clamp(max=T - 1)] for j in range(J)])  # [J, B, T]
-        in_window = torch.stack([pos + j < T for j in range(J)])[:, None, :, None]  # [J, 1, T, 1]
-        token_logp = -F.cross_entropy(out.logits.float().reshape(-1, V),
-                                      shifted[..., None].expand(J, B, T, K).reshape(-1),
-                                      reduction="none").view(J, B, T, K)  # [J, B, T, K]
+        J, B, T, K, V = out.logits.shape
+        shifted, in_window = talk_targets(labels, J)  # [J, B, T] x_{t+1+j}; [J, 1, T, 1] inside the window
+        token_logp = token_logprobs(out.logits, shifted[..., None].expand(J, B, T, K))  # [J, B, T, K]
         nll = -token_logp[0].mean()
         stats: dict[str, torch.Tensor] = {"nll": nll.detach()}
         nll_trained = nll
@@ -281,25 +254,18 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
             reward = reward - h.length_penalty * th.lengths - h.punish_unfinished * th.unfinished.float()
             null_reward = None  # [B, T, 1]: the empty thought's reward (no length, never unfinished)
             if out.null_logits is not None:
-                null_logp = -F.cross_entropy(out.null_logits.float().reshape(-1, V), shifted.reshape(-1),
-                                             reduction="none").view(J, B, T)
+                null_logp = token_logprobs(out.null_logits, shifted)  # [J, B, T]
                 null_reward = (null_logp * in_window[..., 0]).sum(0)[..., None].detach()
                 stats["null_reward"] = null_reward.mean()
-            advantage = reward - leave_one_out_baseline(reward, null_reward)  # [B, T, K]
+            advantage = reinforce_advantage(reward, null_reward)  # [B, T, K]
             if h.reward_bound is not None:
-                b = h.reward_bound
-                stats["frac_bounded"] = (advantage.abs() > b).float().mean()
-                advantage = advantage.clamp(-b, b) if h.reward_bound_mode == "clip" else b * torch.tanh(advantage / b)
+                advantage, stats["frac_bounded"] = bound_advantage(advantage, h.reward_bound, h.reward_bound_mode)
             policy_loss = -(advantage * th.logprob).mean()
-            n_sampled = th.n_sampled.sum().clamp(min=1)
-            entropy = th.entropy.sum() / n_sampled  # mean over sampled thought steps
+            entropy = th.mean_entropy()  # over sampled thought steps
             if reasoner_grad:
                 loss = loss + h.policy_loss_beta * (policy_loss - h.entropy_encouragement_coef * entropy)
-            stats.update(
-                policy_loss=policy_loss.detach(), reward=reward.mean(), advantage_std=advantage.std(),
-                thought_len=th.lengths.float().mean(), frac_empty=(th.lengths == 0).float().mean(),
-                frac_unfinished=th.unfinished.float().mean(), thought_entropy=entropy.detach(),
-            )
+            stats.update(policy_loss=policy_loss.detach(), reward=reward.mean(), advantage_std=advantage.std(),
+                         **th.stats(), thought_entropy=entropy.detach())
             if h.log_thought_entropy_max:
                 stats["thought_entropy_max"] = th.entropy_max.max()
         if out.mix_weight is not None:
@@ -308,34 +274,14 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
         return stats
 
     # ----- optimisation -----------------------------------------------------------------------------------
-    def optimizer_groups(self) -> list[dict[str, Any]]:
-        """AdamW parameter groups from `parameter_groups`: per role (see `QuietStarGRUNet.parameter_roles`) one
-        group of matrices with the role's weight decay and one of vectors without, each with the role's lr."""
-        h = self.hparams
-        settings = h.parameter_groups or {}
-        roles = self.net.parameter_roles()
-        for p in roles["base"] + roles["interpreter"]:  # a shared module: its roles' settings must agree
-            named = {r: settings[r] for r in self.net.roles_sharing(p) if r in settings}
-            if len({tuple(sorted(s.items())) for s in named.values()}) > 1:
-                raise ValueError(f"parameter_groups gives different settings to {' and '.join(named)}, which share "
-                                 f"modules (weight_groups={h.weight_groups!r}); give them the same or name one")
-        groups = []
-        for role, params in roles.items():
-            params = [p for p in params if p.requires_grad]
-            lr = settings.get(role, {}).get("lr", h.lr)
-            wd = settings.get(role, {}).get("weight_decay", h.weight_decay)
-            for suffix, chosen, decay in (("", [p for p in params if p.dim() >= 2], wd),
-                                          ("_no_decay", [p for p in params if p.dim() < 2], 0.0)):
-                if chosen:
-                    groups.append({"params": chosen, "lr": lr, "weight_decay": decay, "name": role + suffix})
-        return groups
-
     def configure_optimizers(self):
         h = self.hparams
         if h.parameter_groups is None:  # one lr and weight decay for every parameter
             return super().configure_optimizers()
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
-        return adamw_warmup(self.optimizer_groups(), lr=h.lr, weight_decay=h.weight_decay, betas=h.betas,
+        self.net.check_shared_settings(h.parameter_groups)  # per role, see `QuietStarGRUNet.parameter_roles`
+        groups = role_param_groups(self.net.parameter_roles(), h.parameter_groups, h.lr, h.weight_decay)
+        return adamw_warmup(groups, lr=h.lr, weight_decay=h.weight_decay, betas=h.betas,
                             warmup_steps=h.warmup_steps, total_steps=total, min_lr_ratio=h.min_lr_ratio,
                             schedule=h.lr_schedule)
 
@@ -364,40 +310,14 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
 
     # ----- samples ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def thought_samples(self, input_ids: torch.Tensor, labels: torch.Tensor, n: int = 4,
-                        context_chars: int = 40) -> list[str]:
-        """Markdown lines `context → ⟨thought⟩ → prediction (true next)` for n positions of one window [T]."""
-        tok = self.tokenizer
-        was_training = self.training
-        self.eval()
-        out = self(input_ids[None])  # B = 1
-        self.train(was_training)
-        T = input_ids.size(0)
-        positions = torch.linspace(T // 4, T - 1, n).long().unique().tolist()
-
-        def show(ids: list[int]) -> str:
-            return tok.decode(ids).replace("\n", "⏎").replace("`", "'")
-
-        lines = []
-        for t in positions:
-            ctx = show(input_ids[: t + 1].tolist())[-context_chars:]
-            logp = out.logits[0, 0, t, 0].float().log_softmax(-1)  # [V], first thought
-            pred = show([int(logp.argmax())])
-            true = int(labels[t])
-            line = f"`{ctx}`"
-            if out.thoughts is not None:
-                th = out.thoughts
-                length = int(th.lengths[0, t, 0])
-                thought = show(th.tokens[0, t, 0, :length].tolist()) if length else ""
-                end = "…" if bool(th.unfinished[0, t, 0]) else "⟨/t⟩"
-                line += f" → ⟨t⟩`{thought}`{end}"
-            line += f" → **`{pred}`** (true `{show([true])}`, p={logp[true].exp().item():.2f})"
-            lines.append(line)
-        return lines
-
     def log_thoughts(self, batch: dict[str, torch.Tensor]) -> None:
+        """`sample_positions` thoughts of the batch's first window (an eval-mode forward) as TensorBoard text."""
         if not self.trainer.is_global_zero or self.tokenizer is None:
             return
-        n = self.hparams.sample_positions
-        lines = self.thought_samples(batch["input_ids"][0], batch["labels"][0], n)
+        ids, labels = batch["input_ids"][0], batch["labels"][0]  # [T]
+        was_training = self.training
+        self.eval()
+        out = self(ids[None])  # B = 1
+        self.train(was_training)
+        lines = gru_thought_lines(self.tokenizer, ids, labels, out, self.hparams.sample_positions)
         log_text(self, "thoughts", "  \n".join(lines))  # two trailing spaces keep markdown line breaks

@@ -39,6 +39,7 @@ from torch import nn
 from lightning_rlm.models.decoding import sample_categorical
 
 ROLES = ("base", "reasoner", "interpreter")
+GROUP_ROLES = (*ROLES, "heads")  # the keys of `parameter_roles` (and of a method's `parameter_groups`)
 Combine = Literal["residual", "concat", "mix", "mix_sigmoid"]
 
 
@@ -90,6 +91,15 @@ class Thoughts:
     n_sampled: torch.Tensor  # sampled steps (thought tokens plus a sampled end of thought)
     vector: torch.Tensor  # [N, Hi] interpreter state after reading the thought
     entropy_max: torch.Tensor  # largest policy entropy over sampled steps, detached (0 when none sampled)
+
+    def mean_entropy(self) -> torch.Tensor:
+        """The policy's entropy averaged over every sampled step of every thought (with `entropy`'s graph)."""
+        return self.entropy.sum() / self.n_sampled.sum().clamp(min=1)
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """The thoughts' shape: mean length `thought_len`, fractions `frac_empty` and `frac_unfinished`."""
+        return {"thought_len": self.lengths.float().mean(), "frac_empty": (self.lengths == 0).float().mean(),
+                "frac_unfinished": self.unfinished.float().mean()}
 
 
 @dataclass
@@ -230,7 +240,8 @@ class QuietStarGRUNet(nn.Module):
         """Every parameter once, by role: `base`, `interpreter`, `reasoner` (their embeddings and GRUs; the
         reasoner's policy head) and `heads` (everything else: LM heads, projection, concat / mix MLPs). A
         module that `weight_groups` shares goes to the first of its roles in the order base, interpreter,
-        reasoner (with AAAA the reasoner keeps only its policy head, as in `reasoner_only_parameters`)."""
+        reasoner (with AAAA the reasoner keeps only its policy head, as in `reasoner_only_parameters`), so
+        roles that share one must not be given different optimiser settings (`check_shared_settings`)."""
         seen: set[int] = set()
         out: dict[str, list[nn.Parameter]] = {}
         for role in ("base", "interpreter", "reasoner"):
@@ -243,6 +254,16 @@ class QuietStarGRUNet(nn.Module):
     def roles_sharing(self, p: nn.Parameter) -> list[str]:
         """The roles whose embedding, GRU or policy head hold parameter p (empty for the heads)."""
         return [r for r in self.roles if any(q is p for q in self.role_parameters(r))]
+
+    def check_shared_settings(self, parameter_groups: dict[str, dict[str, float]]) -> None:
+        """Per-role optimiser settings {role: {setting: value}} must agree for the roles that share a module:
+        a shared module has one set of settings (it goes to the first of its roles, see `parameter_roles`)."""
+        roles = self.parameter_roles()
+        for p in roles["base"] + roles["interpreter"]:
+            named = {r: parameter_groups[r] for r in self.roles_sharing(p) if r in parameter_groups}
+            if len({tuple(sorted(s.items())) for s in named.values()}) > 1:
+                raise ValueError(f"parameter_groups gives different settings to {' and '.join(named)}, which share "
+                                 f"modules (weight_groups={self.weight_groups!r}); give them the same or name one")
 
     def reasoner_only_parameters(self) -> list[nn.Parameter]:
         """Parameters that only the reasoner uses (they learn from the policy loss alone)."""
@@ -326,6 +347,15 @@ class QuietStarGRUNet(nn.Module):
                 break
         return Thoughts(tokens=tokens, lengths=lengths, unfinished=unfinished, logprob=logprob, entropy=entropy,
                         n_sampled=n_sampled, vector=i[-1], entropy_max=entropy_max)
+
+    def gate_hold(self, step: int, gate_start: Optional[float], warmup_steps: int) -> float:
+        """Weight b^s of `gate_start` in the `mix_sigmoid` gate at training step s (see `combine_heads`), an
+        EMA from the start value to the learned gate: w = b^s * gate_start + (1 - b^s) * sigmoid(a) with
+        b = 0.01^(1 / warmup_steps); 0 (w = sigmoid(a)) from warmup_steps on, without a start value, or for
+        another `combine`."""
+        if self.combine != "mix_sigmoid" or gate_start is None or step >= warmup_steps:
+            return 0.0
+        return 0.01 ** (step / warmup_steps)
 
     def combine_heads(self, h: Optional[torch.Tensor], v: torch.Tensor, gate_hold: float = 0.0,
                       gate_start: float = 0.5) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

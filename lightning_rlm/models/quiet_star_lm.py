@@ -52,10 +52,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_rlm.models.decoding import position_ids_from_mask, sample_categorical
+from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.static_cache import StaticCacheDecoder
 from lightning_rlm.models.thought_attention import Engine, ThoughtAttentionState, use_thought_attention
 
-__all__ = ["MixingHead", "QuietStarLM", "ThinkOutput", "ThinkingCausalLM", "ThinkingGeneration"]
+__all__ = ["MixingHead", "QuietStarLM", "ThinkOutput", "ThinkingCausalLM", "ThinkingGeneration", "marker_init",
+           "thinking_positions"]
 
 MixingHead = Literal["sigmoid", "linear", "off"]
 THOUGHTS_FILE = "quiet_star.pt"  # beside an exported LM: the markers and the mixing head (`thought_state`)
@@ -119,6 +121,29 @@ class QuietStarLM(nn.Module):
             start = math.log(0.01 / 0.99) if mixing_head == "sigmoid" else 0.0  # w = 0.01 or exactly 0
             nn.init.constant_(self.mixing_head[-1].bias, start)
 
+    @classmethod
+    def around(cls, lm: nn.Module, tokenizer: Any, init_text: str, embedding_grad_scale: float = 100.0,
+               mixing_head: MixingHead = "sigmoid") -> QuietStarLM:
+        """`lm` wrapped and set to training mode (`from_pretrained` returns eval mode; Lightning keeps submodule
+        modes as found), both markers starting at `marker_init` of `init_text` as `tokenizer` encodes it: a
+        Hugging Face tokenizer (no special tokens), or a DataModule's tokenizer (`lightning_rlm.data`: a text
+        it cannot encode is a clear error); None: zeros (a checkpoint's weights replace them)."""
+        from transformers import PreTrainedTokenizerBase
+
+        init = None
+        if isinstance(tokenizer, PreTrainedTokenizerBase):
+            ids = tokenizer.encode(init_text, add_special_tokens=False)
+            init = marker_init(lm, ids, init_text, tokenizer.unk_token_id)
+        elif tokenizer is not None:
+            try:
+                ids = tokenizer.encode(init_text)
+            except ValueError as e:  # e.g. a char vocabulary without '-'
+                raise ValueError(f"thought_init_text {init_text!r} cannot be encoded by the DataModule's tokenizer "
+                                 f"({e}); set model.init_args.thought_init_text to a text it can encode") from None
+            init = marker_init(lm, ids, init_text, getattr(getattr(tokenizer, "hf", None), "unk_token_id", None))
+        lm.train()
+        return cls(lm, init, embedding_grad_scale, mixing_head)
+
     # ----- pieces ---------------------------------------------------------------------------------------
     def marker(self, which: Literal["start", "end"]) -> Tensor:
         p = self.start_param if which == "start" else self.end_param
@@ -154,6 +179,14 @@ class QuietStarLM(nn.Module):
                 "mixing_head": None if head is None else {k: v.detach().cpu().clone()
                                                           for k, v in head.state_dict().items()}}
 
+    def exportable(self, tokenizer: Any = None, **thinking: Any) -> ExportableLM:
+        """What `lightning-rlm export` writes: the LM (the base path, no thoughts) with `tokenizer` (None: the
+        run's), and beside it `THOUGHTS_FILE`: `thought_state` plus the thinking settings `thinking` (e.g.
+        n_ahead, n_talk, engine, thought_temperature) under "thinking"; `from_export` reads it back."""
+        extras = {THOUGHTS_FILE: {**self.thought_state(), "thinking": thinking}}
+        return ExportableLM(self.lm, tokenizer, extras=extras,
+                            description=f"the LM (base path); thought markers and mixing head in {THOUGHTS_FILE}")
+
     @classmethod
     def from_export(cls, directory: str | os.PathLike, **from_pretrained_kwargs: Any) -> QuietStarLM:
         """The model of an exported folder: the LM (`AutoModelForCausalLM.from_pretrained(directory, ...)`) and
@@ -178,6 +211,13 @@ class QuietStarLM(nn.Module):
                              "shorten block_size, n_ahead or n_talk")
 
     # ----- training forward -----------------------------------------------------------------------------
+    def plain_logits(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """The LM alone, no thoughts: next-token logits [B, L, V] of input_ids [B, L]; with `attention_mask`
+        [B, L] padding is masked and position ids count real tokens, as in `think`."""
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask,
+                                                    "position_ids": position_ids_from_mask(attention_mask)}
+        return self.lm(input_ids=input_ids, **kwargs).logits
+
     def think(self, input_ids: Tensor, positions: Tensor, n_ahead: int, n_talk: int, passes: int = 1,
               engine: Engine = "diagonal", temperature: float = 1.0, generator: Optional[torch.Generator] = None,
               thought_tokens: Optional[Tensor] = None, null_thought: bool = False,
@@ -351,6 +391,42 @@ class QuietStarLM(nn.Module):
             thoughts=torch.stack(thoughts, 1) if return_thoughts else None,
             logits=torch.stack(all_logits, 1) if output_logits else None,
         )
+
+
+# ----- what the training method feeds the model: marker start values, thinking positions --------------------
+def marker_init(lm: nn.Module, ids: list[int], text: str, unk_id: Optional[int] = None) -> Tensor:
+    """Mean input embedding of `text`'s tokens `ids`: the start value [D] of <sot>/<eot> (the paper's "---").
+    A tokenizer that cannot encode the text (nothing, or only its unknown token `unk_id`) is a clear error
+    naming it, and so is an id outside the model's vocabulary."""
+    if not ids or (unk_id is not None and all(i == unk_id for i in ids)):
+        raise ValueError(f"thought_init_text {text!r} encodes to no known token with this tokenizer "
+                         f"(ids {ids}); set model.init_args.thought_init_text to a text it can encode")
+    weight = lm.get_input_embeddings().weight  # [V, D]
+    if max(ids) >= weight.shape[0]:
+        raise ValueError(f"thought_init_text {text!r} has token id {max(ids)} outside the model's vocab "
+                         f"{weight.shape[0]}: the tokenizer does not belong to this model")
+    return weight[torch.tensor(ids)].detach().float().mean(0)
+
+
+def thinking_positions(length: int, every: int = 1, count: Optional[int] = None,
+                       generator: Optional[torch.Generator] = None, real: Optional[Tensor] = None) -> Tensor:
+    """[Lq] positions to think at in a window of `length` tokens, on the CPU: 0, every, 2 * every, ..., and of
+    those `count` drawn with `generator` (sorted; None: all). `real` [length] bool: the columns that hold a
+    real token in some row of the batch; the others (padding in every row) are never picked, unless no
+    column is real (then every weight is 0 anyway).
+
+    >>> thinking_positions(10, 2, real=torch.arange(10) >= 3).tolist()
+    [4, 6, 8]
+    """
+    pos = torch.arange(0, length, every)
+    if real is not None:
+        keep = real.cpu()[pos]
+        if bool(keep.any()):
+            pos = pos[keep]
+    if count is not None and count < pos.numel():
+        pick = torch.randperm(pos.numel(), generator=generator, device=generator.device if generator else None)
+        pos = pos[pick[:count].cpu()].sort().values
+    return pos
 
 
 class ThinkingCausalLM(nn.Module):
