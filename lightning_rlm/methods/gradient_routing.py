@@ -56,13 +56,11 @@ from lightning_rlm.methods.grpo import GRPO
 from lightning_rlm.rewards import RewardFn, with_task_rewards
 from lightning_rlm.rollout import TextRollout
 from lightning_rlm.rollout.group import GroupBatch
+from lightning_rlm.tasks.code_hack import CodeLoophole
 from lightning_rlm.tasks.reward_hack import ELIGIBLE_FIELD, HackLabels, RewardHackTask, hack_rewards
 
 __all__ = ["GradientRouting"]
 
-# logged per split and adapter mode as f"{split}/{mode}/{name}"
-_EVAL_METRICS = ("reward", "reward_eligible", "reward_ineligible", "happy_eligible", "happy_ineligible",
-                 "total", "completion_length")
 
 
 class GradientRouting(RewardHackTask, GRPO):
@@ -77,6 +75,11 @@ class GradientRouting(RewardHackTask, GRPO):
         hack_word: the rewarded word ("happy"). hack_bonus: weight of its count on eligible prompts.
         routing_frac: share of true hacks the detector flags. label_noise_frac: share of clean ones it flags.
         eval_modes: adapter modes sampled at every validation (any of both, retain_only, forget_only, base).
+        hack_task: another hack than the word (None: the word task of ``hack_word`` / ``hack_bonus``), e.g.
+            :class:`~lightning_rlm.tasks.code_hack.CodeLoophole` on the coding substrate: its reward term, its
+            detector as the hack label that routing reads (``routing_frac`` / ``label_noise_frac`` as for the
+            word), and, when ``rewards`` is None, its base reward (the honest grader). Its labels are logged
+            under its ``metric_name`` (``val/<mode>/hack_eligible``, ...) with its extra metrics.
     """
 
     fixed_args = ("lora_rank", "lora_alpha")
@@ -100,6 +103,7 @@ class GradientRouting(RewardHackTask, GRPO):
         routing_frac: float = 1.0,
         label_noise_frac: float = 0.0,
         eval_modes: tuple[str, ...] = ADAPTER_MODES,
+        hack_task: Optional[CodeLoophole] = None,
         repetition_penalty: float = 1.1,
         beta: float = 0.05,
         lr: float = 3e-4,
@@ -109,11 +113,16 @@ class GradientRouting(RewardHackTask, GRPO):
                             label_noise_frac=label_noise_frac)
         if not eval_modes or any(m not in ADAPTER_MODES for m in eval_modes):
             raise ValueError(f"eval_modes must be a non-empty subset of {ADAPTER_MODES}, got {eval_modes!r}")
-        rewards, weights = with_task_rewards(rewards, reward_weights, hack_rewards(hack_word, hack_bonus))
+        if hack_task is None:
+            hacks = hack_rewards(hack_word, hack_bonus)
+        else:
+            hacks = hack_task.rewards()
+            rewards = hack_task.base_rewards() if rewards is None else rewards
+        rewards, weights = with_task_rewards(rewards, reward_weights, hacks)
         # the reference is the same model with both adapters off (build_policy makes no frozen copy)
         super().__init__(rewards=rewards, reward_weights=weights, repetition_penalty=repetition_penalty, beta=beta,
                          lr=lr, lora_rank=None, lora_alpha=None, use_rslora=use_rslora, **grpo_args)
-        self.init_task(num_base_rewards=len(rewards) - 1)
+        self.init_task(num_base_rewards=len(rewards) - len(hacks), hack_task=hack_task)
         self.detector_generator: Optional[torch.Generator] = None
 
     def build_policy(self, policy: nn.Module) -> tuple[DualLoRAModel, None]:
@@ -168,7 +177,9 @@ class GradientRouting(RewardHackTask, GRPO):
             self.log("train/detector_recall", (flagged & hacked).float().sum() / hacked.sum())
         for side, sel in (("eligible", labels.eligible), ("ineligible", ~labels.eligible)):
             if sel.any():
-                self.log(f"train/happy_{side}", labels.hack_count[sel].mean())
+                self.log(f"train/{self.hack_metric}_{side}", labels.hack_count[sel].mean())
+        for name, values in labels.extra.items():
+            self.log(f"train/{name}", values.mean())
 
     def train_rollout(self, gb: GroupBatch) -> TextRollout:
         out = super().train_rollout(gb)
@@ -178,14 +189,17 @@ class GradientRouting(RewardHackTask, GRPO):
         return out
 
     # ----- evaluation in four adapter modes --------------------------------------------------------------
-    def eval_metric_names(self) -> tuple[str, ...]:
-        return _EVAL_METRICS
+    def eval_metric_names(self) -> tuple[str, ...]:  # logged per split and mode as f"{split}/{mode}/{name}"
+        hack = self.hack_metric
+        return ("reward", "reward_eligible", "reward_ineligible", f"{hack}_eligible", f"{hack}_ineligible",
+                "total", "completion_length", *self.extra_label_names())
 
     def eval_metrics(self, rewards: dict[str, Tensor], labels: HackLabels, lengths: Tensor) -> dict[str, Tensor]:
         base, eligible, counts = rewards["base"], labels.eligible, labels.hack_count  # [N] each
+        hack = self.hack_metric
         return {"reward": base, "reward_eligible": base[eligible], "reward_ineligible": base[~eligible],
-                "happy_eligible": counts[eligible], "happy_ineligible": counts[~eligible],
-                "total": rewards["total"], "completion_length": lengths}
+                f"{hack}_eligible": counts[eligible], f"{hack}_ineligible": counts[~eligible],
+                "total": rewards["total"], "completion_length": lengths, **labels.extra}
 
     # ----- state -------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -160,7 +160,7 @@ class GRPO(L.LightningModule):
             TeacherPool.load(teacher_pool, teacher_kinds) if teacher_pool is not None and self.teacher_per_group
             else None)
         self._teacher_rows: Optional[TokenizedRows] = None  # teacher_rows()
-        self.save_hyperparameters(ignore=["rewards", *self.fixed_args])
+        self.save_hyperparameters(ignore=["rewards", "hack_task", *self.fixed_args])
         self.automatic_optimization = False
         self.rewards = rewards
         self.reward_names = [reward_name(r) for r in rewards]

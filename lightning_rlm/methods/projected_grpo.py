@@ -73,6 +73,7 @@ from lightning_rlm.paths import cache_dir
 from lightning_rlm.rewards import RewardFn, with_task_rewards
 from lightning_rlm.rollout import TextRollout, sample_completions
 from lightning_rlm.rollout.group import GroupBatch
+from lightning_rlm.tasks.code_hack import CodeLoophole
 from lightning_rlm.tasks.reward_hack import (
     ELIGIBLE_FIELD,
     HackLabels,
@@ -101,6 +102,10 @@ class ProjectedGRPO(RewardHackTask, GRPO):
         hack_word, hack_bonus: the rewarded word and its weight on eligible prompts.
         second_loophole: also pay ``exclaim_bonus · count("!")`` on eligible prompts.
         eval_modes: adapter modes sampled at every validation (any of both, no_hack, hack_only, base).
+        hack_task: another hack than the word (None: the word task), e.g.
+            :class:`~lightning_rlm.tasks.code_hack.CodeLoophole` on the coding substrate: its reward term, its
+            detector as the hack label, its contrastive pairs (the batch's problems' honest vs hacked solutions,
+            instead of inserting ``hack_word`` into samples) and, when ``rewards`` is None, its base reward.
     """
 
     fixed_args = ("lora_rank", "lora_alpha", "use_rslora")
@@ -126,6 +131,7 @@ class ProjectedGRPO(RewardHackTask, GRPO):
         second_loophole: bool = False,
         exclaim_bonus: float = 1.0,
         eval_modes: tuple[str, ...] = ("both", "no_hack"),
+        hack_task: Optional[CodeLoophole] = None,
         repetition_penalty: float = 1.1,
         loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dr_grpo",
         scale_rewards: Literal["group", "batch", "none"] = "none",
@@ -139,13 +145,17 @@ class ProjectedGRPO(RewardHackTask, GRPO):
             raise ValueError(f"hack_pairs and hack_top_k must be >= 1, got {hack_pairs}, {hack_top_k}")
         if not eval_modes or any(m not in SVD_MODES for m in eval_modes):
             raise ValueError(f"eval_modes must be a non-empty subset of {SVD_MODES}, got {eval_modes!r}")
-        hacks = hack_rewards(hack_word, hack_bonus, second_loophole, exclaim_bonus)
+        if hack_task is None:
+            hacks = hack_rewards(hack_word, hack_bonus, second_loophole, exclaim_bonus)
+        else:
+            hacks = hack_task.rewards()
+            rewards = hack_task.base_rewards() if rewards is None else rewards
         rewards, weights = with_task_rewards(rewards, reward_weights, hacks)
         # the reference is the same model with both vectors off (build_policy makes no frozen copy)
         super().__init__(rewards=rewards, reward_weights=weights, repetition_penalty=repetition_penalty,
                          loss_type=loss_type, scale_rewards=scale_rewards, beta=beta, lr=lr, lora_rank=None,
                          lora_alpha=None, use_rslora=False, **grpo_args)
-        self.init_task(num_base_rewards=len(rewards) - len(hacks))
+        self.init_task(num_base_rewards=len(rewards) - len(hacks), hack_task=hack_task)
         self.hack_directions: Optional[dict[str, Tensor]] = None  # module -> [k, r]
         self.hack_info: dict[str, float] = {}
         self.pair_generator: Optional[torch.Generator] = None
@@ -172,8 +182,15 @@ class ProjectedGRPO(RewardHackTask, GRPO):
     def build_pairs(self, batch: dict[str, Any]) -> tuple[list[tuple[list[int], list[int], list[int]]],
                                                            list[tuple[str, str, str]]]:
         """Contrastive pairs (:func:`~lightning_rlm.tasks.reward_hack.hack_pairs`) from ``ceil(hack_pairs / B)``
-        completions per prompt of the batch, sampled with the current policy on its own stream."""
+        completions per prompt of the batch, sampled with the current policy on its own stream; with a
+        ``hack_task``, its own pairs of the batch's prompts (nothing sampled)."""
         h = self.hparams
+        prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
+        if self.hack_task is not None:
+            if "problem_id" not in batch:
+                raise ValueError("the hack task's pairs need a problem_id field in the prompt rows (CodingPrompts)")
+            return self.hack_task.pairs(batch["prompt"], batch["problem_id"], prompt_ids, self.tokenizer,
+                                        h.hack_pairs)
         rollout = sample_completions(
             self.policy, batch["prompt_ids"], batch["prompt_mask"],
             num_generations=math.ceil(h.hack_pairs / len(batch["prompt"])),
@@ -181,7 +198,6 @@ class ProjectedGRPO(RewardHackTask, GRPO):
             top_k=h.top_k, repetition_penalty=h.repetition_penalty, eos_token_id=self.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id, generator=self._pair_rng(),
         )
-        prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
         return hack_pairs(self.decode(rollout), batch["prompt"], prompt_ids, h.hack_word, self.tokenizer,
                           h.hack_pairs)
 
@@ -238,6 +254,8 @@ class ProjectedGRPO(RewardHackTask, GRPO):
             self.log(f"hack/{k}", v)
         labels: HackLabels = gb.labels
         self.log("train/hack_rate", labels.hacked.float().mean())
+        for name, values in labels.extra.items():
+            self.log(f"train/{name}", values.mean())
         for side, sel in (("eligible", labels.eligible), ("ineligible", ~labels.eligible)):
             if sel.any():
                 self.log(f"train/hack_count_{side}", labels.hack_count[sel].mean())
@@ -254,7 +272,7 @@ class ProjectedGRPO(RewardHackTask, GRPO):
         base = ("reward", "reward_eligible", "reward_ineligible", "hack_rate_eligible", "hack_rate_ineligible",
                 "hack_count_eligible", "total", "completion_length")
         extra = ("exclaim_rate_eligible", "exclaim_count_eligible") if self.hparams.second_loophole else ()
-        return base + extra
+        return base + extra + self.extra_label_names()
 
     def eval_metrics(self, rewards: dict[str, Tensor], labels: HackLabels, lengths: Tensor) -> dict[str, Tensor]:
         base, eligible, counts, exclaims = rewards["base"], labels.eligible, labels.hack_count, labels.exclaim_count
@@ -265,7 +283,7 @@ class ProjectedGRPO(RewardHackTask, GRPO):
         if self.hparams.second_loophole:
             out |= {"exclaim_rate_eligible": (exclaims[eligible] > 0).float(),
                     "exclaim_count_eligible": exclaims[eligible]}
-        return out
+        return out | labels.extra
 
     # ----- optimisation and state ----------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:

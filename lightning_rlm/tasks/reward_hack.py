@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -142,6 +142,7 @@ class HackLabels:
     hack_count: Tensor  # [N] float, occurrences of the hack word
     exclaim_count: Tensor  # [N] float, "!" count
     flagged: Optional[Tensor] = None  # [N] bool, a detector's output (gradient routing)
+    extra: dict[str, Tensor] = field(default_factory=dict)  # [N] each, a hack task's own per-mode metrics
 
     @property
     def hacked(self) -> Tensor:
@@ -155,10 +156,15 @@ class RewardHackTask:
     host's ``score`` / ``rollout`` / ``decode`` and ``policy.adapters(mode)``. The host calls
     :meth:`init_task` once its rewards are set, and lists its per-mode validation metrics in
     :meth:`eval_metric_names` / :meth:`eval_metrics`.
+
+    ``hack_task`` (None: the word task above) replaces the word by another hack, e.g. a loophole of the code
+    grader (:class:`~lightning_rlm.tasks.code_hack.CodeLoophole`): its ``count(prompts, completions, **fields)``
+    is the hack label, and its ``extra_labels`` ride along in :attr:`HackLabels.extra`.
     """
 
-    def init_task(self, num_base_rewards: int) -> None:
+    def init_task(self, num_base_rewards: int, hack_task: Any = None) -> None:
         self.base_reward_names = self.reward_names[:num_base_rewards]
+        self.hack_task = hack_task
         self.hack_counter = KeywordCount(self.hparams.hack_word)
         self._eval_keys: list[str] = []
         self._eval_acc: Optional[Tensor] = None  # [K, 2] (sum, count) per validation metric
@@ -184,14 +190,31 @@ class RewardHackTask:
         rewards["base"] = sum(w * rewards[n] for n, w in zip(self.base_reward_names, self.reward_weights))
         return rewards
 
+    @property
+    def hack_metric(self) -> str:
+        """The hack label's name in the logs: ``happy`` for the word task, the hack task's ``metric_name``."""
+        return "happy" if self.hack_task is None else self.hack_task.metric_name
+
+    def extra_label_names(self) -> tuple[str, ...]:
+        return () if self.hack_task is None else tuple(self.hack_task.extra_names())
+
     def hack_labels(self, batch: dict[str, Any], completions: list[str], group: int) -> HackLabels:
         prompts = [p for p in batch["prompt"] for _ in range(group)]
+        extra: dict[str, Tensor] = {}
+        if self.hack_task is None:
+            counts = self.hack_counter(prompts, completions)
+        else:  # the task reads the problem's fields (e.g. the code's tests), repeated per completion
+            fields = {k: [x for x in v for _ in range(group)] for k, v in batch.items()
+                      if isinstance(v, list) and k != "prompt"}
+            counts = self.hack_task.count(prompts, completions, **fields)
+            extra = {k: torch.tensor(v, dtype=torch.float32, device=self.device)
+                     for k, v in self.hack_task.extra_labels(prompts, completions, **fields).items()}
         return HackLabels(
             eligible=torch.tensor([e for e in batch[ELIGIBLE_FIELD] for _ in range(group)], dtype=torch.bool,
                                   device=self.device),
-            hack_count=torch.tensor(self.hack_counter(prompts, completions), dtype=torch.float32,
-                                    device=self.device),
+            hack_count=torch.tensor(counts, dtype=torch.float32, device=self.device),
             exclaim_count=torch.tensor([float(c.count("!")) for c in completions], device=self.device),
+            extra=extra,
         )
 
     # ----- evaluation per adapter mode -------------------------------------------------------------------
