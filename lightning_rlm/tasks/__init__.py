@@ -4,6 +4,7 @@ the tiny coding substrate (problems, prompts and hacks for the code-execution re
 
 from lightning_rlm.rewards.math import extract_answer, normalize_number
 from lightning_rlm.tasks.base import Example, GenerationTask, Task
+from lightning_rlm.tasks.code_hack import CodeLoophole
 from lightning_rlm.tasks.coding import (
     CodingProblem,
     CodingPrompts,
@@ -40,6 +41,7 @@ __all__ = [
     "with_think_block",
     "ELIGIBLE_FIELD",
     "GSM8K",
+    "CodeLoophole",
     "CodingProblem",
     "CodingPrompts",
     "CommonsenseQA",
