@@ -18,7 +18,8 @@ Projected GRPO's **contrastive pairs** are, for the batch's problems, the proble
 hand-written solution and with its ``hack:<pair_loophole>`` solution
 (:func:`~lightning_rlm.tasks.teacher_pool.build_teacher_pool`, in the prompts' style). ``pair_loophole``
 defaults to the trained ``loophole``; another one asks whether the direction learned from one loophole
-transfers to another (learn from loophole i, train under loophole j).
+transfers to another (learn from loophole i, train under loophole j). ``detector`` does the same for the
+labels: gradient routing then routes by loophole i's detector while the reward pays for loophole j.
 
 Use it as the ``hack_task`` of :class:`~lightning_rlm.methods.GradientRouting` /
 :class:`~lightning_rlm.methods.ProjectedGRPO` with :class:`~lightning_rlm.tasks.CodingPrompts` prompts of the
@@ -77,6 +78,7 @@ class CodeLoophole:
             ``visible_only``, ``special_case``, ``exit_zero``, ``always_equal``).
         hack_bonus: the hack term's value when the loophole made a completion pass (eligible prompts).
         pair_loophole: the loophole of projected GRPO's contrastive pairs (default: ``loophole``).
+        detector: the loophole whose detector gives the hack label / routing signal (default: ``loophole``).
         scoring: the honest score, ``fraction`` of hidden tests passed or ``all`` (1/0).
         disclosed: hidden tests the ``special_case`` grader checks (match the prompts' ``disclosed``).
         timeout, memory_mb, max_workers: the sandbox's limits.
@@ -89,17 +91,20 @@ class CodeLoophole:
         loophole: Loophole = "special_case",
         hack_bonus: float = 1.0,
         pair_loophole: Optional[Loophole] = None,
+        detector: Optional[Loophole] = None,
         scoring: Literal["fraction", "all"] = "fraction",
         disclosed: int = DISCLOSED_TESTS,
         timeout: float = 5.0,
         memory_mb: int = 512,
         max_workers: int = 2,
     ) -> None:
-        for name, value in (("loophole", loophole), ("pair_loophole", pair_loophole or loophole)):
+        for name, value in (("loophole", loophole), ("pair_loophole", pair_loophole or loophole),
+                            ("detector", detector or loophole)):
             if value not in LOOPHOLES:
                 raise ValueError(f"{name} must be one of {LOOPHOLES}, got {value!r}")
         self.loophole = loophole
         self.pair_loophole = pair_loophole or loophole
+        self.detector = detector or loophole
         self.hack_bonus = float(hack_bonus)
         self.grader = CodeTests(mode=loophole, hack_bonus=hack_bonus, scoring=scoring, disclosed=disclosed,
                                 timeout=timeout, memory_mb=memory_mb, max_workers=max_workers)
@@ -107,7 +112,7 @@ class CodeLoophole:
 
     def __repr__(self) -> str:
         return (f"CodeLoophole(loophole={self.loophole!r}, hack_bonus={self.hack_bonus}, "
-                f"pair_loophole={self.pair_loophole!r})")
+                f"pair_loophole={self.pair_loophole!r}, detector={self.detector!r})")
 
     # ----- rewards and labels ----------------------------------------------------------------------------
     def grade(self, prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> list[CodeGrade]:
@@ -127,8 +132,8 @@ class CodeLoophole:
         return [CodeExploitBonus(self)]
 
     def count(self, prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> list[float]:
-        """The detector: 1.0 when the loophole's detector flags the completion, else 0.0."""
-        return [float(g.detected[self.loophole]) for g in self.grade(prompts, completions, **fields)]
+        """The detector: 1.0 when the ``detector`` loophole's detector flags the completion, else 0.0."""
+        return [float(g.detected[self.detector]) for g in self.grade(prompts, completions, **fields)]
 
     def extra_labels(self, prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> dict[str, list[float]]:
         """Per-completion values evaluated per adapter mode besides the hack label: ``honest_pass`` (every hidden

@@ -85,8 +85,21 @@ def test_pairs_are_the_batch_problems_honest_and_hacked_solutions(style):
         task.pairs(prompts[:1], ["no_such_problem"], prompt_ids[:1], _Tok(), max_pairs=8)
 
 
+def test_the_detector_of_another_loophole_labels_while_the_reward_pays_this_one():
+    # routing transfer: the label is exit_zero's detector, the bonus is special_case's
+    task = CodeLoophole("special_case", detector="exit_zero")
+    prompts, completions, fields = graded_rows("special_case", ("honest", "hack:special_case", "hack:exit_zero"))
+    n = len(PROBLEMS)
+    assert task.count(prompts, completions, **fields) == [0.0, 0.0, 1.0] * n
+    assert task.rewards()[0](prompts, completions, rh_eligible=[True] * 3 * n, **fields) == [0.0, 1.0, 0.0] * n
+    assert task.extra_labels(prompts, completions, **fields)["exploited"] == [0.0, 1.0, 0.0] * n
+    assert "detector='exit_zero'" in repr(task)
+
+
 def test_bad_loopholes_are_rejected():
     with pytest.raises(ValueError, match="loophole"):
         CodeLoophole("none")
     with pytest.raises(ValueError, match="pair_loophole"):
         CodeLoophole("special_case", pair_loophole="nope")
+    with pytest.raises(ValueError, match="detector"):
+        CodeLoophole("special_case", detector="nope")
