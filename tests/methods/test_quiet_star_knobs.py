@@ -343,3 +343,20 @@ def test_layout_travels_with_the_export_state():
     assert state["layout"] == {**KNOBS_ON, "increment_pos_id_for_last_context_token": False}
     again = QuietStarLM(tiny_lm(), None, state["embedding_grad_scale"], state["mixing"], **state["layout"])
     assert again.layout() == m.layout()
+
+
+class _Chars:
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(65 + i) for i in ids)
+
+
+@pytest.mark.parametrize("refeed", [False, True])
+def test_logged_thoughts_show_the_re_fed_last_context_token(refeed):
+    from lightning_rlm.rollout.thoughts import thought_lines
+
+    m = wrapped(add_last_context_token=refeed)
+    x = windows(B=1, L=6)
+    out = m.think(x, torch.tensor([2]), n_ahead=4, n_talk=1, generator=torch.Generator().manual_seed(0))
+    (line,) = thought_lines(_Chars(), {"input_ids": x, "labels": x.roll(-1, 1)}, out, 1)
+    after = f"⟨/t⟩`{chr(65 + int(x[0, 2]))}` → " if refeed else "⟨/t⟩ → "
+    assert after in line, line
