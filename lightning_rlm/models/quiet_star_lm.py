@@ -21,8 +21,9 @@ a thought at t continues from t's position id). A row's outputs at its real posi
 row alone; outputs at padding positions are finite and meaningless. Without a mask (or all ones) nothing
 changes.
 
-Thought layout knobs (seed 001's notebook names; every one off by default, which is the layout above, bit
-for bit; they are attributes of the model, so `think`, `generate` and `ThinkingCausalLM` all follow them):
+Thought layout knobs (seed 001's notebook names; the defaults, all off but `different_eot`, which is on because
+the markers were always two vectors, are the layout above bit for bit; they are attributes of the model, so
+`think`, `generate`, `ThinkingCausalLM` and the export all follow them):
 
     use_residual             the post-thought logits are a residual on the base model's: post(t, j) :=
                              base(t + j) + post(t, j) (for a bias-free LM head, the head of h_base + h_post: a
