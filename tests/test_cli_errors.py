@@ -53,6 +53,9 @@ ROWS = [
     # encode it (here a char vocabulary without '€') has no thought tokens to start from
     ("a tokenizer without the thought tokens", QSTAR_HF, ["--model.init_args.thought_init_text=€€€"],
      "thought_init_text '€€€' cannot be encoded by the DataModule's tokenizer"),
+    # seed 001's knobs: a surrogate-loss weight without the surrogate loss (and its re-fed token)
+    ("a last-context loss weight without the re-fed token", QSTAR_HF, ["--model.init_args.last_context_loss_beta=0.5"],
+     "last_context_loss_beta=0.5 weights the surrogate loss on the last context token"),
     ("model path that does not exist", GRPO, ["--model.init_args.model_name_or_path={tmp}/no_model",
      "--data.init_args.tokenizer={tiny}"], "no_model' does not exist"),
     ("fp16 on the CPU", GRU, ["--trainer.accelerator=cpu", "--trainer.precision=16-mixed"],

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lightning_rlm.losses.policy import leave_one_out_baseline
 
-__all__ = ["BoundMode", "bound_advantage", "next_token_metrics", "reinforce_advantage", "talk_logprobs",
+__all__ = ["BoundMode", "bound_advantage", "last_context_nll", "next_token_metrics", "reinforce_advantage", "talk_logprobs",
            "talk_nll", "talk_reward", "talk_targets", "thought_entropy_stats", "thought_means", "token_logprobs",
            "weighted_mean"]
 
@@ -105,6 +105,21 @@ def talk_nll(logp: Tensor, valid: Tensor, gate: Optional[Tensor] = None) -> Tens
     """
     w = valid[:, None] if gate is None else valid[:, None].expand_as(logp) * gate[..., None]  # [B, P, Lq, J]
     return -(logp * w).sum() / (valid.sum() * logp.shape[1]).clamp(min=1)
+
+
+def last_context_nll(eot_logits: Tensor, last_tokens: Tensor, weight: Tensor) -> Tensor:
+    """Seed 001's surrogate loss on the re-fed last context token (`add_last_context_token`): the NLL of x_t
+    predicted at <eot>, mean over the thoughts of weight 1. eot_logits [B * P, Lq, V] (rows b * P + k),
+    last_tokens [B, Lq] (x_t of each thinking position), weight [B, P, Lq] -> scalar.
+
+    >>> logits = torch.log(torch.tensor([[[0.5, 0.5]], [[0.25, 0.75]]]))  # B=1, P=2 thoughts, Lq=1, V=2
+    >>> round(last_context_nll(logits, torch.tensor([[1]]), torch.ones(1, 2, 1)).item(), 4)  # -(ln .5 + ln .75)/2
+    0.4904
+    """
+    B, Lq = last_tokens.shape
+    P = eot_logits.shape[0] // B
+    logp = token_logprobs(eot_logits, last_tokens.repeat_interleave(P, 0)).view(B, P, Lq)  # [B, P, Lq]
+    return weighted_mean(-logp, weight)
 
 
 def reinforce_advantage(reward: Tensor, null_reward: Optional[Tensor] = None, dim: int = -1) -> Tensor:

@@ -26,6 +26,18 @@ seed's "always including the null prompt baseline". Attention: `engine: dense` i
 every position's thought, `diagonal` the context block + own-thought band (see
 `lightning_rlm/models/thought_attention.py`); both give the same loss and gradients.
 
+Seed 001's thought layout knobs (notebook names; all off by default, which is the objective above bit for bit;
+`different_eot` is on by default because the markers were already two vectors): `use_residual` (post-thought
+logits := base + post), `add_last_context_token` (x_t is fed again after <eot> and predicts x_{t+1}),
+`increment_pos_id_for_last_context_token` (its position id continues after the thought instead of being p_t
+again), `different_eot` (False: one marker for both), see `lightning_rlm.models.quiet_star_lm`; and the
+surrogate loss on the re-fed token, with `add_surogate_loss_to_last_context_token` (the notebook's spelling):
+
+    last_context_nll = mean_{k, t} -log p_post(x_t | x_{<=t}, <sot> z_k <eot>)   (the output at <eot>)
+    loss            += last_context_loss_beta * last_context_nll
+
+i.e. the thought stream is also trained to continue with the token it re-feeds (logged as `last_context_nll`).
+
 Padded batches: a batch may carry `attention_mask` [B, L] (1 real, 0 padding, left or right; missing means
 all real, as LMWindow's windows are). Padding is masked in the model (`QuietStarLM.think`), thinking
 positions are columns that hold a real token in some row (`thinking_positions`), and every mean above and
@@ -52,6 +64,7 @@ from lightning_rlm.checks import check_at_least, check_one_of, check_positive
 from lightning_rlm.distributed import generator_states, own_generator
 from lightning_rlm.logging_utils import log_text
 from lightning_rlm.losses.quiet_star import (
+    last_context_nll,
     next_token_metrics,
     reinforce_advantage,
     talk_logprobs,
@@ -73,6 +86,31 @@ from lightning_rlm.models.quiet_star_lm import (
 )
 from lightning_rlm.models.thought_attention import Engine
 from lightning_rlm.rollout.thoughts import thinking_continuations, thinking_sample, thought_lines
+
+
+def check_thought_layout(*, use_reasoner: bool, use_residual: bool, add_last_context_token: bool,
+                         increment_pos_id_for_last_context_token: bool, different_eot: bool,
+                         add_surogate_loss_to_last_context_token: bool, last_context_loss_beta: float) -> None:
+    """The combinations of seed 001's thought layout knobs that mean something; a ValueError names the value
+    and what it needs otherwise (the CLI prints it as a one-line error)."""
+    if increment_pos_id_for_last_context_token and not add_last_context_token:
+        raise ValueError("increment_pos_id_for_last_context_token=True sets the position id of the re-fed last "
+                         "context token: it needs add_last_context_token=True")
+    if add_surogate_loss_to_last_context_token and not add_last_context_token:
+        raise ValueError("add_surogate_loss_to_last_context_token=True is a loss on the re-fed last context token: "
+                         "it needs add_last_context_token=True")
+    if last_context_loss_beta < 0:
+        raise ValueError(f"last_context_loss_beta must be >= 0, got {last_context_loss_beta}")
+    if last_context_loss_beta != 0 and not add_surogate_loss_to_last_context_token:
+        raise ValueError(f"last_context_loss_beta={last_context_loss_beta} weights the surrogate loss on the last "
+                         "context token: it needs add_surogate_loss_to_last_context_token=True (and "
+                         "add_last_context_token=True), or last_context_loss_beta=0")
+    if not use_reasoner:
+        on = [name for name, value in (("use_residual", use_residual), ("add_last_context_token", add_last_context_token),
+                                       ("different_eot=False", not different_eot)) if value]
+        if on:
+            raise ValueError(f"{', '.join(on)} change the thoughts, but use_reasoner=False trains without thoughts: "
+                             "expected use_reasoner=True or the defaults")
 
 
 class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
@@ -111,6 +149,14 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             `null_thought_baseline` (the empty thought is scored anyway for it).
         interest_percentile: the logged `nll_interest` / `nll_base_interest` are over thinking positions whose
             base NLL is at least this percentile of the batch's (the seed's "tokens of interest").
+    Thought layout (seed 001's notebook knobs; see the module docstring and docs/quiet_star.md):
+        use_residual: the post-thought logits are base + post (a residual around the thought).
+        add_last_context_token: feed the last context token x_t again after <eot>; x_{t+1} is predicted from it.
+        increment_pos_id_for_last_context_token: (needs add_last_context_token) the re-fed x_t and the talk
+            tokens take position ids after the thought (p_t + M + 3, ...) instead of their own (p_t, p_t + 1, ...).
+        different_eot: <eot> its own learned vector (True, as before) or the <sot> vector (False).
+        add_surogate_loss_to_last_context_token: (needs add_last_context_token) compute and log the surrogate
+            loss, the NLL of the re-fed x_t predicted at <eot>; last_context_loss_beta (>= 0) is its weight.
     Optimisation: AdamW (no decay on vectors), warmup then constant or cosine.
     Samples: every `sample_every_n_steps` the thoughts at `sample_positions` positions of the batch; at each
         validation a thinking generation of `sample_tokens` tokens from `sample_prompt` (0 / None: off).
@@ -142,6 +188,12 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         use_reasoner: bool = True,
         talk_gate: bool = False,
         interest_percentile: float = 0.9,
+        use_residual: bool = False,
+        add_last_context_token: bool = False,
+        increment_pos_id_for_last_context_token: bool = False,
+        different_eot: bool = True,
+        add_surogate_loss_to_last_context_token: bool = False,
+        last_context_loss_beta: float = 0.0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -169,6 +221,12 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             raise ValueError("talk_gate compares each thought with the null thought: set null_thought_baseline: true")
         if not 0.0 <= interest_percentile < 1.0:
             raise ValueError(f"interest_percentile must be in [0, 1), got {interest_percentile}")
+        check_thought_layout(use_reasoner=use_reasoner, use_residual=use_residual,
+                             add_last_context_token=add_last_context_token,
+                             increment_pos_id_for_last_context_token=increment_pos_id_for_last_context_token,
+                             different_eot=different_eot,
+                             add_surogate_loss_to_last_context_token=add_surogate_loss_to_last_context_token,
+                             last_context_loss_beta=last_context_loss_beta)
         self.save_hyperparameters()
         self.net: Optional[QuietStarLM] = None
         self.hf_tokenizer = None
@@ -176,7 +234,8 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             from lightning_rlm.models.hf import load_policy
 
             lm, self.hf_tokenizer, _ = load_policy(model_name_or_path)
-            self.net = QuietStarLM.around(lm, self.hf_tokenizer, thought_init_text, embedding_grad_scale, mixing_head)
+            self.net = QuietStarLM.around(lm, self.hf_tokenizer, thought_init_text, embedding_grad_scale, mixing_head,
+                                          **self.layout())
             self.hparams.vocab_size = lm.config.vocab_size  # the DataModule's tokenizer must fit in it
         elif vocab_size is not None:  # a checkpoint: the markers' start value is overwritten by its weights
             self._build(vocab_size)
@@ -196,7 +255,15 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
 
         h = self.hparams
         lm = AutoModelForCausalLM.from_config(config_from_dict(h.model_config, vocab_size))
-        return QuietStarLM.around(lm, self.tokenizer, h.thought_init_text, h.embedding_grad_scale, h.mixing_head)
+        return QuietStarLM.around(lm, self.tokenizer, h.thought_init_text, h.embedding_grad_scale, h.mixing_head,
+                                  **self.layout())
+
+    def layout(self) -> dict[str, bool]:
+        """The thought layout knobs the model is built with (`QuietStarLM`'s arguments of the same names)."""
+        h = self.hparams
+        return {"use_residual": h.use_residual, "add_last_context_token": h.add_last_context_token,
+                "increment_pos_id_for_last_context_token": h.increment_pos_id_for_last_context_token,
+                "different_eot": h.different_eot}
 
     def downstream_lms(self) -> dict[str, tuple[torch.nn.Module, Any]]:
         """What downstream evaluation scores (:mod:`lightning_rlm.callbacks.downstream`): ``base``, the base
@@ -287,6 +354,11 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             loss = loss + h.post_loss_beta * post_nll
         if h.n_ahead > 2 and h.policy_loss_beta != 0:
             loss = loss + h.policy_loss_beta * policy_loss
+        last_context = None
+        if h.add_surogate_loss_to_last_context_token:  # the output at <eot> predicting x_t
+            last_context = last_context_nll(out.eot_logits, ids[:, positions], thought_w)
+            if h.last_context_loss_beta != 0:
+                loss = loss + h.last_context_loss_beta * last_context
 
         with torch.no_grad():
             adv_real = advantage[thought_w.bool()]
@@ -303,6 +375,8 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             }
             if null_reward is not None:
                 stats["null_reward"] = weighted_mean(null_reward[:, 0], pos_w)
+            if last_context is not None:
+                stats["last_context_nll"] = last_context.detach()
         return stats, out
 
     # ----- training ---------------------------------------------------------------------------------------

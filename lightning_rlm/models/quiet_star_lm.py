@@ -21,6 +21,31 @@ a thought at t continues from t's position id). A row's outputs at its real posi
 row alone; outputs at padding positions are finite and meaningless. Without a mask (or all ones) nothing
 changes.
 
+Thought layout knobs (seed 001's notebook names; the defaults, all off but `different_eot`, which is on because
+the markers were always two vectors, are the layout above bit for bit; they are attributes of the model, so
+`think`, `generate`, `ThinkingCausalLM` and the export all follow them):
+
+    use_residual             the post-thought logits are a residual on the base model's: post(t, j) :=
+                             base(t + j) + post(t, j) (for a bias-free LM head, the head of h_base + h_post: a
+                             residual connection around the thought), before mixing and everywhere post is used
+    add_last_context_token   after <eot> the last context token x_t is fed again and predicts x_{t+1}:
+                             <sot> z_1 .. z_M <eot> x_t x_{t+1} .. x_{t+J-1}, outputs at x_t .. x_{t+J-1}
+                             (the output at <eot> is returned as `eot_logits`: its prediction of x_t)
+    increment_pos_id_for_last_context_token
+                             (with add_last_context_token) the position ids of the re-fed x_t and the talk
+                             tokens after it: off, their own ids p_t, p_t + 1, ... (the thought is a side
+                             branch at p_t + 1 .. p_t + M + 2 and the text resumes where it was); on, they
+                             continue after <eot>: p_t + M + 3, p_t + M + 4, ...
+    different_eot            True (default, as before): <eot> is its own learned vector; False: one learned
+                             marker is both <sot> and <eot> (`end_param` is then frozen and unused)
+
+Position ids of one thought at t (p_t the position id of x_t; `final_block_offsets` has the last part):
+
+    <sot>  z_1 .. z_M        <eot>      [x_t]                  x_{t+1} .. x_{t+J-1}
+    p_t+1  p_t+2 .. p_t+M+1  p_t+M+2    -                      p_t+M+3 .. p_t+M+J+1      (default)
+                                        p_t                    p_t+1 .. p_t+J-1          (add_last_context_token)
+                                        p_t+M+3                p_t+M+4 .. p_t+M+J+2      (... + increment_pos_id)
+
 Mixing: talk logits = base + w * (post - base) with w from an MLP over [h_base(t+j), h_post(t, j)] whose
 last layer starts at zero weights, so training starts as the base model: `linear` w is the raw output
 (exactly 0 at first, unbounded: w < 0 extrapolates away from the thought), `sigmoid` w = sigmoid(raw),
@@ -34,8 +59,8 @@ marker share one forward, the last thought token and the end marker another: M +
 `StaticCacheDecoder` (roll back = reuse the slots), others HF's `DynamicCache` (`crop`); `use_cache=False`
 recomputes the whole prefix for every forward (the benchmark's baseline).
 
-Export (`lightning-rlm export`): the LM is saved as a Hugging Face folder and everything else, the markers
-and the mixing head (`thought_state`), as `quiet_star.pt` (`THOUGHTS_FILE`) beside it; `QuietStarLM.from_export`
+Export (`lightning-rlm export`): the LM is saved as a Hugging Face folder and everything else, the markers,
+the mixing head and the layout knobs (`thought_state`), as `quiet_star.pt` (`THOUGHTS_FILE`) beside it; `QuietStarLM.from_export`
 rebuilds the model from the folder.
 """
 
@@ -56,8 +81,8 @@ from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.static_cache import StaticCacheDecoder
 from lightning_rlm.models.thought_attention import Engine, ThoughtAttentionState, use_thought_attention
 
-__all__ = ["MixingHead", "QuietStarLM", "ThinkOutput", "ThinkingCausalLM", "ThinkingGeneration", "marker_init",
-           "thinking_positions"]
+__all__ = ["MixingHead", "QuietStarLM", "ThinkOutput", "ThinkingCausalLM", "ThinkingGeneration",
+           "final_block_offsets", "marker_init", "thinking_positions"]
 
 MixingHead = Literal["sigmoid", "linear", "off"]
 THOUGHTS_FILE = "quiet_star.pt"  # beside an exported LM: the markers and the mixing head (`thought_state`)
@@ -69,7 +94,7 @@ class ThinkOutput:
 
     base_logits: Tensor  # [B, L, V] the base model's next-token logits
     talk_logits: Tensor  # [N, Lq, J, V] mixed logits predicting x_{t+1+j} after the thought
-    post_logits: Tensor  # [N, Lq, J, V] post-thought logits before mixing
+    post_logits: Tensor  # [N, Lq, J, V] post-thought logits before mixing (base + post with use_residual)
     mix_weight: Optional[Tensor]  # [N, Lq, J, 1] (None without mixing head)
     talk_index: Tensor  # [Lq, J] long, t + j: the base position predicting the same token (clamped)
     talk_valid: Tensor  # [Lq, J] bool, t + j < L: the target exists in the window
@@ -78,6 +103,7 @@ class ThinkOutput:
     thought_entropy: Tensor  # [N, Lq, M] entropy of each sampling step (no graph)
     null_talk_logits: Optional[Tensor] = None  # [B, Lq, J, V] mixed, after an empty thought (no graph)
     null_post_logits: Optional[Tensor] = None  # [B, Lq, J, V] the same before mixing
+    eot_logits: Optional[Tensor] = None  # [N, Lq, V] add_last_context_token: the output at <eot>, predicting x_t
 
 
 @dataclass
@@ -98,19 +124,31 @@ class QuietStarLM(nn.Module):
             gradient, and their Adam step, is this many times larger (the paper's x100).
         mixing_head: the mixing weight: `sigmoid` (in (0, 1), starts at 0.01), `linear` (raw, starts at
             exactly 0), or `off` (the post-thought logits alone).
+        use_residual, add_last_context_token, increment_pos_id_for_last_context_token, different_eot: the
+            thought layout knobs of seed 001 (module docstring); the defaults are the layout without them.
     """
 
     def __init__(self, lm: nn.Module, init_embedding: Optional[Tensor] = None, embedding_grad_scale: float = 100.0,
-                 mixing_head: MixingHead = "sigmoid") -> None:
+                 mixing_head: MixingHead = "sigmoid", *, use_residual: bool = False,
+                 add_last_context_token: bool = False, increment_pos_id_for_last_context_token: bool = False,
+                 different_eot: bool = True) -> None:
         super().__init__()
         if embedding_grad_scale <= 0:
             raise ValueError(f"embedding_grad_scale must be > 0, got {embedding_grad_scale}")
+        if increment_pos_id_for_last_context_token and not add_last_context_token:
+            raise ValueError("increment_pos_id_for_last_context_token=True sets the position id of the re-fed last "
+                             "context token: it needs add_last_context_token=True")
+        self.use_residual = bool(use_residual)
+        self.add_last_context_token = bool(add_last_context_token)
+        self.increment_pos_id_for_last_context_token = bool(increment_pos_id_for_last_context_token)
+        self.different_eot = bool(different_eot)
         self.lm = lm
         d = lm.get_input_embeddings().weight.shape[1]
         init = torch.zeros(d) if init_embedding is None else init_embedding.detach().float().reshape(d)
         self.embedding_grad_scale = embedding_grad_scale
         self.start_param = nn.Parameter(init / embedding_grad_scale)
-        self.end_param = nn.Parameter(init.clone() / embedding_grad_scale)
+        # different_eot=False: <eot> is the <sot> vector; end_param stays (checkpoints keep one layout), frozen
+        self.end_param = nn.Parameter(init.clone() / embedding_grad_scale, requires_grad=self.different_eot)
         if mixing_head not in ("sigmoid", "linear", "off"):
             raise ValueError(f"mixing_head must be 'sigmoid', 'linear' or 'off', got {mixing_head!r}")
         self.mixing = mixing_head
@@ -123,11 +161,12 @@ class QuietStarLM(nn.Module):
 
     @classmethod
     def around(cls, lm: nn.Module, tokenizer: Any, init_text: str, embedding_grad_scale: float = 100.0,
-               mixing_head: MixingHead = "sigmoid") -> QuietStarLM:
+               mixing_head: MixingHead = "sigmoid", **layout: bool) -> QuietStarLM:
         """`lm` wrapped and set to training mode (`from_pretrained` returns eval mode; Lightning keeps submodule
         modes as found), both markers starting at `marker_init` of `init_text` as `tokenizer` encodes it: a
         Hugging Face tokenizer (no special tokens), or a DataModule's tokenizer (`lightning_rlm.data`: a text
-        it cannot encode is a clear error); None: zeros (a checkpoint's weights replace them)."""
+        it cannot encode is a clear error); None: zeros (a checkpoint's weights replace them). `layout`: the
+        thought layout knobs (`use_residual`, `add_last_context_token`, ...)."""
         from transformers import PreTrainedTokenizerBase
 
         init = None
@@ -142,11 +181,11 @@ class QuietStarLM(nn.Module):
                                  f"({e}); set model.init_args.thought_init_text to a text it can encode") from None
             init = marker_init(lm, ids, init_text, getattr(getattr(tokenizer, "hf", None), "unk_token_id", None))
         lm.train()
-        return cls(lm, init, embedding_grad_scale, mixing_head)
+        return cls(lm, init, embedding_grad_scale, mixing_head, **layout)
 
     # ----- pieces ---------------------------------------------------------------------------------------
     def marker(self, which: Literal["start", "end"]) -> Tensor:
-        p = self.start_param if which == "start" else self.end_param
+        p = self.end_param if which == "end" and self.different_eot else self.start_param
         dtype = self.lm.get_input_embeddings().weight.dtype
         return (p * self.embedding_grad_scale).to(dtype)  # [D]
 
@@ -168,14 +207,22 @@ class QuietStarLM(nn.Module):
             w = torch.sigmoid(w)
         return base_logits + w * (post_logits - base_logits), w
 
+    def layout(self) -> dict[str, bool]:
+        """The thought layout knobs (constructor arguments of the same names)."""
+        return {"use_residual": self.use_residual, "add_last_context_token": self.add_last_context_token,
+                "increment_pos_id_for_last_context_token": self.increment_pos_id_for_last_context_token,
+                "different_eot": self.different_eot}
+
     # ----- export ---------------------------------------------------------------------------------------
     def thought_state(self) -> dict[str, Any]:
         """What is not part of the LM, on the CPU: the markers as stored (``start_param``, ``end_param``; used
-        multiplied by ``embedding_grad_scale``, see `marker`), the mixing kind and the mixing head's weights."""
+        multiplied by ``embedding_grad_scale``, see `marker`), the mixing kind, the mixing head's weights and
+        the thought layout knobs (``layout``)."""
         head = self.mixing_head
         return {"start_param": self.start_param.detach().cpu().clone(),
                 "end_param": self.end_param.detach().cpu().clone(),
                 "embedding_grad_scale": float(self.embedding_grad_scale), "mixing": self.mixing,
+                "layout": self.layout(),
                 "mixing_head": None if head is None else {k: v.detach().cpu().clone()
                                                           for k, v in head.state_dict().items()}}
 
@@ -195,7 +242,7 @@ class QuietStarLM(nn.Module):
 
         state = torch.load(Path(directory) / THOUGHTS_FILE, map_location="cpu", weights_only=True)
         lm = AutoModelForCausalLM.from_pretrained(str(directory), **from_pretrained_kwargs)
-        net = cls(lm, None, state["embedding_grad_scale"], state["mixing"])
+        net = cls(lm, None, state["embedding_grad_scale"], state["mixing"], **state.get("layout", {}))
         with torch.no_grad():
             net.start_param.copy_(state["start_param"])
             net.end_param.copy_(state["end_param"])
@@ -271,12 +318,13 @@ class QuietStarLM(nn.Module):
                 with torch.no_grad():
                     ents.append(-(logp.exp() * logp).sum(-1))
                 cur = self.embed(tok)
-            post_logits, post_hidden = self._final_block(input_ids, positions, think_pos, cur, M, J, P)
+            post_logits, post_hidden, eot_logits = self._final_block(input_ids, positions, think_pos, cur, M, J, P)
             null_logits = None
             if null_thought:
                 with torch.no_grad(), use_thought_attention(self.lm, state.fork(passes=1)):
                     start = self.marker("start").expand(B, Lq, -1)
-                    null_post, null_hidden = self._final_block(input_ids, positions, think_pos[::P], start, 0, J, 1)
+                    null_post, null_hidden, _ = self._final_block(input_ids, positions, think_pos[::P], start, 0,
+                                                                  J, 1)
         # the base prediction of x_{t+1+j} comes from position t + j
         talk_index = positions[:, None] + torch.arange(J, device=dev)  # [Lq, J]
         talk_valid = talk_index < L
@@ -284,6 +332,10 @@ class QuietStarLM(nn.Module):
         base_l = base_logits[:, talk_index][:, None]  # [B, 1, Lq, J, V]
         base_h = base_hidden[:, talk_index][:, None]
         V = post_logits.shape[-1]
+        if self.use_residual:  # the thought's prediction is a residual on the base one
+            post_logits = (base_l + post_logits.view(B, P, Lq, J, V)).view(N, Lq, J, V)
+            if null_thought:
+                null_post = base_l[:, 0] + null_post
         talk, w = self.mix(base_l, base_h, post_logits.view(B, P, Lq, J, V), post_hidden.view(B, P, Lq, J, -1))
         if null_thought:
             null_logits, _ = self.mix(base_l[:, 0], base_h[:, 0], null_post, null_hidden)
@@ -297,25 +349,33 @@ class QuietStarLM(nn.Module):
             thought_logprob=torch.stack(logps, -1) if logps else empty.float(),
             thought_entropy=torch.stack(ents, -1) if ents else empty.float(),
             null_talk_logits=null_logits, null_post_logits=null_post.detach() if null_thought else None,
+            eot_logits=eot_logits,
         )
 
     def _final_block(self, input_ids: Tensor, positions: Tensor, think_pos: Tensor, last: Tensor, M: int, J: int,
-                     P: int) -> tuple[Tensor, Tensor]:
-        """One forward of [last thought input, <eot>, x_{t+1} .. x_{t+J-1}] per position; `think_pos` [N, Lq] is
-        the position id of each row's t. Returns the outputs at <eot> and the talk tokens: logits
-        [N, Lq, J, V], hidden [N, Lq, J, D]."""
+                     P: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """One forward of [last thought input, <eot>, x_{t+1} .. x_{t+J-1}] per position, with
+        add_last_context_token [last thought input, <eot>, x_t, x_{t+1} .. x_{t+J-1}]; `think_pos` [N, Lq] is the
+        position id of each row's t, the block's ids are think_pos + `final_block_offsets`. Returns the outputs
+        predicting the J talk targets: logits [N, Lq, J, V], hidden [N, Lq, J, D]; and with
+        add_last_context_token the logits at <eot> [N, Lq, V] (its prediction of x_t; else None)."""
         B, L = input_ids.shape
         N, Lq, D = last.shape
         dev = input_ids.device
-        talk_ids = input_ids[:, (positions[:, None] + torch.arange(1, J, device=dev)).clamp(max=L - 1)]  # [B, Lq, J-1]
-        talk = self.embed(talk_ids).repeat_interleave(P, dim=0)  # [N, Lq, J-1, D]
+        R = int(self.add_last_context_token)  # 1: x_t is fed again after <eot>
+        S = J + 1 + R  # block steps
+        talk_at = (positions[:, None] + torch.arange(1 - R, J, device=dev)).clamp(max=L - 1)  # [Lq, J-1+R]
+        talk = self.embed(input_ids[:, talk_at]).repeat_interleave(P, dim=0)  # [N, Lq, J-1+R, D]
         end = self.marker("end").expand(N, Lq, 1, D)
-        block = torch.cat([last[:, :, None], end, talk], dim=2)  # [N, Lq, J+1, D]
-        pos = think_pos[:, :, None] + 1 + M + torch.arange(J + 1, device=dev)  # [N, Lq, J+1]
-        logits, hidden = self._forward(block.reshape(N, Lq * (J + 1), D), pos.reshape(N, -1))
-        logits = logits.view(N, Lq, J + 1, -1)[:, :, 1:]
-        hidden = hidden.view(N, Lq, J + 1, -1)[:, :, 1:]
-        return logits, hidden
+        block = torch.cat([last[:, :, None], end, talk], dim=2)  # [N, Lq, S, D]
+        offsets = final_block_offsets(M, J, self.add_last_context_token,
+                                      self.increment_pos_id_for_last_context_token).to(dev)  # [S]
+        pos = think_pos[:, :, None] + offsets  # [N, Lq, S]
+        logits, hidden = self._forward(block.reshape(N, Lq * S, D), pos.reshape(N, -1))
+        logits = logits.view(N, Lq, S, -1)
+        hidden = hidden.view(N, Lq, S, -1)
+        eot_logits = logits[:, :, 1] if R else None  # [N, Lq, V]
+        return logits[:, :, 1 + R:], hidden[:, :, 1 + R:], eot_logits
 
     # ----- thinking generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -328,7 +388,8 @@ class QuietStarLM(nn.Module):
 
         temperature 0 picks the most likely token (thoughts are still sampled at `thought_temperature`).
         Thoughts are hidden unless `return_thoughts`; rows stop at `eos_token_id` (an id or a list of stop ids;
-        pad after it).
+        pad after it). The thought layout knobs apply as in `think` (with add_last_context_token the last token
+        of the text so far goes in again after <eot>, and the token is sampled from its output).
         """
         if n_ahead < 2 or max_new_tokens < 1 or temperature < 0 or thought_temperature <= 0:
             raise ValueError(f"need n_ahead >= 2, max_new_tokens >= 1, temperature >= 0, thought_temperature > 0; "
@@ -345,6 +406,9 @@ class QuietStarLM(nn.Module):
         pos = position_ids_from_mask(mask)  # [B, T0]
         base_l, base_h = decoder.prefill(input_ids, pos, mask)
         next_pos = pos[:, -1] + 1  # [B] position of the next token; its thought starts one later
+        last_tok = input_ids[:, -1]  # [B] the last token of the text so far (left padding: always real)
+        # [3] add_last_context_token: offsets (from next_pos) of [last thought input, <eot>, the re-fed token]
+        refeed = final_block_offsets(M, 1, True, self.increment_pos_id_for_last_context_token).to(input_ids.device) - 1
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         start, end = self.marker("start").expand(B, 1, -1), self.marker("end").expand(B, 1, -1)  # [B, 1, D]
         arange = torch.arange(3, device=input_ids.device)
@@ -365,12 +429,21 @@ class QuietStarLM(nn.Module):
                 zs.append(z)
                 if i < M - 1:
                     logits, _ = decoder.extend(self.embed(z)[:, None], (next_pos + 1 + i)[:, None])
-            if M:  # the last thought token and <eot> in one forward
+            if self.add_last_context_token:  # [last thought token, <eot>, last context token] in one forward
+                block = torch.cat([end, self.embed(last_tok)[:, None]], dim=1)  # [B, 2, D]
+                block_pos = next_pos[:, None] + refeed[1:]  # [B, 2]
+                if M:
+                    block = torch.cat([self.embed(zs[-1])[:, None], block], dim=1)  # [B, 3, D]
+                    block_pos = next_pos[:, None] + refeed
+                post_l, post_h = decoder.extend(block, block_pos)
+            elif M:  # the last thought token and <eot> in one forward
                 block = torch.cat([self.embed(zs[-1])[:, None], end], dim=1)
                 post_l, post_h = decoder.extend(block, (next_pos + M)[:, None] + arange[:2])
             else:
                 post_l, post_h = decoder.extend(end, (next_pos + 1)[:, None])
             decoder.rollback(fork)
+            if self.use_residual:
+                post_l = base_l + post_l
             mixed, _ = self.mix(base_l, base_h, post_l, post_h)  # [B, V]
             mixed = mixed.float()
             if temperature == 0:
@@ -378,6 +451,7 @@ class QuietStarLM(nn.Module):
             else:
                 tok = sample_categorical((mixed / temperature).softmax(-1), generator)
             tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+            last_tok = tok
             tokens.append(tok)
             thoughts.append(torch.stack(zs, -1) if zs else tok.new_zeros(B, 0))
             all_logits.append(mixed)
@@ -391,6 +465,29 @@ class QuietStarLM(nn.Module):
             thoughts=torch.stack(thoughts, 1) if return_thoughts else None,
             logits=torch.stack(all_logits, 1) if output_logits else None,
         )
+
+
+def final_block_offsets(M: int, J: int, add_last_context_token: bool = False,
+                        increment_pos_id_for_last_context_token: bool = False) -> Tensor:
+    """Position ids, relative to the thinking position's own id p_t, of the last forward of a thought:
+    [last thought input (z_M, or <sot> when M = 0), <eot>, (re-fed x_t,) x_{t+1} .. x_{t+J-1}] (long, on the CPU).
+    The thought before it is at 1 (<sot>), 2 .. M + 1 (z_1 .. z_M); see the module docstring.
+
+    >>> final_block_offsets(2, 3).tolist()  # z_2, <eot>, x_{t+1}, x_{t+2}
+    [3, 4, 5, 6]
+    >>> final_block_offsets(2, 3, True).tolist()  # z_2, <eot>, x_t, x_{t+1}, x_{t+2}: the text's own ids
+    [3, 4, 0, 1, 2]
+    >>> final_block_offsets(2, 3, True, True).tolist()  # ... continuing after <eot>
+    [3, 4, 5, 6, 7]
+    """
+    if increment_pos_id_for_last_context_token and not add_last_context_token:
+        raise ValueError("increment_pos_id_for_last_context_token needs add_last_context_token")
+    thought = torch.tensor([M + 1, M + 2])  # the last thought input and <eot>
+    if not add_last_context_token:
+        return torch.cat([thought, M + 3 + torch.arange(J - 1)])
+    if increment_pos_id_for_last_context_token:
+        return torch.cat([thought, M + 3 + torch.arange(J)])
+    return torch.cat([thought, torch.arange(J)])
 
 
 # ----- what the training method feeds the model: marker start values, thinking positions --------------------

@@ -32,7 +32,8 @@ def thought_lines(tokenizer: Any, batch: dict[str, Tensor], out: ThinkOutput, n:
                   context_tokens: int = 12) -> list[str]:
     """`context → ⟨thought⟩ → prediction (true, p base → p mixed)` for n thinking positions of row 0 of the
     batch `QuietStarLM.think` ran on (its real tokens only when the batch has an attention mask; none when
-    row 0 is all padding). The thought and the mixed prediction are pass 0's."""
+    row 0 is all padding). The thought and the mixed prediction are pass 0's; with add_last_context_token
+    the re-fed last context token follows ⟨/t⟩."""
     ids, labels = batch["input_ids"][0], batch["labels"][0]  # [L]
     mask = batch.get("attention_mask")
     real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask[0].bool()  # [L]
@@ -49,7 +50,8 @@ def thought_lines(tokenizer: Any, batch: dict[str, Tensor], out: ThinkOutput, n:
         mixed = out.talk_logits[0, q, 0].float().softmax(-1)  # [V] pass 0 of row 0
         thought = show(tokenizer, out.thought_tokens[0, q].tolist())
         context = ids[: t + 1][real[: t + 1]][-context_tokens:]
-        lines.append(f"`{show(tokenizer, context.tolist())}` → ⟨t⟩`{thought}`⟨/t⟩"
+        refed = f"`{show(tokenizer, [int(ids[t])])}`" if out.eot_logits is not None else ""  # add_last_context_token
+        lines.append(f"`{show(tokenizer, context.tolist())}` → ⟨t⟩`{thought}`⟨/t⟩{refed}"
                      f" → **`{show(tokenizer, [int(mixed.argmax())])}`** (true `{show(tokenizer, [true])}`, "
                      f"p {p_base:.2f} → {mixed[true].item():.2f})")
     return lines
