@@ -26,17 +26,11 @@ seed's "always including the null prompt baseline". Attention: `engine: dense` i
 every position's thought, `diagonal` the context block + own-thought band (see
 `lightning_rlm/models/thought_attention.py`); both give the same loss and gradients.
 
-Seed 001's thought layout knobs (notebook names; all off by default, which is the objective above bit for bit;
-`different_eot` is on by default because the markers were already two vectors): `use_residual` (post-thought
-logits := base + post), `add_last_context_token` (x_t is fed again after <eot> and predicts x_{t+1}),
-`increment_pos_id_for_last_context_token` (its position id continues after the thought instead of being p_t
-again), `different_eot` (False: one marker for both), see `lightning_rlm.models.quiet_star_lm`; and the
-surrogate loss on the re-fed token, with `add_surogate_loss_to_last_context_token` (the notebook's spelling):
-
-    last_context_nll = mean_{k, t} -log p_post(x_t | x_{<=t}, <sot> z_k <eot>)   (the output at <eot>)
-    loss            += last_context_loss_beta * last_context_nll
-
-i.e. the thought stream is also trained to continue with the token it re-feeds (logged as `last_context_nll`).
+Seed 001's thought layout knobs (notebook names, `lightning_rlm.models.quiet_star_lm`, docs/quiet_star.md; off
+by default = the objective above bit for bit): `use_residual` (post logits := base + post), `add_last_context_token`
+(x_t re-fed after <eot> predicts x_{t+1}), `increment_pos_id_for_last_context_token`, `different_eot` (on: two
+markers, as before), and `add_surogate_loss_to_last_context_token`: `loss += last_context_loss_beta *
+mean -log p_post(x_t | x_{<=t}, <sot> z <eot>)`, the output at <eot> (logged as `last_context_nll`).
 
 Padded batches: a batch may carry `attention_mask` [B, L] (1 real, 0 padding, left or right; missing means
 all real, as LMWindow's windows are). Padding is masked in the model (`QuietStarLM.think`), thinking
@@ -78,39 +72,16 @@ from lightning_rlm.losses.quiet_star import (
 from lightning_rlm.methods.token_window import TokenWindowSteps, VocabFromData
 from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.quiet_star_lm import (
+    LAYOUT_KNOBS,
     MixingHead,
     QuietStarLM,
     ThinkingCausalLM,
     ThinkOutput,
+    check_thought_layout,
     thinking_positions,
 )
 from lightning_rlm.models.thought_attention import Engine
 from lightning_rlm.rollout.thoughts import thinking_continuations, thinking_sample, thought_lines
-
-
-def check_thought_layout(*, use_reasoner: bool, use_residual: bool, add_last_context_token: bool,
-                         increment_pos_id_for_last_context_token: bool, different_eot: bool,
-                         add_surogate_loss_to_last_context_token: bool, last_context_loss_beta: float) -> None:
-    """The combinations of seed 001's thought layout knobs that mean something; a ValueError names the value
-    and what it needs otherwise (the CLI prints it as a one-line error)."""
-    if increment_pos_id_for_last_context_token and not add_last_context_token:
-        raise ValueError("increment_pos_id_for_last_context_token=True sets the position id of the re-fed last "
-                         "context token: it needs add_last_context_token=True")
-    if add_surogate_loss_to_last_context_token and not add_last_context_token:
-        raise ValueError("add_surogate_loss_to_last_context_token=True is a loss on the re-fed last context token: "
-                         "it needs add_last_context_token=True")
-    if last_context_loss_beta < 0:
-        raise ValueError(f"last_context_loss_beta must be >= 0, got {last_context_loss_beta}")
-    if last_context_loss_beta != 0 and not add_surogate_loss_to_last_context_token:
-        raise ValueError(f"last_context_loss_beta={last_context_loss_beta} weights the surrogate loss on the last "
-                         "context token: it needs add_surogate_loss_to_last_context_token=True (and "
-                         "add_last_context_token=True), or last_context_loss_beta=0")
-    if not use_reasoner:
-        on = [name for name, value in (("use_residual", use_residual), ("add_last_context_token", add_last_context_token),
-                                       ("different_eot=False", not different_eot)) if value]
-        if on:
-            raise ValueError(f"{', '.join(on)} change the thoughts, but use_reasoner=False trains without thoughts: "
-                             "expected use_reasoner=True or the defaults")
 
 
 class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
@@ -149,14 +120,9 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             `null_thought_baseline` (the empty thought is scored anyway for it).
         interest_percentile: the logged `nll_interest` / `nll_base_interest` are over thinking positions whose
             base NLL is at least this percentile of the batch's (the seed's "tokens of interest").
-    Thought layout (seed 001's notebook knobs; see the module docstring and docs/quiet_star.md):
-        use_residual: the post-thought logits are base + post (a residual around the thought).
-        add_last_context_token: feed the last context token x_t again after <eot>; x_{t+1} is predicted from it.
-        increment_pos_id_for_last_context_token: (needs add_last_context_token) the re-fed x_t and the talk
-            tokens take position ids after the thought (p_t + M + 3, ...) instead of their own (p_t, p_t + 1, ...).
-        different_eot: <eot> its own learned vector (True, as before) or the <sot> vector (False).
-        add_surogate_loss_to_last_context_token: (needs add_last_context_token) compute and log the surrogate
-            loss, the NLL of the re-fed x_t predicted at <eot>; last_context_loss_beta (>= 0) is its weight.
+    Thought layout (seed 001's knobs, module docstring): use_residual, add_last_context_token,
+        increment_pos_id_for_last_context_token (re-fed x_t at p_t + M + 3 instead of p_t; needs the re-feed),
+        different_eot, add_surogate_loss_to_last_context_token (needs the re-feed) weighted by last_context_loss_beta.
     Optimisation: AdamW (no decay on vectors), warmup then constant or cosine.
     Samples: every `sample_every_n_steps` the thoughts at `sample_positions` positions of the batch; at each
         validation a thinking generation of `sample_tokens` tokens from `sample_prompt` (0 / None: off).
@@ -221,12 +187,11 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             raise ValueError("talk_gate compares each thought with the null thought: set null_thought_baseline: true")
         if not 0.0 <= interest_percentile < 1.0:
             raise ValueError(f"interest_percentile must be in [0, 1), got {interest_percentile}")
-        check_thought_layout(use_reasoner=use_reasoner, use_residual=use_residual,
-                             add_last_context_token=add_last_context_token,
-                             increment_pos_id_for_last_context_token=increment_pos_id_for_last_context_token,
-                             different_eot=different_eot,
+        check_thought_layout(use_reasoner=use_reasoner, last_context_loss_beta=last_context_loss_beta,
                              add_surogate_loss_to_last_context_token=add_surogate_loss_to_last_context_token,
-                             last_context_loss_beta=last_context_loss_beta)
+                             use_residual=use_residual, add_last_context_token=add_last_context_token,
+                             increment_pos_id_for_last_context_token=increment_pos_id_for_last_context_token,
+                             different_eot=different_eot)
         self.save_hyperparameters()
         self.net: Optional[QuietStarLM] = None
         self.hf_tokenizer = None
@@ -260,10 +225,7 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
 
     def layout(self) -> dict[str, bool]:
         """The thought layout knobs the model is built with (`QuietStarLM`'s arguments of the same names)."""
-        h = self.hparams
-        return {"use_residual": h.use_residual, "add_last_context_token": h.add_last_context_token,
-                "increment_pos_id_for_last_context_token": h.increment_pos_id_for_last_context_token,
-                "different_eot": h.different_eot}
+        return {k: self.hparams[k] for k in LAYOUT_KNOBS}
 
     def downstream_lms(self) -> dict[str, tuple[torch.nn.Module, Any]]:
         """What downstream evaluation scores (:mod:`lightning_rlm.callbacks.downstream`): ``base``, the base

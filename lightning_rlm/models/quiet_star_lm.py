@@ -81,8 +81,11 @@ from lightning_rlm.models.exportable import ExportableLM
 from lightning_rlm.models.static_cache import StaticCacheDecoder
 from lightning_rlm.models.thought_attention import Engine, ThoughtAttentionState, use_thought_attention
 
-__all__ = ["MixingHead", "QuietStarLM", "ThinkOutput", "ThinkingCausalLM", "ThinkingGeneration",
-           "final_block_offsets", "marker_init", "thinking_positions"]
+__all__ = ["LAYOUT_KNOBS", "MixingHead", "QuietStarLM", "ThinkOutput", "ThinkingCausalLM", "ThinkingGeneration",
+           "check_thought_layout", "final_block_offsets", "marker_init", "thinking_positions"]
+
+# seed 001's thought layout knobs: QuietStarLM's arguments and the methods' hyperparameters of the same names
+LAYOUT_KNOBS = ("use_residual", "add_last_context_token", "increment_pos_id_for_last_context_token", "different_eot")
 
 MixingHead = Literal["sigmoid", "linear", "off"]
 THOUGHTS_FILE = "quiet_star.pt"  # beside an exported LM: the markers and the mixing head (`thought_state`)
@@ -465,6 +468,31 @@ class QuietStarLM(nn.Module):
             thoughts=torch.stack(thoughts, 1) if return_thoughts else None,
             logits=torch.stack(all_logits, 1) if output_logits else None,
         )
+
+
+def check_thought_layout(*, use_reasoner: bool, use_residual: bool, add_last_context_token: bool,
+                         increment_pos_id_for_last_context_token: bool, different_eot: bool,
+                         add_surogate_loss_to_last_context_token: bool, last_context_loss_beta: float) -> None:
+    """The combinations of seed 001's thought layout knobs that mean something; a ValueError names the value
+    and what it needs otherwise (the CLI prints it as a one-line error)."""
+    if increment_pos_id_for_last_context_token and not add_last_context_token:
+        raise ValueError("increment_pos_id_for_last_context_token=True sets the position id of the re-fed last "
+                         "context token: it needs add_last_context_token=True")
+    if add_surogate_loss_to_last_context_token and not add_last_context_token:
+        raise ValueError("add_surogate_loss_to_last_context_token=True is a loss on the re-fed last context token: "
+                         "it needs add_last_context_token=True")
+    if last_context_loss_beta < 0:
+        raise ValueError(f"last_context_loss_beta must be >= 0, got {last_context_loss_beta}")
+    if last_context_loss_beta != 0 and not add_surogate_loss_to_last_context_token:
+        raise ValueError(f"last_context_loss_beta={last_context_loss_beta} weights the surrogate loss on the last "
+                         "context token: it needs add_surogate_loss_to_last_context_token=True (and "
+                         "add_last_context_token=True), or last_context_loss_beta=0")
+    if not use_reasoner:
+        on = [name for name, value in (("use_residual", use_residual), ("add_last_context_token", add_last_context_token),
+                                       ("different_eot=False", not different_eot)) if value]
+        if on:
+            raise ValueError(f"{', '.join(on)} change the thoughts, but use_reasoner=False trains without thoughts: "
+                             "expected use_reasoner=True or the defaults")
 
 
 def final_block_offsets(M: int, J: int, add_last_context_token: bool = False,
