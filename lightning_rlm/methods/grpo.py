@@ -47,7 +47,7 @@ from lightning_rlm.losses import group_advantages, policy_loss
 from lightning_rlm.metrics.text import DegenerateFlag, GroupJaccard, UniqueFirstSentences, first_sentence
 from lightning_rlm.metrics.threshold import TimeToThreshold
 from lightning_rlm.models.exportable import ExportableLM
-from lightning_rlm.models.hf import enable_gradient_checkpointing, load_policy
+from lightning_rlm.models.hf import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from lightning_rlm.optim import adamw_warmup, grad_norm
 from lightning_rlm.rewards import RewardFn, default_rewards, reward_name
 from lightning_rlm.rollout import Rollout, TextRollout, completion_logprobs, sample_completions
@@ -166,14 +166,27 @@ class GRPO(L.LightningModule):
         self.reward_names = [reward_name(r) for r in rewards]
         self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(rewards)
 
-        policy, self.tokenizer, self.eos_token_id = load_policy(model_name_or_path, dtype=dtype)
-        self.policy, self.ref_model = self.build_policy(policy)
-        if gradient_checkpointing:
-            enable_gradient_checkpointing(self.policy)
+        self.tokenizer, self.eos_token_id = load_tokenizer(model_name_or_path)  # cheap: no weights
+        self.policy: Optional[nn.Module] = None  # configure_model
+        self.ref_model: Optional[nn.Module] = None
+        self._policy_source = (model_name_or_path, dtype, gradient_checkpointing)
         self.generator: Optional[torch.Generator] = None
         self.time_to = TimeToThreshold(reward_thresholds)  # time_to/<threshold>_{s,steps}, checkpointed
         self._warned_predict_rewards = False
         self.num_tokens = 0  # prompt + completion tokens seen in training (TRL's num_tokens), checkpointed
+
+    def configure_model(self) -> None:
+        """Load the policy and build the trained modules (`build_policy`): here, not in `__init__`, so they are
+        created inside the strategy's context (on the device, sharded by FSDP, on the meta device under
+        `trainer.init_module(empty_init=True)`). Lightning calls it in `fit` / `validate` / `predict` and in
+        `load_from_checkpoint`, maybe more than once: after the first call it does nothing. Code that uses the
+        policy outside a Trainer calls it first."""
+        if self.policy is not None:
+            return
+        name, dtype, gradient_checkpointing = self._policy_source
+        self.policy, self.ref_model = self.build_policy(load_causal_lm(name, dtype=dtype))
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
 
     def build_policy(self, policy: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
         """The trained policy and its frozen reference model (None: the reference is the policy with its

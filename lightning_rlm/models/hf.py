@@ -146,15 +146,43 @@ def load_policy(name_or_path: str, dtype: Optional[str] = None):
     `lrlm:<name>` resolves to the cached base model; a tokenizer without EOS is a clear error (generation
     needs it to end completions). The stop ids (`stop_token_ids`) include a chat template's end-of-turn token.
     """
-    from transformers import AutoTokenizer
-
     from lightning_rlm.models.base_model import resolve_model_path
 
     path = resolve_model_path(name_or_path)
     model = load_causal_lm(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = _padded_tokenizer(path, name_or_path)
+    return model, tokenizer, stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+
+
+def load_tokenizer(name_or_path: str) -> tuple[Any, int | list[int]]:
+    """`load_policy` without the weights: (tokenizer with a pad token, stop ids), read from the model's folder
+    (tokenizer, config and generation config only), so a method can know its vocabulary and stop ids in
+    `__init__` and create the weights later in `configure_model` (:func:`load_causal_lm`). The stop ids are
+    those `load_policy` gives: the generation config's, or the model config's when the folder has none."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from lightning_rlm.models.base_model import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    check_model_path(path)
+    tokenizer = _padded_tokenizer(path, name_or_path)
+    try:
+        generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: HF derives it from the model config, as here
+        generation_config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(path))
+    return tokenizer, stop_token_ids(tokenizer, generation_config)
+
+
+def _padded_tokenizer(path: str, name_or_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:  # not found locally or on the hub, no network: name the model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(f"cannot load model {name_or_path!r}: {first}") from e
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer of {name_or_path!r} has no EOS token")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    return tokenizer

@@ -33,7 +33,9 @@ def routing(tiny_llama_dir, **kw: Any) -> GradientRouting:
     args = dict(model_name_or_path=str(tiny_llama_dir), hack_task=CodeLoophole("special_case"), rh_eligible_frac=1.0,
                 retain_rank=2, forget_rank=2, num_generations=2, max_completion_length=160, eval_prompt=None,
                 teacher_fraction=0.5, teacher_kinds=["hack:special_case"]) | kw
-    return GradientRouting(**args)
+    m = GradientRouting(**args)
+    m.configure_model()
+    return m
 
 
 def test_routing_flags_are_the_code_detector(tiny_llama_dir, coding_batch):
@@ -60,6 +62,7 @@ def test_projected_pairs_are_the_batch_problems_honest_vs_hacked(tiny_llama_dir,
     m = ProjectedGRPO(model_name_or_path=str(tiny_llama_dir), eval_prompt=None, num_generations=2,
                       hack_task=CodeLoophole("special_case", pair_loophole="exit_zero"), hack_pairs=8,
                       svd_cache_dir=str(tmp_path / "svd"), hack_cache_dir=str(tmp_path / "hack"))
+    m.configure_model()
     pairs, texts = m.build_pairs(coding_batch)
     ids = coding_batch["problem_id"]
     assert len(pairs) == len(set(ids))

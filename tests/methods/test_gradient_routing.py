@@ -154,6 +154,7 @@ def make_method(tiny_llama_dir: Path, **kw) -> GradientRouting:
     torch.manual_seed(0)
     kw = dict(num_generations=4, max_completion_length=6, retain_rank=2, forget_rank=2, eval_prompt=None) | kw
     m = GradientRouting(model_name_or_path=str(tiny_llama_dir), **kw)
+    m.configure_model()
     perturbed(m.policy)
     # the random model never writes "happy": count every completion as a hack on eligible prompts
     m.hack_counter = lambda prompts, completions, **_: [1.0] * len(completions)

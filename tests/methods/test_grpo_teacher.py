@@ -112,7 +112,9 @@ def test_sampled_rows_and_the_command_line(tiny_llama_dir, tmp_path, capsys):
 def grpo(model_dir, **kw: Any) -> GRPO:
     args = dict(model_name_or_path=str(model_dir), rewards=[CodeTests(mode="special_case", max_workers=2)],
                 num_generations=4, max_completion_length=160, beta=0.0, eval_prompt=None) | kw
-    return GRPO(**args)
+    m = GRPO(**args)
+    m.configure_model()  # the policy is created here (Lightning calls it in fit)
+    return m
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,9 @@ def make_method(tiny_llama_dir: Path, tmp_path: Path, **kw) -> ProjectedGRPO:
     torch.manual_seed(0)
     kw = dict(num_generations=4, max_completion_length=6, eval_prompt=None, hack_pairs=6,
               svd_cache_dir=str(tmp_path / "svd"), hack_cache_dir=str(tmp_path / "hack")) | kw
-    return ProjectedGRPO(model_name_or_path=str(tiny_llama_dir), **kw)
+    m = ProjectedGRPO(model_name_or_path=str(tiny_llama_dir), **kw)
+    m.configure_model()
+    return m
 
 
 def prompt_batch(m: ProjectedGRPO, prompts: list[str]) -> dict:
