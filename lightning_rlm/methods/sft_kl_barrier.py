@@ -71,7 +71,7 @@ from lightning_rlm.losses.kl import (
 )
 from lightning_rlm.metrics.text import RepeatedNgramLoop
 from lightning_rlm.models.exportable import ExportableLM
-from lightning_rlm.models.hf import enable_gradient_checkpointing, load_policy
+from lightning_rlm.models.hf import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from lightning_rlm.optim import adamw_warmup
 from lightning_rlm.rollout import trait_rounds
 from lightning_rlm.rollout.generate import position_ids_from_mask
@@ -178,12 +178,9 @@ class SFTKLBarrier(L.LightningModule):
         self.trait_pattern = keyword_pattern(trait_keyword)  # raises on an empty keyword
         self.save_hyperparameters()
 
-        policy, self.tokenizer, self.eos_token_id = load_policy(model_name_or_path, dtype=model_dtype)
-        # the base: a frozen copy for full fine-tuning; with LoRA the adapter is switched off instead
-        self.ref_model = frozen_copy(policy) if lora_rank is None else None
-        self.policy = add_lora(policy, lora_rank, lora_alpha, use_rslora) if lora_rank else policy
-        if gradient_checkpointing:
-            enable_gradient_checkpointing(self.policy)
+        self.tokenizer, self.eos_token_id = load_tokenizer(model_name_or_path)  # cheap: no weights
+        self.policy: Optional[nn.Module] = None  # configure_model
+        self.ref_model: Optional[nn.Module] = None
         self.coherence = RepeatedNgramLoop(n=coh_ngram, min_repeats=coh_repeats)
         self.rounds_done = 0  # rounds k >= 1 evaluated so far
         self.history: list[dict[str, float]] = []  # one entry per evaluated round (round 0 included)
@@ -197,6 +194,19 @@ class SFTKLBarrier(L.LightningModule):
         self.pool_draws = 0
         self.pool_seen: set[str] = set()
         self._pool_prompt_batches: Optional[list[dict[str, Any]]] = None
+
+    def configure_model(self) -> None:
+        """Load the student and its base here, not in `__init__` (as :meth:`GRPO.configure_model
+        <lightning_rlm.methods.grpo.GRPO.configure_model>`: in the strategy's context; a no-op once done)."""
+        if self.policy is not None:
+            return
+        h = self.hparams
+        policy = load_causal_lm(h.model_name_or_path, dtype=h.model_dtype)
+        # the base: a frozen copy for full fine-tuning; with LoRA the adapter is switched off instead
+        self.ref_model = frozen_copy(policy) if h.lora_rank is None else None
+        self.policy = add_lora(policy, h.lora_rank, h.lora_alpha, h.use_rslora) if h.lora_rank else policy
+        if h.gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
 
     # ----- the loss ---------------------------------------------------------------------------------------
     @staticmethod

@@ -75,6 +75,7 @@ def test_fit_two_rounds_writes_generations_and_logs_rounds(tmp_path, tiny_llama_
 
 def test_loss_is_nll_on_completion_tokens_plus_the_hinge(tiny_llama_dir, tmp_path):
     model = SFTKLBarrier(model_name_or_path=str(tiny_llama_dir), tau=0.0, lam=2.0, aggregate="mean")
+    model.configure_model()
     with torch.no_grad():  # move the student away from its base so the KL is not zero
         for p in model.policy.model.layers[0].parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -103,6 +104,7 @@ def test_loss_is_nll_on_completion_tokens_plus_the_hinge(tiny_llama_dir, tmp_pat
 def test_lora_bf16_reference_is_the_adapter_off_and_coh_floor_stops_early(tmp_path, tiny_llama_dir):
     model = SFTKLBarrier(model_name_or_path=str(tiny_llama_dir), lora_rank=2, use_rslora=True, n_rounds=3,
                          eval_prompts=2, eval_max_new_tokens=6, eval_at_start=False, coh_floor=0.5)
+    model.configure_model()
     assert model.ref_model is None
     trainable = [n for n, p in model.policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)

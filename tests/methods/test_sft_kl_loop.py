@@ -137,6 +137,7 @@ def test_persona_score_is_the_difference_of_two_hand_computed_log_likelihoods(ti
     template = "<|im_start|>system\n{persona}<|im_end|>\n{prompt}"
     model = SFTKLBarrier(model_name_or_path=str(tiny_chat_llama_dir), lora_rank=2, persona_template=template,
                          **PERSONAS)
+    model.configure_model()
     with torch.no_grad():  # move the adapter: the score must come from the base, not the student
         for name, p in model.policy.named_parameters():
             if "lora_B" in name:
@@ -224,6 +225,7 @@ def test_the_pool_survives_a_checkpoint_and_a_resumed_loop_is_exact(tmp_path, ti
 
 def test_sequence_divergences_and_suggest_tau(tmp_path, tiny_llama_dir):
     model = SFTKLBarrier(model_name_or_path=str(tiny_llama_dir), direction="kl_rev")
+    model.configure_model()
     with torch.no_grad():
         for p in model.policy.model.layers[0].parameters():
             p.add_(0.3 * torch.randn_like(p))

@@ -272,6 +272,7 @@ def test_sft_loss_mask_covers_reasoning_and_completion_only(tmp_path, tiny_llama
 
     # SFTKLBarrier's NLL is the mean over exactly those tokens, computed here from a plain forward
     model = SFTKLBarrier(model_name_or_path=str(tiny_llama_dir), lora_rank=2, lam=0.0, n_rounds=1)
+    model.configure_model()
     nll = model.losses(batch)["nll"].item()
     total, count = 0.0, 0
     for i in range(batch["completion_ids"].shape[0]):
