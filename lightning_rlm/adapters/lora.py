@@ -161,33 +161,21 @@ def _adapter_source(source: str | os.PathLike) -> tuple[str, Path]:
     raise FileNotFoundError(f"init_adapter {str(source)!r}: no such file or folder")
 
 
-def load_lora_weights(policy: PeftModel, source: str | os.PathLike) -> dict[str, Any]:
-    """Copy the LoRA weights of `source` into `policy`'s active adapter (which must have the same rank and
-    scaling); the base weights are not touched. Returns {"kind", "path", "tensors"}.
-
-    `source`: a PEFT adapter folder (`lightning-rlm export` of a LoRA method without `--merge`), or a
-    Lightning checkpoint (a file, or a run folder's `checkpoints/last.ckpt`) of a method whose LoRA policy is
-    its `policy` attribute (SFTKLBarrier or GRPO with `lora_rank`, GANRL). Every LoRA tensor of `policy` must
-    be found there; a mismatch is a ValueError naming what differs.
-    """
-    if not isinstance(policy, PeftModel):
-        raise TypeError(f"load_lora_weights needs a PEFT (LoRA) model, got {type(policy).__name__}")
+def check_lora_source(source: str | os.PathLike, r: int, lora_alpha: Optional[float], use_rslora: bool,
+                      adapter: str = "default") -> tuple[str, Path, Optional[dict[str, Any]]]:
+    """Where the LoRA weights of `source` are (`load_lora_weights`) and, for a checkpoint, its LoRA tensors of
+    `adapter`; a rank or scaling other than those of (r, lora_alpha, use_rslora) is a ValueError. Cheap (a json,
+    or a memory-mapped checkpoint): a method checks its `init_adapter` in `__init__`, before loading a model."""
     kind, path = _adapter_source(source)
-    name = policy.active_adapter
-    cfg = policy.peft_config[name]
-    want = (int(cfg.r), lora_scaling(cfg.r, cfg.lora_alpha, cfg.use_rslora))
+    want = (int(r), lora_scaling(r, lora_alpha, use_rslora))
+    saved = None
     if kind == "peft":
-        saved = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        if str(saved.get("peft_type", "LORA")).upper() != "LORA":
-            raise ValueError(f"init_adapter {str(source)!r} is a {saved.get('peft_type')} adapter, not LoRA")
-        got = (int(saved["r"]), lora_scaling(saved["r"], saved.get("lora_alpha"), bool(saved.get("use_rslora"))))
-        described = (f"rank {saved['r']}, lora_alpha {saved.get('lora_alpha')}, use_rslora "
-                     f"{bool(saved.get('use_rslora'))}")
-        base_saved = saved.get("base_model_name_or_path")
-        if base_saved and cfg.base_model_name_or_path and Path(str(base_saved)).name != Path(
-                str(cfg.base_model_name_or_path)).name:
-            warnings.warn(f"init_adapter {str(source)!r} was trained on {base_saved!r}, the policy is "
-                          f"{cfg.base_model_name_or_path!r}", stacklevel=2)
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        if str(config.get("peft_type", "LORA")).upper() != "LORA":
+            raise ValueError(f"init_adapter {str(source)!r} is a {config.get('peft_type')} adapter, not LoRA")
+        got = (int(config["r"]), lora_scaling(config["r"], config.get("lora_alpha"), bool(config.get("use_rslora"))))
+        described = (f"rank {config['r']}, lora_alpha {config.get('lora_alpha')}, use_rslora "
+                     f"{bool(config.get('use_rslora'))}")
     else:  # mmap: only the LoRA tensors are read
         ckpt = read_checkpoint(path, label=f"init_adapter {str(source)!r}: {str(path)!r}")
         hp = ckpt.get("hyper_parameters") or {}
@@ -196,14 +184,38 @@ def load_lora_weights(policy: PeftModel, source: str | os.PathLike) -> dict[str,
         described = (f"lora_rank {hp.get('lora_rank')}, lora_alpha {hp.get('lora_alpha')}, use_rslora "
                      f"{bool(hp.get('use_rslora'))}")
         saved = {k[len("policy."):]: v for k, v in ckpt["state_dict"].items()
-                 if k.startswith("policy.") and ".lora_" in k and f".{name}." in k}  # e.g. not GAN-RL's discriminator
+                 if k.startswith("policy.") and ".lora_" in k and f".{adapter}." in k}  # e.g. not GAN-RL's discriminator
         if not saved:
             raise ValueError(f"init_adapter {str(source)!r}: the checkpoint holds no LoRA weights of a `policy` "
                              "(a full fine-tune? export it with --merge and use the folder as model_name_or_path)")
     if got[0] != want[0] or not math.isclose(got[1], want[1], rel_tol=1e-6):
         raise ValueError(f"init_adapter {str(source)!r} has {described} (scaling {got[1]:.4g}); the policy's LoRA "
-                         f"has rank {cfg.r}, lora_alpha {cfg.lora_alpha}, use_rslora {cfg.use_rslora} (scaling "
+                         f"has rank {r}, lora_alpha {lora_alpha}, use_rslora {use_rslora} (scaling "
                          f"{want[1]:.4g}): set lora_rank / lora_alpha / use_rslora to match")
+    return kind, path, saved
+
+
+def load_lora_weights(policy: PeftModel, source: str | os.PathLike) -> dict[str, Any]:
+    """Copy the LoRA weights of `source` into `policy`'s active adapter (which must have the same rank and
+    scaling); the base weights are not touched. Returns {"kind", "path", "tensors"}.
+
+    `source`: a PEFT adapter folder (`lightning-rlm export` of a LoRA method without `--merge`), or a
+    Lightning checkpoint (a file, or a run folder's `checkpoints/last.ckpt`) of a method whose LoRA policy is
+    its `policy` attribute (SFTKLBarrier or GRPO with `lora_rank`, GANRL). Every LoRA tensor of `policy` must
+    be found there; a mismatch is a ValueError naming what differs (`check_lora_source`).
+    """
+    if not isinstance(policy, PeftModel):
+        raise TypeError(f"load_lora_weights needs a PEFT (LoRA) model, got {type(policy).__name__}")
+    name = policy.active_adapter
+    cfg = policy.peft_config[name]
+    kind, path, saved = check_lora_source(source, cfg.r, cfg.lora_alpha, cfg.use_rslora, adapter=name)
+    if kind == "peft":
+        base_saved = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path")
+        if base_saved and cfg.base_model_name_or_path and Path(str(base_saved)).name != Path(
+                str(cfg.base_model_name_or_path)).name:
+            warnings.warn(f"init_adapter {str(source)!r} was trained on {base_saved!r}, the policy is "
+                          f"{cfg.base_model_name_or_path!r}", stacklevel=2)
     expected = {n for n, _ in policy.named_parameters() if ".lora_" in n and f".{name}." in n}
     try:
         if kind == "peft":

@@ -108,7 +108,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lightning_rlm.adapters import add_lora, load_lora_weights, reference_logprobs
+from lightning_rlm.adapters import add_lora, check_lora_source, load_lora_weights, reference_logprobs
 from lightning_rlm.adapters.lora_switch import (
     add_named_adapter,
     lora_grads_on,
@@ -126,7 +126,7 @@ from lightning_rlm.losses.discriminator import (
     reasoning_discriminator_stats,
 )
 from lightning_rlm.models.exportable import ExportableLM
-from lightning_rlm.models.hf import load_policy
+from lightning_rlm.models.hf import load_causal_lm, load_tokenizer
 from lightning_rlm.optim import adamw_warmup, grad_norm
 from lightning_rlm.rollout import TextRollout, completion_logprobs
 from lightning_rlm.rollout.gan import (
@@ -283,21 +283,16 @@ class GANRL(L.LightningModule):
             if not d_trains_adapter:
                 raise ValueError("discriminator='reasoning' needs d_trains_adapter=True: its policy is the adapter")
         check_at_least(1, target_length=target_length)
+        if init_adapter is not None:  # a missing or mismatched adapter fails here, before any model is loaded
+            check_lora_source(init_adapter, lora_rank, lora_alpha, use_rslora)
         self.save_hyperparameters()
         self.automatic_optimization = False
 
-        base, self.tokenizer, self.eos_token_id = load_policy(model_name_or_path, dtype=dtype)
-        hidden = base.config.hidden_size
-        self.policy = add_lora(base, lora_rank, lora_alpha, use_rslora, dropout=lora_dropout)
-        if init_adapter is not None:  # e.g. the SFT'd adapter of the rationalization recipe (docs/rationalize.md)
-            load_lora_weights(self.policy, init_adapter)
-        if discriminator_backbone == "separate_adapter":  # same config, fresh weights (B = 0), not active
-            add_named_adapter(self.policy, DISCRIMINATOR_ADAPTER, like=GENERATOR_ADAPTER)
-        self.policy.train()  # from_pretrained returns eval mode; sampling and the reference switch it as needed
-        if discriminator == "head":
-            self.d_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2))  # fp32
-        else:  # the reasoning discriminator's value head: logit of its chance of being right
-            self.value_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 1))  # fp32
+        self.tokenizer, self.eos_token_id = load_tokenizer(model_name_or_path)  # cheap: no weights
+        self.policy: Optional[nn.Module] = None  # configure_model, with the discriminator's head
+        self.d_head: Optional[nn.Module] = None
+        self.value_head: Optional[nn.Module] = None
+        if discriminator == "reasoning":
             self.answer_prefix_ids: list[int] = self.tokenizer.encode(d_answer_prefix, add_special_tokens=False)
             self.answer_ids: list[int] = answer_token_ids(self.tokenizer, d_answers)  # [real, generated]
         self.register_buffer("baseline", torch.zeros(()))  # EMA of rewards (checkpointed with the weights)
@@ -307,6 +302,26 @@ class GANRL(L.LightningModule):
         if discriminator == "reasoning":
             self.render_d_prompt("x", "y")
         self.generator: Optional[torch.Generator] = None
+
+    def configure_model(self) -> None:
+        """Load the generator, add its adapter(s) and build the discriminator's head here, not in `__init__`
+        (as :meth:`GRPO.configure_model <lightning_rlm.methods.grpo.GRPO.configure_model>`: in the strategy's
+        context; a no-op once done)."""
+        if self.policy is not None:
+            return
+        h = self.hparams
+        base = load_causal_lm(h.model_name_or_path, dtype=h.dtype)
+        hidden = base.config.hidden_size
+        self.policy = add_lora(base, h.lora_rank, h.lora_alpha, h.use_rslora, dropout=h.lora_dropout)
+        if h.init_adapter is not None:  # e.g. the SFT'd adapter of the rationalization recipe (docs/rationalize.md)
+            load_lora_weights(self.policy, h.init_adapter)
+        if self.separate:  # same config, fresh weights (B = 0), not active
+            add_named_adapter(self.policy, DISCRIMINATOR_ADAPTER, like=GENERATOR_ADAPTER)
+        self.policy.train()  # from_pretrained returns eval mode; sampling and the reference switch it as needed
+        if self.reasoning_discriminator:  # the value head: logit of its chance of being right
+            self.value_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 1))  # fp32
+        else:
+            self.d_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2))  # fp32
 
     # ----- helpers ------------------------------------------------------------------------------------------------
     @property

@@ -26,7 +26,9 @@ def make(tiny_llama_dir, **kw) -> GANRL:
     torch.manual_seed(0)
     args = dict(model_name_or_path=str(tiny_llama_dir), lora_rank=2, lora_alpha=8.0, reasoning_tokens=4,
                 completion_tokens=6, prompt_template=PLAIN_PROMPT_TEMPLATE, g_lr=1e-2, d_lr=1e-2)
-    return GANRL(**{**args, **kw})
+    m = GANRL(**{**args, **kw})
+    m.configure_model()  # the generator and the head are created here (Lightning calls it in fit)
+    return m
 
 
 REASONING = dict(discriminator="reasoning", d_prompt_template=PLAIN_D_PROMPT_TEMPLATE, d_reasoning_tokens=3)

@@ -327,12 +327,14 @@ def test_gan_rl_starts_from_the_sft_adapter(sft_run, tmp_path, tiny_chat_llama_d
     assert any(n.endswith("lora_B.default.weight") and v.abs().max() > 0 for n, v in sft.items())  # trained
 
     def gan(*extra: str):
-        return RLMCLI(args=["--config", str(CONFIGS / "gan_rl" / "rationalize_then_gan.yaml"),
+        model = RLMCLI(args=["--config", str(CONFIGS / "gan_rl" / "rationalize_then_gan.yaml"),
                             "--model.init_args.model_name_or_path", str(tiny_chat_llama_dir),
                             "--data.init_args.tokenizer", str(tiny_chat_llama_dir),
                             # bundled windows (the config's Pile sample does not travel with the package)
                             "--data.init_args.source.preset=tinystories", "--data.init_args.source.max_documents=60",
                             *extra], run=False).model
+        model.configure_model()  # the generator and its adapter are created here (fit calls it)
+        return model
 
     fresh = lora_state(gan())
     assert all(v.abs().max() == 0 for n, v in fresh.items() if "lora_B" in n)  # without init_adapter: B = 0
