@@ -26,6 +26,10 @@ imitation); :mod:`lightning_rlm.tasks.teacher_pool` states the mixing and why.
 reference and old log-probs), then per inner iteration `with loss_context(gb): loss(gb)`, backward,
 `after_backward(gb)`, clip, step, then `log_extra(gb)`. Subclasses (gradient routing, projected GRPO)
 override these hooks and `build_policy` / `prepare_batch` / `score` / `param_groups`, never the step.
+
+`__init__` validates the arguments and reads the tokenizer and stop ids only; the policy, its reference and
+adapters are created in `configure_model` (in the strategy's context, for FSDP; a no-op when called again).
+Code that uses the policy outside a Trainer calls `configure_model()` first.
 """
 
 from __future__ import annotations
