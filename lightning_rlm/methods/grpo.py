@@ -181,8 +181,8 @@ class GRPO(L.LightningModule):
 
     def configure_model(self) -> None:
         """Load the policy and build the trained modules (`build_policy`): here, not in `__init__`, so they are
-        created inside the strategy's context (on the device, sharded by FSDP, on the meta device under
-        `trainer.init_module(empty_init=True)`). Lightning calls it in `fit` / `validate` / `predict` and in
+        created inside the strategy's context (on the device, under FSDP's wrapping; not on the meta device:
+        `from_pretrained` refuses it). Lightning calls it in `fit` / `validate` / `predict` and in
         `load_from_checkpoint`, maybe more than once: after the first call it does nothing. Code that uses the
         policy outside a Trainer calls it first."""
         if self.policy is not None:
