@@ -77,8 +77,7 @@ class LanguageModel(VocabFromData, TokenWindowSteps, L.LightningModule):
     def make_net(self, vocab_size: int) -> nn.Module:
         return self.network_fn(vocab_size)
 
-    def setup(self, stage: str) -> None:
-        self.build_from_data()
+    def setup(self, stage: str) -> None:  # the network is built later, in `configure_model`
         prompt = self.hparams.sample_prompt
         if prompt is not None and self.tokenizer is not None:
             try:  # before training, not when the first sample is due

@@ -6,6 +6,7 @@ random sample), `QuietStarLM.think` samples P thoughts z of n_ahead - 2 tokens b
 logits with the base model's through the mixing head. Objective, per position t and thought k:
 
     talk_nll  = mean_{k, j <= J, t + j < L} -log p_mix(x_{t+1+j} | x_{<=t}, z_k, x_{t+1..t+j})
+                (train_nll_num n: the mean over thoughts k < n only; seed 001's knob)
     r_k       = sum_j log p_mix(x_{t+1+j} | ...)    (reward, detached; p_post with reward_logits: post)
     b_k       = mean_{i != k} r_i       (leave-one-out; with null_thought_baseline the empty thought's
                                           reward joins the others: b_k = (sum_{i != k} r_i + r_null) / P)
@@ -78,6 +79,7 @@ from lightning_rlm.models.quiet_star_lm import (
     ThinkingCausalLM,
     ThinkOutput,
     check_thought_layout,
+    marker_ids,
     thinking_positions,
 )
 from lightning_rlm.models.thought_attention import Engine
@@ -115,6 +117,9 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         gap_buckets: base-NLL edges (nats) of the easy / medium / hard buckets of the logged gap.
         use_reasoner: False trains the plain LM through the same code path (no thoughts: the loss is the base
             NLL, equal to the LM baseline's on the same batch); seed 001's `use_reasoner` control.
+        train_nll_num: how many of the P thoughts per position the talk NLL averages over, the first n
+            (thoughts are i.i.d.); None: all P. Seed 001's `train_nll_num` with `trice_samples` (here `n_passes`)
+            and `nll_loss_beta` (here `talk_loss_beta`); the policy loss still scores all P.
         talk_gate: update p(y | z, x) only where the thought beats the null thought (seed 001): the talk loss
             of a (thought, position) counts only when its reward exceeds the empty thought's; needs
             `null_thought_baseline` (the empty thought is scored anyway for it).
@@ -147,6 +152,7 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         talk_loss_beta: float = 1.0,
         policy_loss_beta: float = 1.0,
         post_loss_beta: float = 0.0,
+        train_nll_num: Optional[int] = None,
         clamp_negative_advantage: bool = False,
         null_thought_baseline: bool = False,
         reward_logits: Literal["mixed", "post"] = "mixed",
@@ -183,6 +189,9 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         check_positive(thought_temperature=thought_temperature, lr=lr)
         if not gap_buckets[0] < gap_buckets[1]:
             raise ValueError(f"gap_buckets must be two increasing edges, got {gap_buckets}")
+        if train_nll_num is not None and not 1 <= train_nll_num <= n_passes:
+            raise ValueError(f"train_nll_num must be in [1, n_passes={n_passes}] (the notebook's trice_samples), "
+                             f"got {train_nll_num}")
         if talk_gate and not null_thought_baseline:
             raise ValueError("talk_gate compares each thought with the null thought: set null_thought_baseline: true")
         if not 0.0 <= interest_percentile < 1.0:
@@ -195,13 +204,16 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         self.save_hyperparameters()
         self.net: Optional[QuietStarLM] = None
         self.hf_tokenizer = None
-        if model_name_or_path is not None:
-            from lightning_rlm.models.hf import load_policy
+        if model_name_or_path is not None:  # the weights are loaded in `configure_model`
+            from transformers import AutoConfig
 
-            lm, self.hf_tokenizer, _ = load_policy(model_name_or_path)
-            self.net = QuietStarLM.around(lm, self.hf_tokenizer, thought_init_text, embedding_grad_scale, mixing_head,
-                                          **self.layout())
-            self.hparams.vocab_size = lm.config.vocab_size  # the DataModule's tokenizer must fit in it
+            from lightning_rlm.models.base_model import resolve_model_path
+            from lightning_rlm.models.hf import load_tokenizer
+
+            self.hf_tokenizer, _ = load_tokenizer(model_name_or_path)
+            config = AutoConfig.from_pretrained(resolve_model_path(model_name_or_path))
+            marker_ids(self.hf_tokenizer, thought_init_text, config.vocab_size)  # a bad start text fails now
+            self.hparams.vocab_size = config.vocab_size  # the DataModule's tokenizer must fit in it
         elif vocab_size is not None:  # a checkpoint: the markers' start value is overwritten by its weights
             self._build(vocab_size)
         else:
@@ -243,8 +255,18 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         return self.net.exportable(self.hf_tokenizer, n_ahead=h.n_ahead, n_talk=h.n_talk, engine=h.engine,
                                    thought_temperature=h.thought_temperature)
 
-    def setup(self, stage: str) -> None:
-        self.build_from_data()  # a random model gets the tokenizer's vocab; a built one is checked against it
+    def configure_model(self) -> None:
+        """Create the network (Lightning calls this after `setup`, in the strategy's context, and in
+        `load_from_checkpoint`; idempotent): the pretrained LM of `model_name_or_path` with the thinking parts
+        around it, or a random one from `model_config` sized to the DataModule's tokenizer; a built network is
+        checked against that tokenizer. Code that uses `net` outside a Trainer calls it first."""
+        h = self.hparams
+        if self.net is None and h.model_name_or_path is not None:
+            from lightning_rlm.models.hf import load_causal_lm
+
+            self.net = QuietStarLM.around(load_causal_lm(h.model_name_or_path), self.hf_tokenizer, h.thought_init_text,
+                                          h.embedding_grad_scale, h.mixing_head, **self.layout())
+        self.build_from_data()
 
     def _generator(self) -> torch.Generator:
         if self.generator is None or self.generator.device != self.device:
@@ -301,7 +323,8 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             null_reward = talk_reward(talk_logprobs(out.null_talk_logits if mixed else out.null_post_logits,
                                                     targets), valid)
         beats_null = (reward > null_reward).float() if h.talk_gate else None  # [B, P, Lq]
-        talk = talk_nll(logp, valid, beats_null)  # gated targets count as 0, the denominator stays all targets
+        n = P if h.train_nll_num is None else h.train_nll_num  # the first n thoughts train the talk NLL
+        talk = talk_nll(logp[:, :n], valid, None if beats_null is None else beats_null[:, :n])  # gated: 0
         post_nll = talk_nll(post_logp, valid)
         # the baseline compares the P thoughts of one (row, position); a padding position's thoughts all have
         # reward 0, so they never reach a real position's baseline

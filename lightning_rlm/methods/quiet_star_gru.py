@@ -204,9 +204,12 @@ class QuietStarGRU(VocabFromData, TokenWindowSteps, L.LightningModule):
             use_base_lm=h.use_base_lm, base_dropout=h.neuter_dropout_base, detach_interpreter=h.detach_interpreter,
         )
 
-    def setup(self, stage: str) -> None:
+    def configure_model(self) -> None:
+        """Create the network (after `setup`, in the strategy's context; idempotent) and, at the start of a fit,
+        load the pretrained base LM / reasoner into it."""
         self.build_from_data()  # exact vocab: the end-of-thought id is vocab_size
-        if stage == "fit" and self.trainer.ckpt_path is None:  # a resumed run has its weights already
+        trainer = self._trainer  # a resumed run has its weights already
+        if trainer is not None and trainer.state.fn == "fit" and trainer.ckpt_path is None:
             for role, path in (("base", self.hparams.pretrained_base), ("reasoner", self.hparams.pretrained_reasoner)):
                 if path:
                     self.load_pretrained(path, role)

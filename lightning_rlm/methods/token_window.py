@@ -1,6 +1,6 @@
 """What the methods trained on token windows share (LM baselines, both Quiet-STaR methods): a network built
-once the DataModule's tokenizer is known, tokens/s between steps, val/test through one `_eval_step`, and
-the optimiser (AdamW, warm-up, then constant or cosine)."""
+in `configure_model` once the DataModule's tokenizer is known, tokens/s between steps, val/test through one
+`_eval_step`, and the optimiser (AdamW, warm-up, then constant or cosine)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ class VocabFromData:
     The subclass gives `make_net(vocab_size)`; `vocab_size` is saved in hparams when built, so checkpoints
     rebuild without the data. `exact_vocab`: the tokenizer's vocab must equal the model's (e.g. when an id
     past the vocab has a meaning), instead of fitting inside it.
+
+    The network is created in `configure_model`, which Lightning calls after `setup` (the DataModule's
+    tokenizer is known by then) inside the strategy's context, so FSDP wraps it as it is created and
+    `trainer.init_module(empty_init=True)` / the meta device skip the random initialisation; Lightning calls it
+    again in `load_from_checkpoint`. Given `vocab_size` in `__init__` (a checkpoint's hparams, a test), the
+    subclasses build at once, where `trainer.init_module()` places it; `configure_model` then only checks it.
     """
 
     exact_vocab = False
@@ -34,8 +40,13 @@ class VocabFromData:
         dm = self.trainer.datamodule if self._trainer is not None else None
         return getattr(dm, "tokenizer", None)
 
+    def configure_model(self) -> None:
+        """Build the network from the DataModule's tokenizer (or the saved `vocab_size`), or check a built one
+        against the tokenizer. Idempotent: a second call builds nothing."""
+        self.build_from_data()
+
     def build_from_data(self) -> None:
-        """Call from `setup`: build the network from the tokenizer, or check a built one against it."""
+        """Build the network from the tokenizer, or check a built one against it."""
         name = type(self).__name__
         if self.net is None:
             if self.tokenizer is None:

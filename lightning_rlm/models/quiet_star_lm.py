@@ -82,7 +82,7 @@ from lightning_rlm.models.static_cache import StaticCacheDecoder
 from lightning_rlm.models.thought_attention import Engine, ThoughtAttentionState, use_thought_attention
 
 __all__ = ["LAYOUT_KNOBS", "MixingHead", "QuietStarLM", "ThinkOutput", "ThinkingCausalLM", "ThinkingGeneration",
-           "check_thought_layout", "final_block_offsets", "marker_init", "thinking_positions"]
+           "check_thought_layout", "final_block_offsets", "marker_ids", "thinking_positions"]
 
 # seed 001's thought layout knobs: QuietStarLM's arguments and the methods' hyperparameters of the same names
 LAYOUT_KNOBS = ("use_residual", "add_last_context_token", "increment_pos_id_for_last_context_token", "different_eot")
@@ -166,23 +166,14 @@ class QuietStarLM(nn.Module):
     def around(cls, lm: nn.Module, tokenizer: Any, init_text: str, embedding_grad_scale: float = 100.0,
                mixing_head: MixingHead = "sigmoid", **layout: bool) -> QuietStarLM:
         """`lm` wrapped and set to training mode (`from_pretrained` returns eval mode; Lightning keeps submodule
-        modes as found), both markers starting at `marker_init` of `init_text` as `tokenizer` encodes it: a
+        modes as found), both markers starting at the mean input embedding of `init_text` as `tokenizer` encodes it (`marker_ids`): a
         Hugging Face tokenizer (no special tokens), or a DataModule's tokenizer (`lightning_rlm.data`: a text
         it cannot encode is a clear error); None: zeros (a checkpoint's weights replace them). `layout`: the
         thought layout knobs (`use_residual`, `add_last_context_token`, ...)."""
-        from transformers import PreTrainedTokenizerBase
-
         init = None
-        if isinstance(tokenizer, PreTrainedTokenizerBase):
-            ids = tokenizer.encode(init_text, add_special_tokens=False)
-            init = marker_init(lm, ids, init_text, tokenizer.unk_token_id)
-        elif tokenizer is not None:
-            try:
-                ids = tokenizer.encode(init_text)
-            except ValueError as e:  # e.g. a char vocabulary without '-'
-                raise ValueError(f"thought_init_text {init_text!r} cannot be encoded by the DataModule's tokenizer "
-                                 f"({e}); set model.init_args.thought_init_text to a text it can encode") from None
-            init = marker_init(lm, ids, init_text, getattr(getattr(tokenizer, "hf", None), "unk_token_id", None))
+        if tokenizer is not None:
+            ids = marker_ids(tokenizer, init_text, lm.get_input_embeddings().weight.shape[0])
+            init = lm.get_input_embeddings().weight[torch.tensor(ids)].detach().float().mean(0)  # [D]
         lm.train()
         return cls(lm, init, embedding_grad_scale, mixing_head, **layout)
 
@@ -519,18 +510,28 @@ def final_block_offsets(M: int, J: int, add_last_context_token: bool = False,
 
 
 # ----- what the training method feeds the model: marker start values, thinking positions --------------------
-def marker_init(lm: nn.Module, ids: list[int], text: str, unk_id: Optional[int] = None) -> Tensor:
-    """Mean input embedding of `text`'s tokens `ids`: the start value [D] of <sot>/<eot> (the paper's "---").
-    A tokenizer that cannot encode the text (nothing, or only its unknown token `unk_id`) is a clear error
-    naming it, and so is an id outside the model's vocabulary."""
+def marker_ids(tokenizer: Any, text: str, vocab_size: int) -> list[int]:
+    """The token ids of `text` (the markers' start text, the paper's "---") as `tokenizer` encodes it: a Hugging
+    Face tokenizer (no special tokens) or a DataModule's (`lightning_rlm.data`). A text it cannot encode
+    (nothing, or only its unknown token) is a clear error naming it, and so is an id outside `vocab_size`."""
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        ids, unk_id = tokenizer.encode(text, add_special_tokens=False), tokenizer.unk_token_id
+    else:
+        try:
+            ids = tokenizer.encode(text)
+        except ValueError as e:  # e.g. a char vocabulary without '-'
+            raise ValueError(f"thought_init_text {text!r} cannot be encoded by the DataModule's tokenizer "
+                             f"({e}); set model.init_args.thought_init_text to a text it can encode") from None
+        unk_id = getattr(getattr(tokenizer, "hf", None), "unk_token_id", None)
     if not ids or (unk_id is not None and all(i == unk_id for i in ids)):
         raise ValueError(f"thought_init_text {text!r} encodes to no known token with this tokenizer "
                          f"(ids {ids}); set model.init_args.thought_init_text to a text it can encode")
-    weight = lm.get_input_embeddings().weight  # [V, D]
-    if max(ids) >= weight.shape[0]:
+    if max(ids) >= vocab_size:
         raise ValueError(f"thought_init_text {text!r} has token id {max(ids)} outside the model's vocab "
-                         f"{weight.shape[0]}: the tokenizer does not belong to this model")
-    return weight[torch.tensor(ids)].detach().float().mean(0)
+                         f"{vocab_size}: the tokenizer does not belong to this model")
+    return ids
 
 
 def thinking_positions(length: int, every: int = 1, count: Optional[int] = None,

@@ -6,6 +6,10 @@ context (`fit`, `validate`, `predict`, `load_from_checkpoint`), maybe more than 
 HF `from_pretrained` refuses to run under a meta-device context, so `configure_model` cannot build a pretrained
 policy on the meta device; `trainer.init_module(empty_init=True)` around the construction is harmless (nothing
 is built there) and `fit` then loads the real weights.
+
+The token-window methods (LM baseline, Quiet-STaR, GRU Quiet-STaR) build their network in `configure_model` too,
+sized to the DataModule's tokenizer, which is known there (Lightning calls `setup` first); a network from a config
+can be created on the meta device.
 """
 
 from __future__ import annotations
@@ -19,18 +23,24 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_rlm.data import LMWindowDataModule, TextSource
 from lightning_rlm.data.collate import pad_left, pad_right
 from lightning_rlm.methods import (
     GANRL,
     GRPO,
     GradientRouting,
+    LanguageModel,
     ProjectedGRPO,
+    QuietStar,
+    QuietStarGRU,
     SFTKLBarrier,
     gan_rl,
     grpo,
     sft_kl_barrier,
 )
 from lightning_rlm.methods.gan_rl import PLAIN_PROMPT_TEMPLATE
+from lightning_rlm.models import hf
+from lightning_rlm.models.gru_lm import GRULanguageModel
 from lightning_rlm.models.hf import load_policy
 
 PROMPTS = ["Once upon a time", "The dog ran"]
@@ -143,3 +153,76 @@ def test_load_from_checkpoint_round_trips(name, tiny_llama_dir, tmp_path):
     assert again.policy is not None
     want, got = m.state_dict(), again.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+# ----- token-window methods -----------------------------------------------------------------------------------
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+WINDOW_MAKERS: dict[str, Callable[[], L.LightningModule]] = {
+    "language_model": lambda: LanguageModel(network=lambda v: GRULanguageModel(v, embed_dim=8, hidden_size=16,
+                                                                               num_layers=1)),
+    "quiet_star": lambda: QuietStar(model_config=TINY_LLAMA, n_ahead=3, n_talk=1, n_passes=2, think_positions=2),
+    "quiet_star_gru": lambda: QuietStarGRU(embed_dim=8, base_lm_hidden_dim=16, reasoner_hidden_dim=16,
+                                           interpreter_hidden_dim=16, max_reasoning_len=2),
+}
+
+
+def windows() -> LMWindowDataModule:
+    return LMWindowDataModule(TextSource(preset="shakespeare"), block_size=16, batch_size=2)
+
+
+class _NetAtSetup(L.Callback):
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.net = pl_module.net
+
+
+@pytest.mark.parametrize("name", list(WINDOW_MAKERS))
+def test_window_methods_build_their_network_in_configure_model(name, tmp_path):
+    L.seed_everything(0, verbose=False)
+    m = WINDOW_MAKERS[name]()
+    assert m.net is None and not list(m.parameters())
+    spy, dm = _NetAtSetup(), windows()
+    t = trainer(tmp_path, callbacks=[spy])
+    t.fit(m, datamodule=dm)
+    assert spy.net is None  # not built by `setup`
+    assert m.net is not None and t.global_step == 1
+    assert m.hparams.vocab_size == dm.tokenizer.vocab_size
+    net = m.net
+    m.configure_model()
+    assert m.net is net
+    t.save_checkpoint(tmp_path / "m.ckpt")
+    again = type(m).load_from_checkpoint(tmp_path / "m.ckpt", weights_only=False,
+                                         **({"network": m.network_fn} if name == "language_model" else {}))
+    want, got = m.state_dict(), again.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_quiet_star_network_from_a_config_can_be_created_on_the_meta_device(monkeypatch):
+    dm = windows()
+    dm.prepare_data()
+    dm.setup("fit")
+    m = WINDOW_MAKERS["quiet_star"]()
+    monkeypatch.setattr(QuietStar, "tokenizer", property(lambda self: dm.tokenizer))
+    with torch.device("meta"):
+        m.configure_model()
+    params = list(m.parameters())
+    assert params and all(p.is_meta for p in params)
+
+
+def test_pretrained_quiet_star_loads_its_weights_in_configure_model(tiny_llama_dir, monkeypatch):
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("weights loaded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hf, "load_causal_lm", refuse)
+        m = QuietStar(model_name_or_path=str(tiny_llama_dir), n_ahead=3, n_talk=1)
+        assert m.net is None and not list(m.parameters())
+        with pytest.raises(AssertionError, match="weights loaded"):
+            m.configure_model()
+    base, tokenizer, _ = load_policy(str(tiny_llama_dir))
+    assert m.hparams.vocab_size == base.config.vocab_size and m.hf_tokenizer.pad_token_id == tokenizer.pad_token_id
+    m.configure_model()
+    net = m.net
+    assert all(torch.equal(p, base.state_dict()[n]) for n, p in net.lm.state_dict().items())
+    m.configure_model()
+    assert m.net is net

@@ -38,18 +38,21 @@ def scripted_output() -> ThinkOutput:
         thought_entropy=torch.zeros(2, 1, 1))
 
 
-@pytest.mark.parametrize(("clamp", "reward_logits", "post_beta"),
-                         [(False, "mixed", 0.0), (True, "mixed", 0.0), (False, "post", 0.5)])
-def test_losses_by_hand(clamp, reward_logits, post_beta, tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize(("clamp", "reward_logits", "post_beta", "train_nll_num"),
+                         [(False, "mixed", 0.0, None), (True, "mixed", 0.0, None), (False, "post", 0.5, None),
+                          (False, "mixed", 0.0, 1)])
+def test_losses_by_hand(clamp, reward_logits, post_beta, train_nll_num, tiny_llama_dir, monkeypatch):
     m = QuietStar(model_name_or_path=str(tiny_llama_dir), n_ahead=3, n_talk=1, n_passes=2, think_positions=1,
                   clamp_negative_advantage=clamp, reward_logits=reward_logits, base_loss_beta=1.0,
-                  talk_loss_beta=1.0, policy_loss_beta=1.0, post_loss_beta=post_beta)
+                  talk_loss_beta=1.0, policy_loss_beta=1.0, post_loss_beta=post_beta, train_nll_num=train_nll_num)
+    m.configure_model()
     monkeypatch.setattr(m.net, "think", lambda *a, **k: scripted_output())
     monkeypatch.setattr(m, "thought_positions", lambda length, g, real=None: torch.tensor([0]))
     batch = {"input_ids": torch.tensor([[5, 1]]), "labels": torch.tensor([[1, 0]])}
     stats, _ = m.compute_losses(batch, None)
     r0, r1 = math.log(3 / 4), math.log(1 / 2)  # log p_mix of the target after thoughts 0 and 1
-    talk_nll = -(r0 + r1) / 2
+    nll_thought = -(r0 + r1) / 2  # the logged NLL with thoughts: every thought
+    talk_nll = nll_thought if train_nll_num is None else -r0  # the trained one; train_nll_num 1: the first only
     if reward_logits == "post":  # the unmixed predictions score the thoughts the other way round
         r0, r1 = r1, r0
     a0, a1 = r0 - r1, r1 - r0  # leave-one-out with two thoughts
@@ -61,9 +64,9 @@ def test_losses_by_hand(clamp, reward_logits, post_beta, tiny_llama_dir, monkeyp
     post_nll = -(math.log(1 / 2) + math.log(3 / 4)) / 2
     assert stats["loss"].item() == pytest.approx(math.log(2) + talk_nll + policy + post_beta * post_nll)
     assert stats["nll_base"].item() == pytest.approx(math.log(2))
-    assert stats["nll_thought"].item() == pytest.approx(talk_nll)
-    assert stats["gap"].item() == pytest.approx(talk_nll - math.log(2))
-    assert stats["nll"].item() == pytest.approx((math.log(2) + talk_nll) / 2)  # mixed at t=0, base at t=1
+    assert stats["nll_thought"].item() == pytest.approx(nll_thought)
+    assert stats["gap"].item() == pytest.approx(nll_thought - math.log(2))
+    assert stats["nll"].item() == pytest.approx((math.log(2) + nll_thought) / 2)  # mixed at t=0, base at t=1
     assert stats["mix_weight"].item() == pytest.approx(0.5)
     assert stats["reward"].item() == pytest.approx((r0 + r1) / 2)
     assert stats["nll_post"].item() == pytest.approx(-(math.log(1 / 2) + math.log(3 / 4)) / 2)
@@ -166,6 +169,8 @@ def test_bad_arguments_fail_at_construction(tiny_llama_dir):
         QuietStar(model_name_or_path=str(tiny_llama_dir), thought_init_text="")
     with pytest.raises(ValueError, match="model_type"):
         QuietStar(model_config={"hidden_size": 8})
+    with pytest.raises(ValueError, match=r"train_nll_num must be in \[1, n_passes=2\]"):
+        QuietStar(model_name_or_path=str(tiny_llama_dir), n_passes=2, train_nll_num=3)
 
 
 # ----- padded batches ------------------------------------------------------------------------------------------
