@@ -6,7 +6,8 @@ batch (2 prompts x 8 generations), max_completion_length, beta, learning rate, s
 checkpointing; TRL with `use_cpu=True` and no vLLM. The two run alternately (ours, TRL, ours, TRL, ...) so
 drifting machine load hits both; per run we take the median step time after 2 warm-up steps, the reward trend
 (mean reward of the first vs the last 10 steps) and the peak resident memory of the process during that run's
-lifetime (each run is its own process, so the peak is that run's: loading, rollouts and updates). TRL is a benchmark-only extra (`pip install -e ".[bench]"`).
+lifetime (each run is its own process, so the peak is that run's: loading, rollouts and updates). TRL is a
+benchmark-only extra (`pip install -e ".[bench]"`).
 
 `--model lrlm:smollm2-135m-instruct` races on the real chat model instead (prompts rendered through its chat
 template as in `configs/grpo/smollm2_lora.yaml`, then given to both trainers as the same plain strings; both stop

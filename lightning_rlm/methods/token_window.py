@@ -41,8 +41,8 @@ class VocabFromData:
         return getattr(dm, "tokenizer", None)
 
     def configure_model(self) -> None:
-        """Build the network from the DataModule's tokenizer (or the saved `vocab_size`), or check a built one
-        against the tokenizer. Idempotent: a second call builds nothing."""
+        """Build the network from the DataModule's tokenizer, or check one built in `__init__` (from
+        `vocab_size`) against it. Idempotent: a second call builds nothing."""
         self.build_from_data()
 
     def build_from_data(self) -> None:

@@ -166,14 +166,15 @@ class QuietStarLM(nn.Module):
     def around(cls, lm: nn.Module, tokenizer: Any, init_text: str, embedding_grad_scale: float = 100.0,
                mixing_head: MixingHead = "sigmoid", **layout: bool) -> QuietStarLM:
         """`lm` wrapped and set to training mode (`from_pretrained` returns eval mode; Lightning keeps submodule
-        modes as found), both markers starting at the mean input embedding of `init_text` as `tokenizer` encodes it (`marker_ids`): a
-        Hugging Face tokenizer (no special tokens), or a DataModule's tokenizer (`lightning_rlm.data`: a text
-        it cannot encode is a clear error); None: zeros (a checkpoint's weights replace them). `layout`: the
+        modes as found), both markers starting at the mean input embedding of `init_text` as `tokenizer`
+        encodes it (`marker_ids`): a Hugging Face tokenizer (no special tokens), or a DataModule's tokenizer
+        (`lightning_rlm.data`: a text it cannot encode is a clear error); None: zeros (a checkpoint's weights replace them). `layout`: the
         thought layout knobs (`use_residual`, `add_last_context_token`, ...)."""
         init = None
         if tokenizer is not None:
-            ids = marker_ids(tokenizer, init_text, lm.get_input_embeddings().weight.shape[0])
-            init = lm.get_input_embeddings().weight[torch.tensor(ids)].detach().float().mean(0)  # [D]
+            embedding = lm.get_input_embeddings().weight  # [V, D]
+            ids = marker_ids(tokenizer, init_text, embedding.shape[0])
+            init = embedding[torch.tensor(ids)].detach().float().mean(0)  # [D]
         lm.train()
         return cls(lm, init, embedding_grad_scale, mixing_head, **layout)
 
