@@ -22,8 +22,8 @@ from torch import Tensor
 from lightning_rlm.losses.policy import leave_one_out_baseline
 
 __all__ = ["BoundMode", "bound_advantage", "last_context_nll", "next_token_metrics", "reinforce_advantage", "talk_logprobs",
-           "talk_nll", "talk_reward", "talk_targets", "thought_entropy_stats", "thought_means", "token_logprobs",
-           "weighted_mean"]
+           "talk_nll", "talk_reward", "talk_targets", "thought_entropy_stats", "thought_length_stats", "thought_means",
+           "token_logprobs", "weighted_mean"]
 
 BoundMode = Literal["clip", "tanh"]
 
@@ -193,11 +193,52 @@ def next_token_metrics(base_nll: Tensor, label_w: Tensor, positions: Tensor, nll
     return stats
 
 
-def thought_entropy_stats(entropy: Tensor, weight: Tensor) -> dict[str, Tensor]:
+def thought_entropy_stats(entropy: Tensor, weight: Tensor, steps: Optional[Tensor] = None) -> dict[str, Tensor]:
     """The policy's entropy at each thought's sampling steps, entropy [B, P, Lq, M], over the thoughts of
     weight [B, P, Lq] 1: `thought_entropy`, the weighted mean of each thought's mean step entropy, and
-    `thought_entropy_max`, the largest step entropy of a real thought (absent, and the mean 0, when M = 0)."""
+    `thought_entropy_max`, the largest step entropy of a real thought (absent, and the mean 0, when M = 0).
+    `steps` [B, P, Lq, M] bool (variable-length thoughts): the steps that were sampled; a thought's mean is
+    over those (the first step always is), and the others count nothing.
+
+    >>> e, w = torch.tensor([[[[1.0, 3.0], [2.0, 9.0]]]]), torch.ones(1, 1, 2)
+    >>> {k: v.item() for k, v in thought_entropy_stats(e, w, torch.tensor([[[[True, True], [True, False]]]])).items()}
+    {'thought_entropy': 2.0, 'thought_entropy_max': 3.0}
+    """
     if not entropy.numel():
         return {"thought_entropy": torch.zeros((), device=entropy.device)}
-    return {"thought_entropy": weighted_mean(entropy.mean(-1), weight),
-            "thought_entropy_max": entropy.amax(-1)[weight.bool()].max()}
+    if steps is None:
+        per_thought, largest = entropy.mean(-1), entropy.amax(-1)
+    else:
+        kept = torch.where(steps, entropy, torch.zeros_like(entropy))
+        per_thought = kept.sum(-1) / steps.sum(-1).clamp(min=1)
+        largest = kept.amax(-1)  # entropies are >= 0, so the unsampled steps' 0 never wins
+    return {"thought_entropy": weighted_mean(per_thought, weight),
+            "thought_entropy_max": largest[weight.bool()].max()}
+
+
+def thought_length_stats(lengths: Tensor, unfinished: Tensor, weight: Tensor, nll_base_at: Tensor,
+                         gap_buckets: tuple[float, float]) -> dict[str, Tensor]:
+    """Where variable-length thoughts think: lengths [B, P, Lq] (tokens), unfinished [B, P, Lq] bool (reached
+    the limit without ending), over the thoughts of weight [B, P, Lq] 1; nll_base_at [B, Lq], the base model's
+    NLL of the token each position predicts (its difficulty; the thought is sampled before that token is seen).
+    Returns `thought_len`, `frac_empty`, `frac_unfinished`, and per base-NLL bucket (`gap_buckets` = (lo, hi):
+    easy < lo <= medium < hi <= hard, the buckets of `next_token_metrics`) `frac_empty_<bucket>` and
+    `thought_len_<bucket>` (only the buckets that hold a real thought).
+
+    >>> n, u = torch.tensor([[[0, 3, 2]]]), torch.tensor([[[False, True, False]]])
+    >>> m = thought_length_stats(n, u, torch.ones(1, 1, 3), torch.tensor([[0.5, 0.7, 4.0]]), (1.0, 3.0))
+    >>> {k: round(v.item(), 3) for k, v in m.items()}
+    {'thought_len': 1.667, 'frac_empty': 0.333, 'frac_unfinished': 0.333, 'frac_empty_easy': 0.5, 'thought_len_easy': 1.5, 'frac_empty_hard': 0.0, 'thought_len_hard': 2.0}
+    """
+    lengths = lengths.float()
+    empty = (lengths == 0).float()
+    stats = {"thought_len": weighted_mean(lengths, weight), "frac_empty": weighted_mean(empty, weight),
+             "frac_unfinished": weighted_mean(unfinished.float(), weight)}
+    lo, hi = gap_buckets
+    base = nll_base_at[:, None].expand_as(lengths)  # [B, P, Lq]
+    for name, sel in (("easy", base < lo), ("medium", (base >= lo) & (base < hi)), ("hard", base >= hi)):
+        w = weight * sel
+        if bool(w.sum() > 0):
+            stats[f"frac_empty_{name}"] = weighted_mean(empty, w)
+            stats[f"thought_len_{name}"] = weighted_mean(lengths, w)
+    return stats

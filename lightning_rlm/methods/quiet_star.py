@@ -66,6 +66,7 @@ from lightning_rlm.losses.quiet_star import (
     talk_nll,
     talk_reward,
     thought_entropy_stats,
+    thought_length_stats,
     thought_means,
     token_logprobs,
     weighted_mean,
@@ -125,6 +126,12 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             `null_thought_baseline` (the empty thought is scored anyway for it).
         interest_percentile: the logged `nll_interest` / `nll_base_interest` are over thinking positions whose
             base NLL is at least this percentile of the batch's (the seed's "tokens of interest").
+    Variable-length thoughts (seed 001's, as the GRU version has them; off: every thought has n_ahead - 2 tokens):
+        variable_len: the reasoner samples its own end of thought, so a thought has 0 .. n_ahead - 2 tokens (the
+            notebook's max_reasoning_len = n_ahead - 2); `end_init_prob` is p(end) at every step at first.
+        length_penalty: reward penalty per thought token; punish_unfinished: reward penalty for a thought that
+            reaches n_ahead - 2 tokens without ending (both need variable_len).
+        entropy_encouragement_coef: loss -= policy_loss_beta * coef * the mean entropy of the sampled thought steps.
     Thought layout (seed 001's knobs, module docstring): use_residual, add_last_context_token,
         increment_pos_id_for_last_context_token (re-fed x_t at p_t + M + 3 instead of p_t; needs the re-feed),
         different_eot, add_surogate_loss_to_last_context_token (needs the re-feed) weighted by last_context_loss_beta.
@@ -166,6 +173,11 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         different_eot: bool = True,
         add_surogate_loss_to_last_context_token: bool = False,
         last_context_loss_beta: float = 0.0,
+        variable_len: bool = False,
+        end_init_prob: float = 0.1,
+        length_penalty: float = 0.0,
+        punish_unfinished: float = 0.0,
+        entropy_encouragement_coef: float = 0.0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -200,7 +212,16 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
                              add_surogate_loss_to_last_context_token=add_surogate_loss_to_last_context_token,
                              use_residual=use_residual, add_last_context_token=add_last_context_token,
                              increment_pos_id_for_last_context_token=increment_pos_id_for_last_context_token,
-                             different_eot=different_eot)
+                             different_eot=different_eot, variable_len=variable_len)
+        if variable_len and n_ahead < 3:
+            raise ValueError(f"variable_len samples where a thought ends: it needs n_ahead >= 3 (at least one thought "
+                             f"token), got n_ahead={n_ahead}")
+        if not variable_len and (length_penalty != 0 or punish_unfinished != 0):
+            raise ValueError(f"length_penalty={length_penalty} and punish_unfinished={punish_unfinished} score a "
+                             "thought's own length: they need variable_len=True (fixed-length thoughts all have "
+                             "n_ahead - 2 tokens)")
+        if not 0.0 < end_init_prob < 1.0:
+            raise ValueError(f"end_init_prob must be in (0, 1), got {end_init_prob}")
         self.save_hyperparameters()
         self.net: Optional[QuietStarLM] = None
         self.hf_tokenizer = None
@@ -233,7 +254,7 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         h = self.hparams
         lm = AutoModelForCausalLM.from_config(config_from_dict(h.model_config, vocab_size))
         return QuietStarLM.around(lm, self.tokenizer, h.thought_init_text, h.embedding_grad_scale, h.mixing_head,
-                                  **self.layout())
+                                  end_init_prob=h.end_init_prob, **self.layout())
 
     def layout(self) -> dict[str, bool]:
         """The thought layout knobs the model is built with (`QuietStarLM`'s arguments of the same names)."""
@@ -265,7 +286,8 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             from lightning_rlm.models.hf import load_causal_lm
 
             self.net = QuietStarLM.around(load_causal_lm(h.model_name_or_path), self.hf_tokenizer, h.thought_init_text,
-                                          h.embedding_grad_scale, h.mixing_head, **self.layout())
+                                          h.embedding_grad_scale, h.mixing_head, end_init_prob=h.end_init_prob,
+                                          **self.layout())
         self.build_from_data()
 
     def _generator(self) -> torch.Generator:
@@ -301,9 +323,10 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
             nll = weighted_mean(-token_logprobs(logits, labels), label_ok.float())  # -token_logprobs: 0 at -100
             return {"loss": h.base_loss_beta * nll, "nll": nll.detach(), "nll_base": nll.detach()}, None
         positions = self.thought_positions(L_, generator, None if attention_mask is None else real.any(0))
+        entropy_bonus = h.entropy_encouragement_coef != 0 and h.policy_loss_beta != 0 and h.n_ahead > 2
         out = self.net.think(ids, positions, h.n_ahead, J, P, h.engine, h.thought_temperature, generator,
                              thought_tokens=thought_tokens, null_thought=h.null_thought_baseline,
-                             attention_mask=attention_mask)
+                             attention_mask=attention_mask, entropy_grad=entropy_bonus)
         Lq = positions.numel()
         base_tok_nll = -token_logprobs(out.base_logits, labels)  # [B, L] (0 at -100)
         lw = label_ok.to(base_tok_nll.dtype)  # [B, L]
@@ -322,7 +345,11 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         if out.null_talk_logits is not None:
             null_reward = talk_reward(talk_logprobs(out.null_talk_logits if mixed else out.null_post_logits,
                                                     targets), valid)
-        beats_null = (reward > null_reward).float() if h.talk_gate else None  # [B, P, Lq]
+        beats_null = (reward > null_reward).float() if h.talk_gate else None  # [B, P, Lq] (likelihood alone)
+        lengths = out.thought_lengths.view(B, P, Lq)  # [B, P, Lq] tokens per thought
+        unfinished = out.thought_unfinished.view(B, P, Lq)
+        if h.variable_len:  # the thought's own cost (the empty thought's: none)
+            reward = reward - h.length_penalty * lengths - h.punish_unfinished * unfinished.float()
         n = P if h.train_nll_num is None else h.train_nll_num  # the first n thoughts train the talk NLL
         talk = talk_nll(logp[:, :n], valid, None if beats_null is None else beats_null[:, :n])  # gated: 0
         post_nll = talk_nll(post_logp, valid)
@@ -337,8 +364,11 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         loss = h.base_loss_beta * base_nll + h.talk_loss_beta * talk
         if h.post_loss_beta != 0:
             loss = loss + h.post_loss_beta * post_nll
+        steps = out.thought_step_mask.view(B, P, Lq, -1)  # [B, P, Lq, M] the sampled steps
+        step_w = steps.float() * thought_w[..., None]
+        entropy = weighted_mean(out.thought_entropy.view(B, P, Lq, -1), step_w)  # with graph when entropy_bonus
         if h.n_ahead > 2 and h.policy_loss_beta != 0:
-            loss = loss + h.policy_loss_beta * policy_loss
+            loss = loss + h.policy_loss_beta * (policy_loss - h.entropy_encouragement_coef * entropy)
         last_context = None
         if h.add_surogate_loss_to_last_context_token:  # the output at <eot> predicting x_t
             last_context = last_context_nll(out.eot_logits, ids[:, positions], thought_w)
@@ -356,8 +386,11 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
                 "advantage_std": adv_real.std() if adv_real.numel() > 1 else adv_real.sum(),
                 **thought_means(thought_w, nll_post=-post_logp[..., 0], reward=reward, mix_weight=mix,
                                 talk_gate_open=beats_null),  # mix_weight: mean over the J talk steps
-                **thought_entropy_stats(out.thought_entropy.view(B, P, Lq, -1), thought_w),
+                **thought_entropy_stats(out.thought_entropy.view(B, P, Lq, -1).detach(), thought_w, steps),
             }
+            if h.variable_len:  # how long, and where (by the base NLL of the token to predict), it thinks
+                stats.update(thought_length_stats(lengths, unfinished, thought_w, base_tok_nll[:, positions],
+                                                  h.gap_buckets))
             if null_reward is not None:
                 stats["null_reward"] = weighted_mean(null_reward[:, 0], pos_w)
             if last_context is not None:

@@ -38,6 +38,17 @@ the markers were always two vectors, are the layout above bit for bit; they are 
                              continue after <eot>: p_t + M + 3, p_t + M + 4, ...
     different_eot            True (default, as before): <eot> is its own learned vector; False: one learned
                              marker is both <sot> and <eot> (`end_param` is then frozen and unused)
+    variable_len             the reasoner ends its own thought: at every sampling step it picks a token or the end
+                             of thought (id V, one past the vocabulary), so a thought has 0 .. M tokens (M =
+                             n_ahead - 2 = the notebook's max_reasoning_len; one that reaches M is "unfinished").
+                             p(end) = sigmoid(a), a = `end_head`(hidden) (a linear head starting at weight 0 and
+                             p(end) = `end_init_prob`), and p(token) = (1 - p(end)) softmax(logits / temperature):
+                             the temperature tempers the tokens, not the decision to stop. After the end, <eot> and
+                             the talk tokens follow the thought's last real token (positions as if the thought had
+                             been len tokens long), and the unused steps are hidden from them in both attention
+                             engines (`ThoughtAttentionState.add_steps`) and in generation (their cache slots are
+                             masked), so a thought of len tokens gives what a plain forward of the sequence with
+                             those len tokens gives.
 
 Position ids of one thought at t (p_t the position id of x_t; `final_block_offsets` has the last part):
 
@@ -74,6 +85,7 @@ from types import SimpleNamespace
 from typing import Any, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_rlm.models.decoding import position_ids_from_mask, sample_categorical
@@ -85,7 +97,8 @@ __all__ = ["LAYOUT_KNOBS", "MixingHead", "QuietStarLM", "ThinkOutput", "Thinking
            "check_thought_layout", "final_block_offsets", "marker_ids", "thinking_positions"]
 
 # seed 001's thought layout knobs: QuietStarLM's arguments and the methods' hyperparameters of the same names
-LAYOUT_KNOBS = ("use_residual", "add_last_context_token", "increment_pos_id_for_last_context_token", "different_eot")
+LAYOUT_KNOBS = ("use_residual", "add_last_context_token", "increment_pos_id_for_last_context_token", "different_eot",
+                "variable_len")
 
 MixingHead = Literal["sigmoid", "linear", "off"]
 THOUGHTS_FILE = "quiet_star.pt"  # beside an exported LM: the markers and the mixing head (`thought_state`)
@@ -107,12 +120,28 @@ class ThinkOutput:
     null_talk_logits: Optional[Tensor] = None  # [B, Lq, J, V] mixed, after an empty thought (no graph)
     null_post_logits: Optional[Tensor] = None  # [B, Lq, J, V] the same before mixing
     eot_logits: Optional[Tensor] = None  # [N, Lq, V] add_last_context_token: the output at <eot>, predicting x_t
+    # variable_len: a thought is z_1 .. z_len (len <= M); its sampling steps are 0 .. min(len, M - 1) (the last
+    # one picked the end of thought, id V, unless the thought is unfinished). Fixed length: len = M, all steps.
+    thought_lengths: Optional[Tensor] = None  # [N, Lq] long
+    thought_step_mask: Optional[Tensor] = None  # [N, Lq, M] bool: the step was sampled (in thought_logprob)
+    thought_unfinished: Optional[Tensor] = None  # [N, Lq] bool: reached M tokens without sampling the end
+
+    def __post_init__(self) -> None:  # fixed-length thoughts by default: every thought M tokens, every step sampled
+        N, Lq, M = self.thought_tokens.shape
+        dev = self.thought_tokens.device
+        if self.thought_lengths is None:
+            self.thought_lengths = torch.full((N, Lq), M, dtype=torch.long, device=dev)
+        if self.thought_step_mask is None:
+            self.thought_step_mask = torch.ones(N, Lq, M, dtype=torch.bool, device=dev)
+        if self.thought_unfinished is None:
+            self.thought_unfinished = torch.zeros(N, Lq, dtype=torch.bool, device=dev)
 
 
 @dataclass
 class ThinkingGeneration:
     tokens: Tensor  # [B, new] generated ids (pad after EOS)
-    thoughts: Optional[Tensor] = None  # [B, new, M] the thought before each token
+    thoughts: Optional[Tensor] = None  # [B, new, M] the thought before each token (variable_len: the end id V
+    #                                    from the thought's end on)
     logits: Optional[Tensor] = None  # [B, new, V] the mixed logits each token was sampled from
 
 
@@ -129,12 +158,14 @@ class QuietStarLM(nn.Module):
             exactly 0), or `off` (the post-thought logits alone).
         use_residual, add_last_context_token, increment_pos_id_for_last_context_token, different_eot: the
             thought layout knobs of seed 001 (module docstring); the defaults are the layout without them.
+        variable_len: the reasoner samples its own end of thought (module docstring); `end_init_prob` is p(end)
+            at every step before training.
     """
 
     def __init__(self, lm: nn.Module, init_embedding: Optional[Tensor] = None, embedding_grad_scale: float = 100.0,
                  mixing_head: MixingHead = "sigmoid", *, use_residual: bool = False,
                  add_last_context_token: bool = False, increment_pos_id_for_last_context_token: bool = False,
-                 different_eot: bool = True) -> None:
+                 different_eot: bool = True, variable_len: bool = False, end_init_prob: float = 0.1) -> None:
         super().__init__()
         if embedding_grad_scale <= 0:
             raise ValueError(f"embedding_grad_scale must be > 0, got {embedding_grad_scale}")
@@ -145,6 +176,7 @@ class QuietStarLM(nn.Module):
         self.add_last_context_token = bool(add_last_context_token)
         self.increment_pos_id_for_last_context_token = bool(increment_pos_id_for_last_context_token)
         self.different_eot = bool(different_eot)
+        self.variable_len = bool(variable_len)
         self.lm = lm
         d = lm.get_input_embeddings().weight.shape[1]
         init = torch.zeros(d) if init_embedding is None else init_embedding.detach().float().reshape(d)
@@ -161,6 +193,13 @@ class QuietStarLM(nn.Module):
             nn.init.zeros_(self.mixing_head[-1].weight)  # the same weight for every token at first
             start = math.log(0.01 / 0.99) if mixing_head == "sigmoid" else 0.0  # w = 0.01 or exactly 0
             nn.init.constant_(self.mixing_head[-1].bias, start)
+        self.end_head: Optional[nn.Linear] = None  # variable_len: the logit a of p(end of thought) = sigmoid(a)
+        if self.variable_len:
+            if not 0.0 < end_init_prob < 1.0:
+                raise ValueError(f"end_init_prob must be in (0, 1), got {end_init_prob}")
+            self.end_head = nn.Linear(d, 1)
+            nn.init.zeros_(self.end_head.weight)  # p(end) = end_init_prob at every step at first
+            nn.init.constant_(self.end_head.bias, math.log(end_init_prob / (1 - end_init_prob)))
 
     @classmethod
     def around(cls, lm: nn.Module, tokenizer: Any, init_text: str, embedding_grad_scale: float = 100.0,
@@ -202,24 +241,35 @@ class QuietStarLM(nn.Module):
             w = torch.sigmoid(w)
         return base_logits + w * (post_logits - base_logits), w
 
+    def step_logprobs(self, logits: Tensor, hidden: Tensor, temperature: float) -> Tensor:
+        """log pi over a thought's next step, float32: [..., V] (the tempered tokens), or with variable_len
+        [..., V + 1], the last entry the end of thought (module docstring). logits [..., V], hidden [..., D]."""
+        logp = (logits.float() / temperature).log_softmax(-1)
+        if self.end_head is None:
+            return logp
+        a = self.end_head(hidden).float()  # [..., 1]
+        return torch.cat([logp + F.logsigmoid(-a), F.logsigmoid(a)], dim=-1)
+
     def layout(self) -> dict[str, bool]:
         """The thought layout knobs (constructor arguments of the same names)."""
         return {"use_residual": self.use_residual, "add_last_context_token": self.add_last_context_token,
                 "increment_pos_id_for_last_context_token": self.increment_pos_id_for_last_context_token,
-                "different_eot": self.different_eot}
+                "different_eot": self.different_eot, "variable_len": self.variable_len}
 
     # ----- export ---------------------------------------------------------------------------------------
     def thought_state(self) -> dict[str, Any]:
         """What is not part of the LM, on the CPU: the markers as stored (``start_param``, ``end_param``; used
         multiplied by ``embedding_grad_scale``, see `marker`), the mixing kind, the mixing head's weights and
-        the thought layout knobs (``layout``)."""
+        the thought layout knobs (``layout``) and, with variable_len, the end-of-thought head (``end_head``)."""
         head = self.mixing_head
         return {"start_param": self.start_param.detach().cpu().clone(),
                 "end_param": self.end_param.detach().cpu().clone(),
                 "embedding_grad_scale": float(self.embedding_grad_scale), "mixing": self.mixing,
                 "layout": self.layout(),
                 "mixing_head": None if head is None else {k: v.detach().cpu().clone()
-                                                          for k, v in head.state_dict().items()}}
+                                                          for k, v in head.state_dict().items()},
+                "end_head": None if self.end_head is None else {k: v.detach().cpu().clone()
+                                                                for k, v in self.end_head.state_dict().items()}}
 
     def exportable(self, tokenizer: Any = None, **thinking: Any) -> ExportableLM:
         """What `lightning-rlm export` writes: the LM (the base path, no thoughts) with `tokenizer` (None: the
@@ -243,6 +293,8 @@ class QuietStarLM(nn.Module):
             net.end_param.copy_(state["end_param"])
         if net.mixing_head is not None:
             net.mixing_head.load_state_dict(state["mixing_head"])
+        if net.end_head is not None:
+            net.end_head.load_state_dict(state["end_head"])
         return net.to(lm.device)
 
     def check_positions(self, length: int) -> None:
@@ -263,11 +315,13 @@ class QuietStarLM(nn.Module):
     def think(self, input_ids: Tensor, positions: Tensor, n_ahead: int, n_talk: int, passes: int = 1,
               engine: Engine = "diagonal", temperature: float = 1.0, generator: Optional[torch.Generator] = None,
               thought_tokens: Optional[Tensor] = None, null_thought: bool = False,
-              attention_mask: Optional[Tensor] = None) -> ThinkOutput:
+              attention_mask: Optional[Tensor] = None, entropy_grad: bool = False) -> ThinkOutput:
         """Thoughts at `positions` [Lq] of windows `input_ids` [B, L]; see the module docstring.
 
         `thought_tokens` [B * passes, Lq, n_ahead - 2] replaces sampling (tests use it to run both engines
-        on the same thoughts). `null_thought` also scores an empty thought (<sot><eot>) without a graph.
+        on the same thoughts; with variable_len the end id V ends a thought, and what follows it is ignored).
+        `null_thought` also scores an empty thought (<sot><eot>) without a graph. `entropy_grad`: the thought
+        entropies keep their graph (for an entropy bonus).
         `attention_mask` [B, L] (1 real, 0 padding, left or right): padding is never attended, by the window
         or by the thoughts, and position ids count real tokens only, so a row's outputs at its real positions
         do not depend on its padding. Outputs at padding positions are finite but meaningless (the caller
@@ -300,20 +354,42 @@ class QuietStarLM(nn.Module):
             base_logits, base_hidden = self._forward(self.embed(input_ids), base_pos)
             state.mode = "thought"
             cur = self.marker("start").expand(N, Lq, -1)  # [N, Lq, D] the next input of every thought
-            toks, logps, ents = [], [], []
+            variable = self.variable_len and M > 0
+            V = self.lm.get_input_embeddings().weight.shape[0]  # with variable_len, id V is the end of thought
+            ended = torch.zeros(N, Lq, dtype=torch.bool, device=dev)  # the thought ended before this step
+            lengths = torch.full((N, Lq), M, dtype=torch.long, device=dev)
+            toks, logps, ents, sampled = [], [], [], []
             for i in range(M):
-                logits, _ = self._forward(cur, think_pos + 1 + i)  # [N, Lq, V]
-                logp = (logits.float() / temperature).log_softmax(-1)
+                if variable:  # step i's input (<sot>, or z_i) is in its thought unless the thought has ended
+                    state.add_steps(~ended[..., None])  # [N, Lq, 1]
+                logits, hidden = self._forward(cur, think_pos + 1 + i)  # [N, Lq, V]
+                logp = self.step_logprobs(logits, hidden, temperature)  # [N, Lq, V (+1)]
                 if thought_tokens is None:
                     tok = sample_categorical(logp.detach().exp().reshape(N * Lq, -1), generator).view(N, Lq)
                 else:
                     tok = thought_tokens[:, :, i].to(dev)
+                step_logp = logp.gather(-1, tok[..., None]).squeeze(-1)  # [N, Lq]
+                with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                    ent = -(logp.exp() * logp).sum(-1)  # [N, Lq]
+                active = ~ended
+                if variable:  # steps after the end are not sampled: no log-prob, no entropy, token V
+                    stop = active & (tok == V)
+                    lengths = torch.where(stop, i, lengths)
+                    step_logp = torch.where(active, step_logp, torch.zeros_like(step_logp))
+                    ent = torch.where(active, ent, torch.zeros_like(ent))
+                    tok = torch.where(active & ~stop, tok, torch.full_like(tok, V))
+                    ended = ended | stop
                 toks.append(tok)
-                logps.append(logp.gather(-1, tok[..., None]).squeeze(-1))  # [N, Lq]
-                with torch.no_grad():
-                    ents.append(-(logp.exp() * logp).sum(-1))
-                cur = self.embed(tok)
-            post_logits, post_hidden, eot_logits = self._final_block(input_ids, positions, think_pos, cur, M, J, P)
+                logps.append(step_logp)
+                ents.append(ent)
+                sampled.append(active)
+                cur = self.embed(tok.clamp(max=V - 1) if variable else tok)  # after the end: any token, hidden
+            if variable:  # the final block: its first step (z_M) is in the thought only if it never ended
+                S = J + 1 + int(self.add_last_context_token)
+                rest = torch.ones(N, Lq, S - 1, dtype=torch.bool, device=dev)
+                state.add_steps(torch.cat([~ended[..., None], rest], dim=-1))  # [N, Lq, S]
+            post_logits, post_hidden, eot_logits = self._final_block(input_ids, positions, think_pos, cur, M, J, P,
+                                                                     lengths if variable else None)
             null_logits = None
             if null_thought:
                 with torch.no_grad(), use_thought_attention(self.lm, state.fork(passes=1)):
@@ -344,16 +420,19 @@ class QuietStarLM(nn.Module):
             thought_logprob=torch.stack(logps, -1) if logps else empty.float(),
             thought_entropy=torch.stack(ents, -1) if ents else empty.float(),
             null_talk_logits=null_logits, null_post_logits=null_post.detach() if null_thought else None,
-            eot_logits=eot_logits,
+            eot_logits=eot_logits, thought_lengths=lengths,
+            thought_step_mask=torch.stack(sampled, -1) if sampled else empty.bool(),
+            thought_unfinished=~ended if variable else torch.zeros_like(ended),
         )
 
     def _final_block(self, input_ids: Tensor, positions: Tensor, think_pos: Tensor, last: Tensor, M: int, J: int,
-                     P: int) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+                     P: int, lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """One forward of [last thought input, <eot>, x_{t+1} .. x_{t+J-1}] per position, with
         add_last_context_token [last thought input, <eot>, x_t, x_{t+1} .. x_{t+J-1}]; `think_pos` [N, Lq] is the
         position id of each row's t, the block's ids are think_pos + `final_block_offsets`. Returns the outputs
         predicting the J talk targets: logits [N, Lq, J, V], hidden [N, Lq, J, D]; and with
-        add_last_context_token the logits at <eot> [N, Lq, V] (its prediction of x_t; else None)."""
+        add_last_context_token the logits at <eot> [N, Lq, V] (its prediction of x_t; else None). `lengths`
+        [N, Lq] (variable_len): each thought's length; <eot> and every id after the thought move back by M - len."""
         B, L = input_ids.shape
         N, Lq, D = last.shape
         dev = input_ids.device
@@ -366,6 +445,8 @@ class QuietStarLM(nn.Module):
         offsets = final_block_offsets(M, J, self.add_last_context_token,
                                       self.increment_pos_id_for_last_context_token).to(dev)  # [S]
         pos = think_pos[:, :, None] + offsets  # [N, Lq, S]
+        if lengths is not None:  # a thought of len < M tokens: <eot> at p_t + len + 2, and on from there
+            pos = pos + (offsets > M + 1) * (lengths - M)[:, :, None]
         logits, hidden = self._forward(block.reshape(N, Lq * S, D), pos.reshape(N, -1))
         logits = logits.view(N, Lq, S, -1)
         hidden = hidden.view(N, Lq, S, -1)
@@ -394,6 +475,7 @@ class QuietStarLM(nn.Module):
         if not bool(mask[:, -1].all()):
             raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 for every row")
         M = n_ahead - 2
+        V = self.lm.get_input_embeddings().weight.shape[0]  # variable_len: the end-of-thought id
         self.check_positions(T0 + max_new_tokens + n_ahead)
         stops = None if eos_token_id is None else torch.tensor(
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
@@ -412,28 +494,45 @@ class QuietStarLM(nn.Module):
         for _ in range(max_new_tokens):
             # <sot> goes in with the token just sampled (one forward for both), at the token's position + 1
             if tok is None:
-                logits, _ = decoder.extend(start, next_pos[:, None])
+                logits, hidden = decoder.extend(start, next_pos[:, None])
             else:
                 chunk = torch.cat([self.embed(tok)[:, None], start], dim=1)  # [B, 2, D]
                 out_l, out_h = decoder.extend(chunk, (next_pos - 1)[:, None] + arange[:2], n_last=2)
-                base_l, base_h, logits = out_l[:, 0], out_h[:, 0], out_l[:, 1]
+                base_l, base_h, logits, hidden = out_l[:, 0], out_h[:, 0], out_l[:, 1], out_h[:, 1]
             fork = decoder.length - 1  # the thought's first slot: rolled back after the thought
             zs = []
+            ended = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # variable_len: the thought ended
+            length = torch.full((B,), M, dtype=torch.long, device=input_ids.device)
             for i in range(M):
-                z = sample_categorical((logits.float() / thought_temperature).softmax(-1), generator)  # [B]
+                if self.end_head is None:
+                    z = sample_categorical((logits.float() / thought_temperature).softmax(-1), generator)  # [B]
+                else:  # a token or the end of thought (id V); after the end the row's slots are masked
+                    z = sample_categorical(self.step_logprobs(logits, hidden, thought_temperature).exp(), generator)
+                    stop = ~ended & (z == V)
+                    length = torch.where(stop, i, length)
+                    ended = ended | stop
+                    z = torch.where(ended, torch.full_like(z, V), z)
                 zs.append(z)
                 if i < M - 1:
-                    logits, _ = decoder.extend(self.embed(z)[:, None], (next_pos + 1 + i)[:, None])
+                    logits, hidden = decoder.extend(self.embed(z.clamp(max=V - 1))[:, None], (next_pos + 1 + i)[:, None],
+                                                    valid=~ended[:, None])
+            # variable_len: <eot> (and the re-fed token's incremented id) move back by M - length, and the slot
+            # of the last thought token is masked when the thought ended before it
+            back = (length - M)[:, None]  # [B, 1] (0 for fixed-length thoughts)
             if self.add_last_context_token:  # [last thought token, <eot>, last context token] in one forward
                 block = torch.cat([end, self.embed(last_tok)[:, None]], dim=1)  # [B, 2, D]
-                block_pos = next_pos[:, None] + refeed[1:]  # [B, 2]
+                block_pos = next_pos[:, None] + refeed[1:] + (refeed[1:] > M) * back  # [B, 2]
+                valid = None
                 if M:
-                    block = torch.cat([self.embed(zs[-1])[:, None], block], dim=1)  # [B, 3, D]
-                    block_pos = next_pos[:, None] + refeed
-                post_l, post_h = decoder.extend(block, block_pos)
+                    block = torch.cat([self.embed(zs[-1].clamp(max=V - 1))[:, None], block], dim=1)  # [B, 3, D]
+                    block_pos = next_pos[:, None] + refeed + (refeed > M) * back
+                    valid = torch.cat([~ended[:, None], ended.new_ones(B, 2)], dim=1)
+                post_l, post_h = decoder.extend(block, block_pos, valid=valid)
             elif M:  # the last thought token and <eot> in one forward
-                block = torch.cat([self.embed(zs[-1])[:, None], end], dim=1)
-                post_l, post_h = decoder.extend(block, (next_pos + M)[:, None] + arange[:2])
+                block = torch.cat([self.embed(zs[-1].clamp(max=V - 1))[:, None], end], dim=1)
+                block_pos = (next_pos + M)[:, None] + arange[:2] + torch.cat([torch.zeros_like(back), back], dim=1)
+                post_l, post_h = decoder.extend(block, block_pos, valid=torch.cat([~ended[:, None],
+                                                                                  ended.new_ones(B, 1)], dim=1))
             else:
                 post_l, post_h = decoder.extend(end, (next_pos + 1)[:, None])
             decoder.rollback(fork)
@@ -464,7 +563,8 @@ class QuietStarLM(nn.Module):
 
 def check_thought_layout(*, use_reasoner: bool, use_residual: bool, add_last_context_token: bool,
                          increment_pos_id_for_last_context_token: bool, different_eot: bool,
-                         add_surogate_loss_to_last_context_token: bool, last_context_loss_beta: float) -> None:
+                         add_surogate_loss_to_last_context_token: bool, last_context_loss_beta: float,
+                         variable_len: bool = False) -> None:
     """The combinations of seed 001's thought layout knobs that mean something; a ValueError names the value
     and what it needs otherwise (the CLI prints it as a one-line error)."""
     if increment_pos_id_for_last_context_token and not add_last_context_token:
@@ -481,7 +581,8 @@ def check_thought_layout(*, use_reasoner: bool, use_residual: bool, add_last_con
                          "add_last_context_token=True), or last_context_loss_beta=0")
     if not use_reasoner:
         on = [name for name, value in (("use_residual", use_residual), ("add_last_context_token", add_last_context_token),
-                                       ("different_eot=False", not different_eot)) if value]
+                                       ("different_eot=False", not different_eot),
+                                       ("variable_len", variable_len)) if value]
         if on:
             raise ValueError(f"{', '.join(on)} change the thoughts, but use_reasoner=False trains without thoughts: "
                              "expected use_reasoner=True or the defaults")
@@ -622,8 +723,12 @@ class _StaticDecoder:
         self.mask = mask
         return self.static.step(ids, pos, mask, return_hidden=True)
 
-    def extend(self, embeds: Tensor, pos: Tensor, n_last: int = 1) -> tuple[Tensor, Tensor]:
-        self.mask = torch.cat([self.mask, self.mask.new_ones(embeds.shape[0], embeds.shape[1])], dim=1)
+    def extend(self, embeds: Tensor, pos: Tensor, n_last: int = 1, valid: Optional[Tensor] = None,
+               ) -> tuple[Tensor, Tensor]:
+        """Append `embeds` [B, T, D] at position ids `pos` [B, T]; `valid` [B, T] bool: slots later inputs may
+        see (None: all; a masked slot is a variable-length thought's unused step)."""
+        new = self.mask.new_ones(embeds.shape[0], embeds.shape[1]) if valid is None else valid.to(self.mask.dtype)
+        self.mask = torch.cat([self.mask, new], dim=1)
         return self.static.step(None, pos, self.mask, inputs_embeds=embeds, return_hidden=True, n_last=n_last)
 
     def rollback(self, length: int) -> None:
@@ -664,8 +769,10 @@ class _HFDecoder:
         self.embeds, self.pos = embeds, pos
         return self._run(embeds, pos)
 
-    def extend(self, embeds: Tensor, pos: Tensor, n_last: int = 1) -> tuple[Tensor, Tensor]:
-        self.mask = torch.cat([self.mask, self.mask.new_ones(embeds.shape[0], embeds.shape[1])], dim=1)
+    def extend(self, embeds: Tensor, pos: Tensor, n_last: int = 1, valid: Optional[Tensor] = None,
+               ) -> tuple[Tensor, Tensor]:
+        new = self.mask.new_ones(embeds.shape[0], embeds.shape[1]) if valid is None else valid.to(self.mask.dtype)
+        self.mask = torch.cat([self.mask, new], dim=1)
         if self.use_cache:
             return self._run(embeds, pos, n_last)
         self.embeds = torch.cat([self.embeds, embeds], dim=1)

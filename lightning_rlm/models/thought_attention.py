@@ -29,6 +29,12 @@ is hidden from every query, in the window's causal pass and in every thought ste
 ids that count real tokens only). A query with no real key left (a padding token before any real one, or a
 thought at such a position) keeps itself, or its own thought's steps, so no softmax row is empty.
 
+Variable-length thoughts: before each thought forward the caller may give `state.add_steps(valid)` with valid
+[N, Lq, S] bool, whether each new step is part of its thought. An invalid step (one after the thought's sampled
+end) is hidden from every later step of its own thought, in both engines, so what follows the end (the end
+marker, the talk tokens) sees the thought's real steps only. Step 0 (the start marker) must be valid: it keeps
+every softmax row non-empty. Without `add_steps` every step is valid.
+
 Calls, in order, inside one `use_thought_attention` block:
   1. `state.mode = "context"`: the model's forward over the window [B, L]. Causal attention; every layer's
      keys/values are kept (with their graph) as the context.
@@ -72,6 +78,15 @@ class ThoughtAttentionState:
     # layer -> the thought's keys/values, one chunk per call: [N, Hkv, Lq, S_c, Dh] each (kept as chunks, never
     # concatenated, so backward holds each step's keys once instead of a growing copy per step)
     thought: dict[int, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    # per thought call (the same for every layer): [N, Lq, S_c] bool, which of its steps are in their thought
+    # (None: all of them); see `add_steps`
+    valid: list[Optional[Tensor]] = field(default_factory=list)
+
+    def add_steps(self, valid: Optional[Tensor]) -> None:
+        """Before a thought forward: which of its S steps per row and position ([N, Lq, S] bool) belong to their
+        thought (None: all). Invalid steps are hidden from the later steps of the same thought. A caller that
+        uses it calls it before every thought forward of the block (the i-th call describes the i-th forward)."""
+        self.valid.append(valid)
 
     def fork(self, passes: Optional[int] = None) -> ThoughtAttentionState:
         """Same context, no thought yet (e.g. the empty-thought baseline after the sampled thoughts)."""
@@ -168,6 +183,13 @@ def _thought_attention(state: ThoughtAttentionState, layer: int, q: Tensor, k: T
     # step s0 + s of the current call sees its own thought's steps 0 .. s0 + s
     steps = torch.arange(T - S, T, device=q.device)  # [S]
     own_ok = torch.arange(T, device=q.device)[None, :] <= steps[:, None]  # [S, T]
+    given = state.valid[: len(chunks)]
+    if any(v is not None for v in given):  # variable-length thoughts: steps after a thought's end are hidden
+        if len(given) != len(chunks):
+            raise ValueError("add_steps must describe every thought forward of the block, or none")
+        step_ok = torch.cat([torch.ones(N, Lq, c[0].shape[3], dtype=torch.bool, device=q.device) if v is None
+                             else v.to(q.device) for v, c in zip(given, chunks)], dim=-1)  # [N, Lq, T]
+        own_ok = own_ok[None, None] & step_ok[:, :, None, :]  # [N, Lq, S, T]
     if state.engine == "dense":
         return _dense(q, chunks, ctx_k, ctx_v, ctx_ok, own_ok, scale, B, P, Lq, S)
     if state.engine == "diagonal":
@@ -187,19 +209,31 @@ def _dense(q: Tensor, chunks: list[tuple[Tensor, Tensor]], ctx_k: Tensor, ctx_v:
                       *[kc.reshape(N, Hkv, -1, Dh) for kc, _ in chunks]], dim=2)  # [N, Hkv, L + Lq*T, Dh]
     values = torch.cat([ctx_v[:, None].expand(expand).reshape(N, Hkv, L, Dh),
                         *[vc.reshape(N, Hkv, -1, Dh) for _, vc in chunks]], dim=2)
-    # thought key (t', i) is visible to row (t, s) iff t' == t and i <= its step
+    # thought key (t', i) is visible to row (t, s) iff t' == t and i <= its step (and, with variable-length
+    # thoughts, i is inside the thought: own_ok [N, Lq, S, T] instead of [S, T])
     same = torch.eye(Lq, dtype=torch.bool, device=q.device)  # [Lq, Lq]
+    per_row = own_ok.dim() == 4
+    if per_row:  # one mask per thought row: [N, ...]; the context part repeats over the P thoughts of a row
+        ctx_ok = ctx_ok.expand(B, LS, L).repeat_interleave(P, dim=0)  # [N, Lq*S, L]
     masks, off = [ctx_ok], 0
     for kc, _ in chunks:
         width = kc.shape[3]
-        own = own_ok[:, off: off + width]  # [S, S_c]
-        block = same[:, None, :, None] & own[None, :, None, :]  # [Lq, S, Lq, S_c]
-        masks.append(block.reshape(1, LS, Lq * width).expand(ctx_ok.shape[0], LS, Lq * width))
+        if per_row:
+            own = own_ok[..., off: off + width]  # [N, Lq, S, S_c]
+            block = same[None, :, None, :, None] & own[:, :, :, None, :]  # [N, Lq, S, Lq, S_c]
+            masks.append(block.reshape(N, LS, Lq * width))
+        else:
+            own = own_ok[:, off: off + width]  # [S, S_c]
+            block = same[:, None, :, None] & own[None, :, None, :]  # [Lq, S, Lq, S_c]
+            masks.append(block.reshape(1, LS, Lq * width).expand(ctx_ok.shape[0], LS, Lq * width))
         off += width
-    mask = torch.cat(masks, dim=-1)  # [B|1, Lq*S, L + Lq*T]
+    mask = torch.cat(masks, dim=-1)  # [B|1 (N per row), Lq*S, L + Lq*T]
     qg = q.view(N, Hkv, g, LS, Dh)
     scores = torch.matmul(qg, keys[:, :, None].transpose(-1, -2)).float() * scale  # [N, Hkv, g, LS, L+Lq*T]
-    scores = scores.view(B, P, Hkv, g, LS, -1).masked_fill(~mask[:, None, None, None], float("-inf"))
+    if per_row:
+        scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    else:
+        scores = scores.view(B, P, Hkv, g, LS, -1).masked_fill(~mask[:, None, None, None], float("-inf"))
     weights = scores.softmax(-1).to(values.dtype).view(N, Hkv, g, LS, -1)
     out = torch.matmul(weights, values[:, :, None])  # [N, Hkv, g, LS, Dh]
     return out.reshape(N, H, LS, Dh)
@@ -222,7 +256,8 @@ def _diagonal(q: Tensor, chunks: list[tuple[Tensor, Tensor]], ctx_k: Tensor, ctx
     # own-thought band: per position t, its S queries against its T keys, chunk by chunk
     qt = q.view(N, Hkv, g, Lq, S, Dh).permute(0, 1, 3, 2, 4, 5).reshape(R, g * S, Dh)
     s_th = torch.cat([torch.bmm(qt, kc.reshape(R, -1, Dh).transpose(1, 2)) for kc, _ in chunks], dim=-1)
-    s_th = (s_th.float() * scale).view(N, Hkv, Lq, g, S, T).masked_fill(~own_ok, float("-inf"))
+    band_ok = own_ok if own_ok.dim() == 2 else own_ok[:, None, :, None]  # [S, T] or [N, 1, Lq, 1, S, T]
+    s_th = (s_th.float() * scale).view(N, Hkv, Lq, g, S, T).masked_fill(~band_ok, float("-inf"))
 
     def band_to_ctx(x: Tensor) -> Tensor:  # [N, Hkv, Lq, g, S, ...] -> [B, Hkv, P, g, Lq*S, ...]
         x = x.view(B, P, Hkv, Lq, g, S, *x.shape[5:]).permute(0, 2, 1, 4, 3, 5, *range(6, x.dim() + 1))

@@ -19,12 +19,19 @@ if TYPE_CHECKING:  # annotations only: rendering needs neither model module
     from lightning_rlm.models.quiet_star_gru import QuietStarOutput
     from lightning_rlm.models.quiet_star_lm import QuietStarLM, ThinkOutput
 
-__all__ = ["gru_thought_lines", "show", "thinking_continuations", "thinking_sample", "thought_lines"]
+__all__ = ["gru_thought_lines", "show", "show_thought", "thinking_continuations", "thinking_sample", "thought_lines"]
 
 
 def show(tokenizer: Any, ids: list[int]) -> str:
     """`tokenizer.decode(ids)` on one markdown line, inside a code span."""
     return tokenizer.decode(ids).replace("\n", "⏎").replace("`", "'")
+
+
+def show_thought(tokenizer: Any, ids: list[int], vocab_size: int) -> str:
+    """`show` of a thought's tokens up to its end: a variable-length thought (`QuietStarLM(variable_len=True)`)
+    ends at the first id >= `vocab_size` (the end of thought)."""
+    ends = [i for i, z in enumerate(ids) if z >= vocab_size]
+    return show(tokenizer, ids[: ends[0]] if ends else ids)
 
 
 @torch.no_grad()
@@ -48,7 +55,7 @@ def thought_lines(tokenizer: Any, batch: dict[str, Tensor], out: ThinkOutput, n:
         true = int(labels[t])
         p_base = out.base_logits[0, t].float().softmax(-1)[true].item()
         mixed = out.talk_logits[0, q, 0].float().softmax(-1)  # [V] pass 0 of row 0
-        thought = show(tokenizer, out.thought_tokens[0, q].tolist())
+        thought = show_thought(tokenizer, out.thought_tokens[0, q].tolist(), out.base_logits.shape[-1])
         context = ids[: t + 1][real[: t + 1]][-context_tokens:]
         refed = f"`{show(tokenizer, [int(ids[t])])}`" if out.eot_logits is not None else ""  # add_last_context_token
         lines.append(f"`{show(tokenizer, context.tolist())}` → ⟨t⟩`{thought}`⟨/t⟩{refed}"
@@ -90,8 +97,9 @@ def thinking_sample(net: QuietStarLM, tokenizer: Any, prompt: str, max_new_token
     res = net.generate(ids, max_new_tokens=max_new_tokens, n_ahead=n_ahead, thought_temperature=thought_temperature,
                        generator=gen, return_thoughts=True)
     parts = [f"**{show(tokenizer, ids[0].tolist())}**"]
+    V = net.lm.get_input_embeddings().weight.shape[0]
     for i, t in enumerate(res.tokens[0].tolist()):
-        parts.append(f"⟨{show(tokenizer, res.thoughts[0, i].tolist())}⟩{show(tokenizer, [t])}")
+        parts.append(f"⟨{show_thought(tokenizer, res.thoughts[0, i].tolist(), V)}⟩{show(tokenizer, [t])}")
     return "".join(parts)
 
 
@@ -101,6 +109,7 @@ def thinking_continuations(net: QuietStarLM, tokenizer: Any, prompt: Tensor, max
     (the thought before each completion token)}, decoded with `show`."""
     res = net.generate(prompt, max_new_tokens=max_new_tokens, n_ahead=n_ahead,
                        thought_temperature=thought_temperature, generator=generator, return_thoughts=True)
+    V = net.lm.get_input_embeddings().weight.shape[0]
     return [{"prompt": show(tokenizer, p.tolist()), "completion": show(tokenizer, t.tolist()),
-             "thoughts": [show(tokenizer, z.tolist()) for z in zs]}
+             "thoughts": [show_thought(tokenizer, z.tolist(), V) for z in zs]}
             for p, t, zs in zip(prompt, res.tokens, res.thoughts)]

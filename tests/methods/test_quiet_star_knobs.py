@@ -340,7 +340,7 @@ def test_the_model_refuses_a_position_option_without_the_re_fed_token():
 def test_layout_travels_with_the_export_state():
     m = wrapped(**KNOBS_ON)
     state = m.thought_state()
-    assert state["layout"] == {**KNOBS_ON, "increment_pos_id_for_last_context_token": False}
+    assert state["layout"] == {**KNOBS_ON, "increment_pos_id_for_last_context_token": False, "variable_len": False}
     again = QuietStarLM(tiny_lm(), None, state["embedding_grad_scale"], state["mixing"], **state["layout"])
     assert again.layout() == m.layout()
 

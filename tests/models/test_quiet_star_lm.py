@@ -289,3 +289,133 @@ def test_thinking_causal_lm_generate_is_seeded_greedy_thinking_and_stops_at_any_
     stopped = m.generate(prompt, max_new_tokens=3, n_ahead=4, temperature=0, generator=torch.Generator().manual_seed(5),
                          eos_token_id=[V - 1, first], pad_token_id=V - 4)
     assert stopped.tokens[0, 0] == first and (stopped.tokens[0, 1:] == V - 4).all()
+
+
+# ----- variable-length thoughts (variable_len: the reasoner samples its own end of thought) -----------------------
+def variable(kind: str, end_init_prob: float = 0.3) -> QuietStarLM:
+    m = QuietStarLM(tiny_lm(kind), torch.randn(D, generator=torch.Generator().manual_seed(1)), variable_len=True,
+                    end_init_prob=end_init_prob)
+    g = torch.Generator().manual_seed(2)
+    torch.nn.init.normal_(m.mixing_head[-1].weight, std=0.2, generator=g)
+    torch.nn.init.normal_(m.end_head.weight, std=0.05, generator=g)  # p(end) depends on the state
+    return m
+
+
+def scripted_thoughts(N: int, Lq: int, M: int) -> torch.Tensor:
+    """[N, Lq, M] thought tokens whose end (id V) falls at every step: lengths 0 .. M (M: unfinished), with
+    tokens after the end that must be ignored."""
+    z = torch.randint(1, V, (N, Lq, M), generator=torch.Generator().manual_seed(4))
+    for n in range(N):
+        for t in range(Lq):
+            length = (n + t) % (M + 1)
+            if length < M:
+                z[n, t, length] = V
+    return z
+
+
+@pytest.mark.parametrize("engine", ["dense", "diagonal"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_variable_length_thought_equals_a_plain_forward_of_its_own_tokens(kind, engine):
+    """A thought of len < M tokens gives the logits and log-probs of the model run on [context, <sot>, its len
+    tokens, <eot>, talk], with <eot> right after its last token: the unused steps are hidden and the ids move
+    back. Its log-prob is len token choices and the end choice; steps after the end count nothing."""
+    m = variable(kind)
+    x = windows()
+    P, M, J, L = 2, 3, 3, 10
+    z = scripted_thoughts(2 * P, L, M)
+    out = m.think(x, torch.arange(L), n_ahead=M + 2, n_talk=J, passes=P, engine=engine, thought_tokens=z)
+    emb = m.lm.get_input_embeddings()
+    sot, eot = m.marker("start")[None], m.marker("end")[None]
+    lengths = (torch.arange(2 * P)[:, None] + torch.arange(L)) % (M + 1)  # [N, Lq] as scripted
+    assert torch.equal(out.thought_lengths, lengths)
+    assert torch.equal(out.thought_unfinished, lengths == M)
+    assert torch.equal(out.thought_step_mask, torch.arange(M) <= lengths[..., None].clamp(max=M - 1))
+    assert bool((out.thought_tokens == V).any()) and not bool((out.thought_tokens[~out.thought_step_mask] != V).any())
+    for b, p, t in [(0, 0, 0), (0, 1, 1), (1, 0, 2), (1, 1, 4), (0, 0, 7), (1, 1, 9)]:
+        n = b * P + p
+        ln = int(lengths[n, t])
+        zt = z[n, t, :ln]
+        talk = emb(x[b, t + 1: t + J])
+        seq = torch.cat([emb(x[b, : t + 1]), sot, emb(zt), eot, talk])[None]
+        ref = m.lm(inputs_embeds=seq, output_hidden_states=True)
+        logits, hidden = ref.logits[0], ref.hidden_states[-1][0]
+        k = min(J, L - t)
+        torch.testing.assert_close(out.post_logits[n, t, :k].float(), logits[t + ln + 2: t + ln + 2 + k].float(),
+                                   atol=1e-5, rtol=0)
+        steps = m.step_logprobs(logits[t + 1: t + 1 + M], hidden[t + 1: t + 1 + M], 1.0)  # [<= M, V + 1]
+        chosen = torch.cat([zt, torch.tensor([V])])[: min(ln + 1, M)]  # the tokens, then the end (if sampled)
+        expect = torch.zeros(M)
+        expect[: chosen.numel()] = steps[: chosen.numel()].gather(-1, chosen[:, None]).squeeze(-1)
+        torch.testing.assert_close(out.thought_logprob[n, t], expect, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_engines_agree_on_loss_and_gradients_with_variable_lengths(kind):
+    m = variable(kind)
+    x = windows(B=2, L=12)
+    positions = torch.tensor([0, 3, 5, 6, 11])
+    z = scripted_thoughts(4, positions.numel(), 3)
+    results = {}
+    for engine in ("dense", "diagonal"):
+        m.zero_grad()
+        out = m.think(x, positions, n_ahead=5, n_talk=3, passes=2, engine=engine, thought_tokens=z, entropy_grad=True)
+        loss = (out.talk_logits.float().log_softmax(-1)[..., 7].mean() + out.thought_logprob.sum() * 0.1
+                + out.thought_entropy.sum() * 0.01 + out.base_logits.float().log_softmax(-1)[..., 5].mean())
+        loss.backward()
+        results[engine] = (loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+    (loss_d, grads_d), (loss_g, grads_g) = results["dense"], results["diagonal"]
+    assert abs(loss_d - loss_g) <= 1e-5
+    assert grads_d.keys() == grads_g.keys() and "end_head.weight" in grads_d
+    scale = {k: m.embedding_grad_scale if k in ("start_param", "end_param") else 1.0 for k in grads_d}
+    worst = max(((grads_d[k] - grads_g[k]) / scale[k]).abs().max().item() for k in grads_d)
+    assert worst <= 1e-5, worst
+    assert grads_d["end_head.weight"].abs().sum() > 0
+
+
+def test_sampled_variable_lengths_cover_empty_to_unfinished_and_start_at_end_init_prob():
+    m = QuietStarLM(tiny_lm("llama"), torch.randn(D), variable_len=True, end_init_prob=0.25)
+    x = windows(B=4, L=16)
+    out = m.think(x, torch.arange(16), n_ahead=6, n_talk=2, passes=2, generator=torch.Generator().manual_seed(0))
+    lengths = out.thought_lengths.flatten()
+    # p(end) = 0.25 at every step before training: len k has probability 0.75^k 0.25 (k < 4), unfinished 0.75^4
+    assert set(lengths.tolist()) == {0, 1, 2, 3, 4}
+    assert abs(out.thought_unfinished.float().mean().item() - 0.75 ** 4) < 0.1
+    assert abs((lengths == 0).float().mean().item() - 0.25) < 0.1
+    end_logp = out.thought_logprob[..., 0][out.thought_lengths == 0]  # the first step picked the end
+    torch.testing.assert_close(end_logp, torch.full_like(end_logp, torch.tensor(0.25).log().item()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_variable_length_generate_equals_recomputation(kind):
+    m = variable(kind)
+    prompt = windows(B=3, L=5)
+    runs = [m.generate(prompt, max_new_tokens=6, n_ahead=5, generator=torch.Generator().manual_seed(7),
+                       return_thoughts=True, output_logits=True, **kw)
+            for kw in ({}, {"static_cache": False}, {"use_cache": False})]
+    for r in runs[1:]:
+        assert torch.equal(r.tokens, runs[0].tokens) and torch.equal(r.thoughts, runs[0].thoughts)
+        torch.testing.assert_close(r.logits, runs[0].logits, atol=1e-5, rtol=0)
+    th = runs[0].thoughts  # [B, new, M], the end id V from a thought's end on
+    lengths = torch.where(th == V, torch.arange(3), 3).amin(-1)
+    assert {0, 3} <= set(lengths.flatten().tolist()) and len(set(lengths.flatten().tolist())) >= 3
+    for k in range(6):  # each token's mixed logits: the training computation at the end of the text so far
+        text = torch.cat([prompt, runs[0].tokens[:, :k]], dim=1)
+        out = m.think(text, torch.tensor([text.shape[1] - 1]), n_ahead=5, n_talk=1, thought_tokens=th[:, k][:, None])
+        assert torch.equal(out.thought_lengths[:, 0], lengths[:, k])
+        torch.testing.assert_close(out.talk_logits[:, 0, 0], runs[0].logits[:, k], atol=1e-5, rtol=0)
+
+
+def test_variable_len_travels_with_the_export_state(tmp_path):
+    from lightning_rlm.models.quiet_star_lm import THOUGHTS_FILE
+
+    m = variable("llama")
+    exp = m.exportable(n_ahead=5)
+    exp.model.save_pretrained(tmp_path)
+    torch.save(exp.extras[THOUGHTS_FILE], tmp_path / THOUGHTS_FILE)
+    again = QuietStarLM.from_export(tmp_path)
+    assert again.variable_len and torch.equal(again.end_head.weight, m.end_head.weight)
+    x = windows()
+    a, b = (net.think(x, torch.arange(10), n_ahead=5, n_talk=2, generator=torch.Generator().manual_seed(0))
+            for net in (m, again))
+    assert torch.equal(a.thought_tokens, b.thought_tokens)
+    torch.testing.assert_close(a.talk_logits, b.talk_logits)
