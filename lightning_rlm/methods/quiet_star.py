@@ -132,6 +132,13 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         length_penalty: reward penalty per thought token; punish_unfinished: reward penalty for a thought that
             reaches n_ahead - 2 tokens without ending (both need variable_len).
         entropy_encouragement_coef: loss -= policy_loss_beta * coef * the mean entropy of the sampled thought steps.
+    Separate reasoner (seed 001's base/reasoner split):
+        separate_reasoner: a second LM, a copy of the base at build time (the pretrained weights, or the same
+            random init), samples the thoughts with its own weights and attention; the base reads them and makes
+            the talk predictions (`QuietStarLM`'s `reasoner`). The policy loss trains the reasoner, the talk NLL
+            the base.
+        train_base: False freezes the base LM's weights (the reasoner, markers, mixing head and end-of-thought
+            head still train): the notebook's frozen pretrained base.
     Thought layout (seed 001's knobs, module docstring): use_residual, add_last_context_token,
         increment_pos_id_for_last_context_token (re-fed x_t at p_t + M + 3 instead of p_t; needs the re-feed),
         different_eot, add_surogate_loss_to_last_context_token (needs the re-feed) weighted by last_context_loss_beta.
@@ -178,6 +185,8 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         length_penalty: float = 0.0,
         punish_unfinished: float = 0.0,
         entropy_encouragement_coef: float = 0.0,
+        separate_reasoner: bool = False,
+        train_base: bool = True,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -222,6 +231,9 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
                              "n_ahead - 2 tokens)")
         if not 0.0 < end_init_prob < 1.0:
             raise ValueError(f"end_init_prob must be in (0, 1), got {end_init_prob}")
+        if separate_reasoner and not use_reasoner:
+            raise ValueError("separate_reasoner=True samples thoughts with a second LM, but use_reasoner=False trains "
+                             "without thoughts: expected use_reasoner=True or separate_reasoner=False")
         self.save_hyperparameters()
         self.net: Optional[QuietStarLM] = None
         self.hf_tokenizer = None
@@ -253,8 +265,19 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
 
         h = self.hparams
         lm = AutoModelForCausalLM.from_config(config_from_dict(h.model_config, vocab_size))
-        return QuietStarLM.around(lm, self.tokenizer, h.thought_init_text, h.embedding_grad_scale, h.mixing_head,
-                                  end_init_prob=h.end_init_prob, **self.layout())
+        return self._thinking(lm, self.tokenizer)
+
+    def _thinking(self, lm: torch.nn.Module, tokenizer: Any) -> QuietStarLM:
+        """`lm` with the thinking parts around it: markers from `tokenizer`'s thought_init_text, the layout knobs,
+        a separate reasoner (a copy of `lm`) and a frozen base as the hyperparameters say."""
+        import copy
+
+        h = self.hparams
+        reasoner = copy.deepcopy(lm) if h.separate_reasoner else None
+        if not h.train_base:
+            lm.requires_grad_(False)
+        return QuietStarLM.around(lm, tokenizer, h.thought_init_text, h.embedding_grad_scale, h.mixing_head,
+                                  reasoner=reasoner, end_init_prob=h.end_init_prob, **self.layout())
 
     def layout(self) -> dict[str, bool]:
         """The thought layout knobs the model is built with (`QuietStarLM`'s arguments of the same names)."""
@@ -285,9 +308,7 @@ class QuietStar(VocabFromData, TokenWindowSteps, L.LightningModule):
         if self.net is None and h.model_name_or_path is not None:
             from lightning_rlm.models.hf import load_causal_lm
 
-            self.net = QuietStarLM.around(load_causal_lm(h.model_name_or_path), self.hf_tokenizer, h.thought_init_text,
-                                          h.embedding_grad_scale, h.mixing_head, end_init_prob=h.end_init_prob,
-                                          **self.layout())
+            self.net = self._thinking(load_causal_lm(h.model_name_or_path), self.hf_tokenizer)
         self.build_from_data()
 
     def _generator(self) -> torch.Generator:

@@ -57,6 +57,13 @@ Position ids of one thought at t (p_t the position id of x_t; `final_block_offse
                                         p_t                    p_t+1 .. p_t+J-1          (add_last_context_token)
                                         p_t+M+3                p_t+M+4 .. p_t+M+J+2      (... + increment_pos_id)
 
+A separate reasoner (`reasoner`: a second causal LM of the same width, e.g. a copy of the base; seed 001's
+base/reasoner split): the reasoner samples the thoughts, with its own pass over the context and its own
+attention; the base model then reads the sampled thought (one teacher-forced forward of <sot> z_1 .. z_{M-1},
+then the final block as above) and makes the talk predictions. The policy gradient trains the reasoner, the
+talk NLL the base (whose weights the method may freeze); the markers and the mixing head are shared. Without
+it (None) the LM thinks with its own weights, as in the paper.
+
 Mixing: talk logits = base + w * (post - base) with w from an MLP over [h_base(t+j), h_post(t, j)] whose
 last layer starts at zero weights, so training starts as the base model: `linear` w is the raw output
 (exactly 0 at first, unbounded: w < 0 extrapolates away from the thought), `sigmoid` w = sigmoid(raw),
@@ -160,12 +167,15 @@ class QuietStarLM(nn.Module):
             thought layout knobs of seed 001 (module docstring); the defaults are the layout without them.
         variable_len: the reasoner samples its own end of thought (module docstring); `end_init_prob` is p(end)
             at every step before training.
+        reasoner: a second causal LM (same vocabulary and width) that samples the thoughts (module docstring);
+            None: the LM itself thinks.
     """
 
     def __init__(self, lm: nn.Module, init_embedding: Optional[Tensor] = None, embedding_grad_scale: float = 100.0,
                  mixing_head: MixingHead = "sigmoid", *, use_residual: bool = False,
                  add_last_context_token: bool = False, increment_pos_id_for_last_context_token: bool = False,
-                 different_eot: bool = True, variable_len: bool = False, end_init_prob: float = 0.1) -> None:
+                 different_eot: bool = True, variable_len: bool = False, end_init_prob: float = 0.1,
+                 reasoner: Optional[nn.Module] = None) -> None:
         super().__init__()
         if embedding_grad_scale <= 0:
             raise ValueError(f"embedding_grad_scale must be > 0, got {embedding_grad_scale}")
@@ -179,6 +189,11 @@ class QuietStarLM(nn.Module):
         self.variable_len = bool(variable_len)
         self.lm = lm
         d = lm.get_input_embeddings().weight.shape[1]
+        if reasoner is not None and reasoner.get_input_embeddings().weight.shape != lm.get_input_embeddings().weight.shape:
+            raise ValueError(f"the reasoner's embedding {tuple(reasoner.get_input_embeddings().weight.shape)} must match "
+                             f"the base model's {tuple(lm.get_input_embeddings().weight.shape)} (same vocabulary and "
+                             "width: the markers and the thought tokens are shared)")
+        self.reasoner = reasoner
         init = torch.zeros(d) if init_embedding is None else init_embedding.detach().float().reshape(d)
         self.embedding_grad_scale = embedding_grad_scale
         self.start_param = nn.Parameter(init / embedding_grad_scale)
@@ -203,19 +218,22 @@ class QuietStarLM(nn.Module):
 
     @classmethod
     def around(cls, lm: nn.Module, tokenizer: Any, init_text: str, embedding_grad_scale: float = 100.0,
-               mixing_head: MixingHead = "sigmoid", **layout: bool) -> QuietStarLM:
+               mixing_head: MixingHead = "sigmoid", reasoner: Optional[nn.Module] = None, **layout: Any) -> QuietStarLM:
         """`lm` wrapped and set to training mode (`from_pretrained` returns eval mode; Lightning keeps submodule
         modes as found), both markers starting at the mean input embedding of `init_text` as `tokenizer`
         encodes it (`marker_ids`): a Hugging Face tokenizer (no special tokens), or a DataModule's tokenizer
         (`lightning_rlm.data`: a text it cannot encode is a clear error); None: zeros (a checkpoint's weights replace them). `layout`: the
-        thought layout knobs (`use_residual`, `add_last_context_token`, ...)."""
+        thought layout knobs (`use_residual`, `add_last_context_token`, ...) and `end_init_prob`; `reasoner`: a
+        separate reasoner (also set to training mode)."""
         init = None
         if tokenizer is not None:
             embedding = lm.get_input_embeddings().weight  # [V, D]
             ids = marker_ids(tokenizer, init_text, embedding.shape[0])
             init = embedding[torch.tensor(ids)].detach().float().mean(0)  # [D]
         lm.train()
-        return cls(lm, init, embedding_grad_scale, mixing_head, **layout)
+        if reasoner is not None:
+            reasoner.train()
+        return cls(lm, init, embedding_grad_scale, mixing_head, reasoner=reasoner, **layout)
 
     # ----- pieces ---------------------------------------------------------------------------------------
     def marker(self, which: Literal["start", "end"]) -> Tensor:
@@ -223,12 +241,14 @@ class QuietStarLM(nn.Module):
         dtype = self.lm.get_input_embeddings().weight.dtype
         return (p * self.embedding_grad_scale).to(dtype)  # [D]
 
-    def embed(self, ids: Tensor) -> Tensor:
-        return self.lm.get_input_embeddings()(ids)
+    def embed(self, ids: Tensor, lm: Optional[nn.Module] = None) -> Tensor:
+        return (lm or self.lm).get_input_embeddings()(ids)
 
-    def _forward(self, embeds: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """The LM over embeddings [N, T, D] → logits [N, T, V], final hidden states [N, T, D]."""
-        out = self.lm(inputs_embeds=embeds, position_ids=position_ids, output_hidden_states=True, use_cache=False)
+    def _forward(self, embeds: Tensor, position_ids: Tensor, lm: Optional[nn.Module] = None) -> tuple[Tensor, Tensor]:
+        """The LM (or `lm`, e.g. the reasoner) over embeddings [N, T, D] → logits [N, T, V], final hidden states
+        [N, T, D]."""
+        out = (lm or self.lm)(inputs_embeds=embeds, position_ids=position_ids, output_hidden_states=True,
+                              use_cache=False)
         return out.logits, out.hidden_states[-1]
 
     def mix(self, base_logits: Tensor, base_hidden: Tensor, post_logits: Tensor, post_hidden: Tensor,
@@ -260,7 +280,8 @@ class QuietStarLM(nn.Module):
     def thought_state(self) -> dict[str, Any]:
         """What is not part of the LM, on the CPU: the markers as stored (``start_param``, ``end_param``; used
         multiplied by ``embedding_grad_scale``, see `marker`), the mixing kind, the mixing head's weights and
-        the thought layout knobs (``layout``) and, with variable_len, the end-of-thought head (``end_head``)."""
+        the thought layout knobs (``layout``), with variable_len the end-of-thought head (``end_head``), and a
+        separate reasoner's config and weights (``reasoner``)."""
         head = self.mixing_head
         return {"start_param": self.start_param.detach().cpu().clone(),
                 "end_param": self.end_param.detach().cpu().clone(),
@@ -269,7 +290,10 @@ class QuietStarLM(nn.Module):
                 "mixing_head": None if head is None else {k: v.detach().cpu().clone()
                                                           for k, v in head.state_dict().items()},
                 "end_head": None if self.end_head is None else {k: v.detach().cpu().clone()
-                                                                for k, v in self.end_head.state_dict().items()}}
+                                                                for k, v in self.end_head.state_dict().items()},
+                "reasoner": None if self.reasoner is None else {  # its architecture is the LM's (a copy)
+                    "config": self.reasoner.config.to_dict(),
+                    "state_dict": {k: v.detach().cpu().clone() for k, v in self.reasoner.state_dict().items()}}}
 
     def exportable(self, tokenizer: Any = None, **thinking: Any) -> ExportableLM:
         """What `lightning-rlm export` writes: the LM (the base path, no thoughts) with `tokenizer` (None: the
@@ -287,7 +311,17 @@ class QuietStarLM(nn.Module):
 
         state = torch.load(Path(directory) / THOUGHTS_FILE, map_location="cpu", weights_only=True)
         lm = AutoModelForCausalLM.from_pretrained(str(directory), **from_pretrained_kwargs)
-        net = cls(lm, None, state["embedding_grad_scale"], state["mixing"], **state.get("layout", {}))
+        reasoner = None
+        if state.get("reasoner") is not None:  # a second LM of the saved config, with its saved weights
+            from transformers import AutoConfig
+
+            saved = dict(state["reasoner"]["config"])
+            config = AutoConfig.for_model(saved.pop("model_type"), **saved)
+            reasoner = AutoModelForCausalLM.from_config(config)
+            reasoner.load_state_dict(state["reasoner"]["state_dict"])
+            reasoner.to(device=lm.device, dtype=lm.dtype)
+        net = cls(lm, None, state["embedding_grad_scale"], state["mixing"], reasoner=reasoner,
+                  **state.get("layout", {}))
         with torch.no_grad():
             net.start_param.copy_(state["start_param"])
             net.end_param.copy_(state["end_param"])
@@ -350,45 +384,40 @@ class QuietStarLM(nn.Module):
         # the position id of each thinking position t, per thought row: the thought continues from it
         think_pos = base_pos[:, positions].repeat_interleave(P, dim=0)  # [N, Lq]
         state = ThoughtAttentionState(engine, positions, P, key_mask)
+        variable = self.variable_len and M > 0
         with use_thought_attention(self.lm, state):
             base_logits, base_hidden = self._forward(self.embed(input_ids), base_pos)
             state.mode = "thought"
-            cur = self.marker("start").expand(N, Lq, -1)  # [N, Lq, D] the next input of every thought
-            variable = self.variable_len and M > 0
-            V = self.lm.get_input_embeddings().weight.shape[0]  # with variable_len, id V is the end of thought
-            ended = torch.zeros(N, Lq, dtype=torch.bool, device=dev)  # the thought ended before this step
-            lengths = torch.full((N, Lq), M, dtype=torch.long, device=dev)
-            toks, logps, ents, sampled = [], [], [], []
-            for i in range(M):
-                if variable:  # step i's input (<sot>, or z_i) is in its thought unless the thought has ended
-                    state.add_steps(~ended[..., None])  # [N, Lq, 1]
-                logits, hidden = self._forward(cur, think_pos + 1 + i)  # [N, Lq, V]
-                logp = self.step_logprobs(logits, hidden, temperature)  # [N, Lq, V (+1)]
-                if thought_tokens is None:
-                    tok = sample_categorical(logp.detach().exp().reshape(N * Lq, -1), generator).view(N, Lq)
+            start = self.marker("start").expand(N, Lq, -1)  # [N, Lq, D]
+            if self.reasoner is None:  # the LM thinks: the sampling steps are its own thought steps
+                th = self._sample(self.lm, state, start, think_pos, M, temperature, generator, thought_tokens,
+                                  entropy_grad)
+                last = th["last"]
+            else:  # the reasoner samples in its own attention; then the base reads <sot> z_1 .. z_{M-1}
+                rstate = ThoughtAttentionState(engine, positions, P, key_mask)
+                with use_thought_attention(self.reasoner, rstate):
+                    self._forward(self.embed(input_ids, self.reasoner), base_pos, self.reasoner)  # its context
+                    rstate.mode = "thought"
+                    th = self._sample(self.reasoner, rstate, start, think_pos, M, temperature, generator,
+                                      thought_tokens, entropy_grad)
+                if M:
+                    V = self.lm.get_input_embeddings().weight.shape[0]
+                    toks = torch.stack(th["toks"], -1).clamp(max=V - 1)  # [N, Lq, M]
+                    if variable:
+                        state.add_steps(torch.stack(th["sampled"], -1))  # step i is in the thought iff sampled
+                    inputs = torch.cat([start[:, :, None], self.embed(toks[..., :-1])], dim=2)  # [N, Lq, M, D]
+                    pos = think_pos[:, :, None] + 1 + torch.arange(M, device=dev)  # [N, Lq, M]
+                    self._forward(inputs.reshape(N, Lq * M, -1), pos.reshape(N, -1))
+                    last = self.embed(toks[..., -1])  # [N, Lq, D] z_M
                 else:
-                    tok = thought_tokens[:, :, i].to(dev)
-                step_logp = logp.gather(-1, tok[..., None]).squeeze(-1)  # [N, Lq]
-                with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                    ent = -(logp.exp() * logp).sum(-1)  # [N, Lq]
-                active = ~ended
-                if variable:  # steps after the end are not sampled: no log-prob, no entropy, token V
-                    stop = active & (tok == V)
-                    lengths = torch.where(stop, i, lengths)
-                    step_logp = torch.where(active, step_logp, torch.zeros_like(step_logp))
-                    ent = torch.where(active, ent, torch.zeros_like(ent))
-                    tok = torch.where(active & ~stop, tok, torch.full_like(tok, V))
-                    ended = ended | stop
-                toks.append(tok)
-                logps.append(step_logp)
-                ents.append(ent)
-                sampled.append(active)
-                cur = self.embed(tok.clamp(max=V - 1) if variable else tok)  # after the end: any token, hidden
+                    last = start
+            toks, logps, ents, sampled = th["toks"], th["logps"], th["ents"], th["sampled"]
+            ended, lengths = th["ended"], th["lengths"]
             if variable:  # the final block: its first step (z_M) is in the thought only if it never ended
                 S = J + 1 + int(self.add_last_context_token)
                 rest = torch.ones(N, Lq, S - 1, dtype=torch.bool, device=dev)
                 state.add_steps(torch.cat([~ended[..., None], rest], dim=-1))  # [N, Lq, S]
-            post_logits, post_hidden, eot_logits = self._final_block(input_ids, positions, think_pos, cur, M, J, P,
+            post_logits, post_hidden, eot_logits = self._final_block(input_ids, positions, think_pos, last, M, J, P,
                                                                      lengths if variable else None)
             null_logits = None
             if null_thought:
@@ -424,6 +453,51 @@ class QuietStarLM(nn.Module):
             thought_step_mask=torch.stack(sampled, -1) if sampled else empty.bool(),
             thought_unfinished=~ended if variable else torch.zeros_like(ended),
         )
+
+    def _sample(self, lm: nn.Module, state: ThoughtAttentionState, start: Tensor, think_pos: Tensor, M: int,
+                temperature: float, generator: Optional[torch.Generator], thought_tokens: Optional[Tensor],
+                entropy_grad: bool) -> dict[str, Any]:
+        """The M sampling steps of every thought with `lm` (the LM itself or the reasoner) inside its thought
+        attention `state`: step i feeds <sot> (i = 0) or z_i at think_pos + 1 + i and picks z_{i+1} (or, with
+        variable_len, the end of thought, id V). Returns per step lists of [N, Lq] tensors: "toks" (V from a
+        thought's end on), "logps" (log pi of the pick, 0 after the end), "ents" (entropy, 0 after the end),
+        "sampled" (bool: the step was taken); "lengths" [N, Lq], "ended" [N, Lq] (the end was sampled), and
+        "last", the embedding [N, Lq, D] of z_M (the final block's first input; <sot> when M = 0)."""
+        N, Lq, _ = start.shape
+        dev = start.device
+        variable = self.variable_len and M > 0
+        V = lm.get_input_embeddings().weight.shape[0]
+        cur = start
+        ended = torch.zeros(N, Lq, dtype=torch.bool, device=dev)  # the thought ended before this step
+        lengths = torch.full((N, Lq), M, dtype=torch.long, device=dev)
+        toks, logps, ents, sampled = [], [], [], []
+        for i in range(M):
+            if variable:  # step i's input (<sot>, or z_i) is in its thought unless the thought has ended
+                state.add_steps(~ended[..., None])  # [N, Lq, 1]
+            logits, hidden = self._forward(cur, think_pos + 1 + i, lm)  # [N, Lq, V]
+            logp = self.step_logprobs(logits, hidden, temperature)  # [N, Lq, V (+1)]
+            if thought_tokens is None:
+                tok = sample_categorical(logp.detach().exp().reshape(N * Lq, -1), generator).view(N, Lq)
+            else:
+                tok = thought_tokens[:, :, i].to(dev)
+            step_logp = logp.gather(-1, tok[..., None]).squeeze(-1)  # [N, Lq]
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                ent = -(logp.exp() * logp).sum(-1)  # [N, Lq]
+            active = ~ended
+            if variable:  # steps after the end are not sampled: no log-prob, no entropy, token V
+                stop = active & (tok == V)
+                lengths = torch.where(stop, i, lengths)
+                step_logp = torch.where(active, step_logp, torch.zeros_like(step_logp))
+                ent = torch.where(active, ent, torch.zeros_like(ent))
+                tok = torch.where(active & ~stop, tok, torch.full_like(tok, V))
+                ended = ended | stop
+            toks.append(tok)
+            logps.append(step_logp)
+            ents.append(ent)
+            sampled.append(active)
+            cur = self.embed(tok.clamp(max=V - 1) if variable else tok, lm)  # after the end: any token, hidden
+        return {"toks": toks, "logps": logps, "ents": ents, "sampled": sampled, "lengths": lengths, "ended": ended,
+                "last": cur}
 
     def _final_block(self, input_ids: Tensor, positions: Tensor, think_pos: Tensor, last: Tensor, M: int, J: int,
                      P: int, lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -479,9 +553,14 @@ class QuietStarLM(nn.Module):
         self.check_positions(T0 + max_new_tokens + n_ahead)
         stops = None if eos_token_id is None else torch.tensor(
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
-        decoder = _make_decoder(self, B, T0 + max_new_tokens + n_ahead + 1, use_cache, static_cache)
+        decoder = _make_decoder(self.lm, B, T0 + max_new_tokens + n_ahead + 1, use_cache, static_cache)
         pos = position_ids_from_mask(mask)  # [B, T0]
         base_l, base_h = decoder.prefill(input_ids, pos, mask)
+        sampler = decoder  # the decoder the thoughts are sampled from: the LM's, or the reasoner's own
+        if self.reasoner is not None:
+            sampler = _make_decoder(self.reasoner, B, T0 + max_new_tokens + n_ahead + 1, use_cache, static_cache)
+            sampler.prefill(input_ids, pos, mask)
+        lm_t = self.lm if self.reasoner is None else self.reasoner
         next_pos = pos[:, -1] + 1  # [B] position of the next token; its thought starts one later
         last_tok = input_ids[:, -1]  # [B] the last token of the text so far (left padding: always real)
         # [3] add_last_context_token: offsets (from next_pos) of [last thought input, <eot>, the re-fed token]
@@ -500,6 +579,10 @@ class QuietStarLM(nn.Module):
                 out_l, out_h = decoder.extend(chunk, (next_pos - 1)[:, None] + arange[:2], n_last=2)
                 base_l, base_h, logits, hidden = out_l[:, 0], out_h[:, 0], out_l[:, 1], out_h[:, 1]
             fork = decoder.length - 1  # the thought's first slot: rolled back after the thought
+            if sampler is not decoder:  # the reasoner reads the token and <sot> too, and samples from there
+                chunk = start if tok is None else torch.cat([self.embed(tok, self.reasoner)[:, None], start], dim=1)
+                logits, hidden = sampler.extend(chunk, (next_pos - chunk.shape[1] + 1)[:, None] + arange[:chunk.shape[1]])
+            sampler_fork = sampler.length - 1
             zs = []
             ended = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # variable_len: the thought ended
             length = torch.full((B,), M, dtype=torch.long, device=input_ids.device)
@@ -514,8 +597,15 @@ class QuietStarLM(nn.Module):
                     z = torch.where(ended, torch.full_like(z, V), z)
                 zs.append(z)
                 if i < M - 1:
-                    logits, hidden = decoder.extend(self.embed(z.clamp(max=V - 1))[:, None], (next_pos + 1 + i)[:, None],
-                                                    valid=~ended[:, None])
+                    logits, hidden = sampler.extend(self.embed(z.clamp(max=V - 1), lm_t)[:, None],
+                                                    (next_pos + 1 + i)[:, None], valid=~ended[:, None])
+            if sampler is not decoder:  # the base reads z_1 .. z_{M-1} (after its <sot>) in one forward
+                sampler.rollback(sampler_fork)
+                if M > 1:
+                    zs_in = torch.stack(zs[:-1], 1)  # [B, M-1]
+                    valid = zs_in != V  # [B, M-1] z_i is in the thought (the end id runs to its last step)
+                    decoder.extend(self.embed(zs_in.clamp(max=V - 1)), (next_pos + 1)[:, None] + torch.arange(
+                        M - 1, device=input_ids.device), valid=valid)
             # variable_len: <eot> (and the re-fed token's incremented id) move back by M - length, and the slot
             # of the last thought token is masked when the thought ended before it
             back = (length - M)[:, None]  # [B, 1] (0 for fixed-length thoughts)
@@ -789,9 +879,9 @@ class _HFDecoder:
             self.embeds, self.pos = self.embeds[:, :length], self.pos[:, :length]
 
 
-def _make_decoder(model: QuietStarLM, rows: int, max_len: int, use_cache: bool, static_cache: bool):
+def _make_decoder(lm: nn.Module, rows: int, max_len: int, use_cache: bool, static_cache: bool):
     if use_cache and static_cache:
-        static = StaticCacheDecoder.build(model.lm, rows, max_len)
+        static = StaticCacheDecoder.build(lm, rows, max_len)
         if static is not None:
             return _StaticDecoder(static)
-    return _HFDecoder(model.lm, use_cache)
+    return _HFDecoder(lm, use_cache)

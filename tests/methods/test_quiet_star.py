@@ -416,3 +416,28 @@ def test_the_entropy_bonus_reaches_the_policy_through_a_real_model():
 def test_variable_length_settings_that_mean_nothing_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuietStar(model_config=TINY_LLAMA, vocab_size=64, **kwargs)
+
+
+def test_a_separate_reasoner_on_a_frozen_base():
+    """separate_reasoner: a copy of the base samples the thoughts; train_base: false leaves the base's weights
+    without gradient while the reasoner (policy loss), the markers and the mixing head train."""
+    torch.manual_seed(0)
+    m = QuietStar(model_config=TINY_LLAMA, vocab_size=64, n_ahead=5, n_talk=2, n_passes=2, think_positions=4,
+                  separate_reasoner=True, train_base=False, variable_len=True, end_init_prob=0.3)
+    net = m.net
+    assert net.reasoner is not None and net.reasoner is not net.lm
+    assert all(torch.equal(a, b) for a, b in zip(net.lm.state_dict().values(), net.reasoner.state_dict().values()))
+    torch.nn.init.normal_(net.mixing_head[-1].weight, std=0.3)
+    x = torch.randint(1, 64, (2, 13), generator=torch.Generator().manual_seed(3))
+    stats, _ = m.compute_losses({"input_ids": x[:, :-1], "labels": x[:, 1:]}, torch.Generator().manual_seed(1))
+    stats["loss"].backward()
+    assert all(not p.requires_grad and p.grad is None for p in net.lm.parameters())
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in net.reasoner.parameters())
+    assert net.start_param.grad.abs().max() > 0 and net.mixing_head[-1].weight.grad.abs().max() > 0
+    assert {id(p) for p in net.lm.parameters()}.isdisjoint({id(p) for g in m.configure_optimizers()["optimizer"]
+                                                            .param_groups for p in g["params"]})
+
+
+def test_separate_reasoner_needs_thoughts():
+    with pytest.raises(ValueError, match="separate_reasoner"):
+        QuietStar(model_config=TINY_LLAMA, vocab_size=64, separate_reasoner=True, use_reasoner=False)

@@ -80,9 +80,9 @@ def test_the_thought_sequence_and_position_ids_are_the_hand_built_ones(layout, m
     calls: list[tuple[Tensor, Tensor]] = []
     forward = m._forward
 
-    def record(embeds: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    def record(embeds: Tensor, position_ids: Tensor, lm=None) -> tuple[Tensor, Tensor]:
         calls.append((embeds.detach().clone(), position_ids.clone()))
-        return forward(embeds, position_ids)
+        return forward(embeds, position_ids, lm)
 
     monkeypatch.setattr(m, "_forward", record)
     m.think(x, positions, n_ahead=M + 2, n_talk=J, thought_tokens=z)

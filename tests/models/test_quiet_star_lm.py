@@ -419,3 +419,112 @@ def test_variable_len_travels_with_the_export_state(tmp_path):
             for net in (m, again))
     assert torch.equal(a.thought_tokens, b.thought_tokens)
     torch.testing.assert_close(a.talk_logits, b.talk_logits)
+
+
+# ----- a separate reasoner (a second LM samples the thoughts, the base reads them) --------------------------------
+def with_reasoner(kind: str, variable_len: bool = False) -> QuietStarLM:
+    import copy
+
+    lm = tiny_lm(kind)
+    reasoner = copy.deepcopy(lm)
+    with torch.no_grad():  # a reasoner that differs from the base
+        for p in reasoner.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+    m = QuietStarLM(lm, torch.randn(D, generator=torch.Generator().manual_seed(1)), variable_len=variable_len,
+                    end_init_prob=0.3, reasoner=reasoner)
+    g = torch.Generator().manual_seed(2)
+    torch.nn.init.normal_(m.mixing_head[-1].weight, std=0.2, generator=g)
+    if variable_len:
+        torch.nn.init.normal_(m.end_head.weight, std=0.05, generator=g)
+    return m
+
+
+@pytest.mark.parametrize("variable_len", [False, True])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_reasoner_samples_and_the_base_reads_each_thought(kind, variable_len):
+    """The thought log-probs are the reasoner's on [context, <sot>, z]; the talk logits are the base model's on
+    [context, <sot>, z, <eot>, talk] (both engines)."""
+    m = with_reasoner(kind, variable_len)
+    x = windows()
+    P, M, J, L = 2, 3, 3, 10
+    z = scripted_thoughts(2 * P, L, M) if variable_len else torch.randint(1, V, (2 * P, L, M))
+    emb_b, emb_r = m.lm.get_input_embeddings(), m.reasoner.get_input_embeddings()
+    sot, eot = m.marker("start")[None], m.marker("end")[None]
+    for engine in ("dense", "diagonal"):
+        out = m.think(x, torch.arange(L), n_ahead=M + 2, n_talk=J, passes=P, engine=engine, thought_tokens=z)
+        for b, p, t in [(0, 0, 0), (1, 1, 4), (1, 0, 9), (0, 1, 6)]:
+            n = b * P + p
+            ln = int(out.thought_lengths[n, t])
+            zt = z[n, t, :ln]
+            talk = x[b, t + 1: t + J]
+            ref = m.lm(inputs_embeds=torch.cat([emb_b(x[b, : t + 1]), sot, emb_b(zt), eot, emb_b(talk)])[None]).logits[0]
+            k = min(J, L - t)
+            torch.testing.assert_close(out.post_logits[n, t, :k], ref[t + ln + 2: t + ln + 2 + k], atol=1e-5, rtol=0)
+            r = m.reasoner(inputs_embeds=torch.cat([emb_r(x[b, : t + 1]), sot, emb_r(zt)])[None],
+                           output_hidden_states=True)
+            steps = m.step_logprobs(r.logits[0, t + 1:], r.hidden_states[-1][0, t + 1:], 1.0)
+            chosen = torch.cat([zt, torch.tensor([V])])[: min(ln + 1, M)]
+            expect = torch.zeros(M)
+            expect[: chosen.numel()] = steps[: chosen.numel()].gather(-1, chosen[:, None]).squeeze(-1)
+            torch.testing.assert_close(out.thought_logprob[n, t], expect, atol=1e-5, rtol=0)
+
+
+def test_with_a_reasoner_the_policy_trains_the_reasoner_and_the_talk_loss_the_base():
+    m = with_reasoner("llama", variable_len=True)
+    out = m.think(windows(), torch.arange(10), n_ahead=5, n_talk=2, passes=2, generator=torch.Generator().manual_seed(0))
+    policy = out.thought_logprob.sum()
+    g_base = torch.autograd.grad(policy, list(m.lm.parameters()), retain_graph=True, allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in g_base)  # the thoughts' log-probs are the reasoner's
+    g_r = torch.autograd.grad(policy, list(m.reasoner.parameters()), retain_graph=True, allow_unused=True)
+    assert any(g is not None and g.abs().max() > 0 for g in g_r)
+    talk = out.talk_logits.float().log_softmax(-1)[..., 3].mean()
+    g_r = torch.autograd.grad(talk, list(m.reasoner.parameters()), retain_graph=True, allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in g_r)  # sampled tokens carry no gradient back
+    g_base = torch.autograd.grad(talk, list(m.lm.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().max() > 0 for g in g_base)
+
+
+@pytest.mark.parametrize("variable_len", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_with_a_reasoner_equals_recomputation(kind, variable_len):
+    m = with_reasoner(kind, variable_len)
+    prompt = windows(B=3, L=5)
+    runs = [m.generate(prompt, max_new_tokens=5, n_ahead=5, generator=torch.Generator().manual_seed(7),
+                       return_thoughts=True, output_logits=True, **kw)
+            for kw in ({}, {"static_cache": False}, {"use_cache": False})]
+    for r in runs[1:]:
+        assert torch.equal(r.tokens, runs[0].tokens) and torch.equal(r.thoughts, runs[0].thoughts)
+        torch.testing.assert_close(r.logits, runs[0].logits, atol=1e-5, rtol=0)
+    for k in range(5):
+        text = torch.cat([prompt, runs[0].tokens[:, :k]], dim=1)
+        th = runs[0].thoughts[:, k][:, None]
+        out = m.think(text, torch.tensor([text.shape[1] - 1]), n_ahead=5, n_talk=1, thought_tokens=th)
+        torch.testing.assert_close(out.talk_logits[:, 0, 0], runs[0].logits[:, k], atol=1e-5, rtol=0)
+        # and the thoughts were the reasoner's samples: their log-prob under the reasoner is finite
+        assert bool(torch.isfinite(out.thought_logprob).all())
+
+
+def test_the_reasoner_travels_with_the_export(tmp_path):
+    from lightning_rlm.models.quiet_star_lm import THOUGHTS_FILE
+
+    m = with_reasoner("llama", variable_len=True)
+    exp = m.exportable(n_ahead=5)
+    exp.model.save_pretrained(tmp_path)
+    torch.save(exp.extras[THOUGHTS_FILE], tmp_path / THOUGHTS_FILE)
+    again = QuietStarLM.from_export(tmp_path)
+    assert again.reasoner is not None
+    a, b = (net.think(windows(), torch.arange(10), n_ahead=5, n_talk=2, generator=torch.Generator().manual_seed(0))
+            for net in (m, again))
+    assert torch.equal(a.thought_tokens, b.thought_tokens)
+    torch.testing.assert_close(a.talk_logits, b.talk_logits)
+    torch.testing.assert_close(a.thought_logprob, b.thought_logprob)
+
+
+@pytest.mark.parametrize("variable_len", [False, True])
+def test_generate_samples_thoughts_from_the_reasoner(variable_len):
+    m = with_reasoner("llama", variable_len)
+    m.reasoner.lm_head.register_forward_hook(lambda mod, inp, out: out + 100.0 * (torch.arange(V) == 7))
+    gen = m.generate(windows(B=2, L=5), max_new_tokens=4, n_ahead=5, generator=torch.Generator().manual_seed(7),
+                     return_thoughts=True)
+    assert set(gen.thoughts.flatten().tolist()) <= {7, V} and 7 in gen.thoughts  # the reasoner's pick (or the end)
+    assert not bool((gen.tokens == 7).all())  # the text itself is the base model's
