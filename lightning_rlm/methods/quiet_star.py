@@ -44,8 +44,16 @@ Logs (train/ and val/): `nll` (the model's own next-token NLL, comparable with t
 `gap_easy|medium|hard` (edges `gap_buckets`), `nll_interest` / `nll_base_interest` (`interest_percentile`),
 all defined at `lightning_rlm.losses.quiet_star.next_token_metrics`; `nll_post` (the post-thought prediction
 alone, before mixing), `talk_nll`, `reward`, `advantage_std`, `policy_loss`, `mix_weight`, `thought_entropy`
-and `thought_entropy_max`, `talk_gate_open`, `null_reward`; TensorBoard text `thoughts` and `samples`
-(`lightning_rlm.rollout.thoughts`).
+and `thought_entropy_max`, `talk_gate_open`, `null_reward`; with `variable_len` `thought_len`, `frac_empty`,
+`frac_unfinished` and per base-NLL bucket `frac_empty_<bucket>`, `thought_len_<bucket>` (`thought_length_stats`);
+TensorBoard text `thoughts` and `samples` (`lightning_rlm.rollout.thoughts`).
+
+Variable-length thoughts and a separate reasoner (seed 001; `QuietStarLM`'s `variable_len` and `reasoner`): with
+`variable_len` the reasoner also picks the end of thought, r_k -= length_penalty * |z_k| + punish_unfinished *
+[z_k reached n_ahead - 2 tokens], log pi(z_k) sums the sampled steps only, and loss -= policy_loss_beta *
+entropy_encouragement_coef * (mean entropy of the sampled steps); with `separate_reasoner` a copy of the LM
+samples the thoughts and the policy term trains it, while the talk NLL trains the base (frozen with
+`train_base: false`).
 """
 
 from __future__ import annotations

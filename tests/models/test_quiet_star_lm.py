@@ -138,16 +138,23 @@ def test_marker_gradient_is_scaled_and_markers_are_not_vocabulary():
     torch.testing.assert_close(grads[100.0], 100 * grads[1.0], rtol=1e-4, atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_generate_with_a_cache_equals_recomputing_the_prefix(kind):
-    m = wrapped(kind)
-    prompt = windows(B=2, L=5)
-    runs = [m.generate(prompt, max_new_tokens=6, n_ahead=5, generator=torch.Generator().manual_seed(7),
+def generate_three_ways(m: QuietStarLM, prompt: torch.Tensor, new: int) -> list:
+    """The same seeded thinking generation with the static cache, HF's dynamic cache and no cache: asserts the
+    three agree (tokens, thoughts, logits) and returns them."""
+    runs = [m.generate(prompt, max_new_tokens=new, n_ahead=5, generator=torch.Generator().manual_seed(7),
                        return_thoughts=True, output_logits=True, **kw)
             for kw in ({}, {"static_cache": False}, {"use_cache": False})]
     for r in runs[1:]:
         assert torch.equal(r.tokens, runs[0].tokens) and torch.equal(r.thoughts, runs[0].thoughts)
         torch.testing.assert_close(r.logits, runs[0].logits, atol=1e-5, rtol=0)
+    return runs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_with_a_cache_equals_recomputing_the_prefix(kind):
+    m = wrapped(kind)
+    prompt = windows(B=2, L=5)
+    runs = generate_three_ways(m, prompt, 6)
     assert runs[0].tokens.shape == (2, 6) and runs[0].thoughts.shape == (2, 6, 3)
     assert m.generate(prompt, max_new_tokens=2, n_ahead=5).thoughts is None  # hidden by default
     # each token's mixed logits are what training computes at the last position of the text so far
@@ -389,12 +396,7 @@ def test_sampled_variable_lengths_cover_empty_to_unfinished_and_start_at_end_ini
 def test_variable_length_generate_equals_recomputation(kind):
     m = variable(kind)
     prompt = windows(B=3, L=5)
-    runs = [m.generate(prompt, max_new_tokens=6, n_ahead=5, generator=torch.Generator().manual_seed(7),
-                       return_thoughts=True, output_logits=True, **kw)
-            for kw in ({}, {"static_cache": False}, {"use_cache": False})]
-    for r in runs[1:]:
-        assert torch.equal(r.tokens, runs[0].tokens) and torch.equal(r.thoughts, runs[0].thoughts)
-        torch.testing.assert_close(r.logits, runs[0].logits, atol=1e-5, rtol=0)
+    runs = generate_three_ways(m, prompt, 6)
     th = runs[0].thoughts  # [B, new, M], the end id V from a thought's end on
     lengths = torch.where(th == V, torch.arange(3), 3).amin(-1)
     assert {0, 3} <= set(lengths.flatten().tolist()) and len(set(lengths.flatten().tolist())) >= 3
@@ -489,12 +491,7 @@ def test_with_a_reasoner_the_policy_trains_the_reasoner_and_the_talk_loss_the_ba
 def test_generate_with_a_reasoner_equals_recomputation(kind, variable_len):
     m = with_reasoner(kind, variable_len)
     prompt = windows(B=3, L=5)
-    runs = [m.generate(prompt, max_new_tokens=5, n_ahead=5, generator=torch.Generator().manual_seed(7),
-                       return_thoughts=True, output_logits=True, **kw)
-            for kw in ({}, {"static_cache": False}, {"use_cache": False})]
-    for r in runs[1:]:
-        assert torch.equal(r.tokens, runs[0].tokens) and torch.equal(r.thoughts, runs[0].thoughts)
-        torch.testing.assert_close(r.logits, runs[0].logits, atol=1e-5, rtol=0)
+    runs = generate_three_ways(m, prompt, 5)
     for k in range(5):
         text = torch.cat([prompt, runs[0].tokens[:, :k]], dim=1)
         th = runs[0].thoughts[:, k][:, None]
