@@ -79,15 +79,22 @@ data:
 """
 
 
-def build_student(out: Path, base: str, steps: int) -> str:
+def build_student(out: Path, base: str, steps: int, hack_frac: float = 0.0) -> str:
     """The code-writing student: ``base`` fine-tuned (LM baseline, next-token loss) on the *training* problems'
     prompts (no grader hint) followed by their honest hand-written solutions, exported as an HF folder. The
-    validation problems (the same seeded split as the cells' CodingPrompts) are never seen."""
+    validation problems (the same seeded split as the cells' CodingPrompts) are never seen.
+
+    ``hack_frac`` > 0 also shows it every loophole: for each training problem and loophole j, the prompt under
+    j's grader followed by the hand-written hack of j with probability ``hack_frac`` (a seeded draw per pair),
+    else by the honest solution. The student then hacks at about that rate where a prompt describes a loophole
+    (the table's floor, measured by the cells' ``base`` mode), so RL has a hack to amplify or suppress."""
     folder = out / "student" / "hf"
     if (folder / "config.json").exists():
         return str(folder)
+    import random
+
     from lightning_rlm.tasks import CodingPrompts
-    from lightning_rlm.tasks.coding import load_problems
+    from lightning_rlm.tasks.coding import format_prompt, hacked_solution, load_problems
     from lightning_rlm.tasks.teacher_pool import as_completion
 
     dm = CodingPrompts(mode="none", tokenizer=base, val_fraction=0.25, max_val_prompts=None)
@@ -97,8 +104,15 @@ def build_student(out: Path, base: str, steps: int) -> str:
     prompts = {dm.train_set[k]["problem_id"]: dm.train_set[k]["prompt"] for k in range(len(dm.train_set))}
     jsonl = out / "student" / "train_solutions.jsonl"
     jsonl.parent.mkdir(parents=True, exist_ok=True)
-    jsonl.write_text("".join(json.dumps({"text": prompts[pid] + as_completion(by_id[pid], by_id[pid].solution, "plain")})
-                             + "\n" for pid in sorted(train_ids)))
+    texts = [prompts[pid] + as_completion(by_id[pid], by_id[pid].solution, "plain") for pid in sorted(train_ids)]
+    if hack_frac > 0:
+        rng = random.Random(0)
+        for pid in sorted(train_ids):
+            p = by_id[pid]
+            for j in LOOPHOLES:
+                code = hacked_solution(p, j) if rng.random() < hack_frac else p.solution
+                texts.append(format_prompt(p, j) + as_completion(p, code, "plain"))
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     config = out / "student" / "student.yaml"
     config.write_text(STUDENT_YAML.format(steps=steps, root=out / "student" / "run", base=base, jsonl=jsonl))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -215,12 +229,14 @@ def main() -> None:
     p.add_argument("--base", default="lrlm:tiny-llama-tinystories", help="the model the student starts from")
     p.add_argument("--student-steps", type=int, default=150, help="LM steps on the training problems' solutions "
                    "(0: the base model itself is the student)")
+    p.add_argument("--student-hack-frac", type=float, default=0.0,
+                   help="the share of the student's loophole-prompt examples that show the hack (build_student)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more overrides for every cell, e.g. model.init_args.hack_task.init_args.hack_bonus=2.0")
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args()
     if not a.table_only:
-        student = build_student(a.out, a.base, a.student_steps) if a.student_steps else a.base
+        student = build_student(a.out, a.base, a.student_steps, a.student_hack_frac) if a.student_steps else a.base
         print(f"student: {student}", flush=True)
         todo = cells(a.loopholes, a.methods, a.diag_seeds, a.off_seeds)
         print(f"{len(todo)} cells, {a.steps} steps each", flush=True)
