@@ -158,10 +158,11 @@ def test_five_steps_log_the_recorded_values(name, tiny_llama_dir, tmp_path):
         assert got[k] == pytest.approx(want[k], rel=tol, abs=tol), (name, k, got[k])
 
 
-# A cosine between two whole-model gradients sums thousands of float32 products, whose order the CPU's vector
-# width decides: on an AVX-512 machine it differs from the recording (AVX2) by up to 2.2e-6 (2.9e-5 relative)
-# while every loss, reward and KL of the same steps agrees to 1e-6.
-LOOSER = {"train/hack_cos": 1e-4}
+# The gradient projection's diagnostics (the cosine of the update with the hack direction, the share of it removed)
+# sum thousands of float32 gradient products, in an order the CPU's vector width decides: on an AVX-512 machine
+# they differ from the recording (AVX2) by up to 3.1e-6 (2.9e-5 relative) while every loss, reward and KL of the
+# same steps agrees to 1e-6.
+LOOSER = {"train/hack_cos": 1e-4, "train/hack_removed_frac": 1e-4}
 
 
 EXPECTED: dict[str, dict[str, list[float]]] = {  # recorded from main at 668ec69 (before issue 22)
