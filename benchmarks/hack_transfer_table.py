@@ -17,7 +17,7 @@ rate with the adapters off (``base``: the floor). Diagonal cells (i = j) run ``-
 off-diagonal ones ``--off-seeds``. Each cell is one ``lightning-rlm fit`` of the coding_smoke config with
 overrides (its command is printed); a cell whose result file exists is not run again, so the script resumes.
 
-    python benchmarks/hack_transfer_table.py --out runs/hack_transfer [--steps 30] [--diag-seeds 2]
+    python benchmarks/hack_transfer_table.py --out runs/hack_transfer [--steps 30] [--diag-seeds 2] [--jobs 2]
     python benchmarks/hack_transfer_table.py --out runs/hack_transfer --table-only     # print from results
 
 The student is the tiny Llama after ``--student-steps`` of next-token training on the training problems'
@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -157,7 +158,11 @@ def run_cell(cell: tuple[str, str, str, int], steps: int, out: Path, student: st
     name = f"{method}__{i}__{j}__s{seed}"
     result = out / "results" / f"{name}.json"
     if result.exists():
-        return json.loads(result.read_text())
+        row = json.loads(result.read_text())
+        if row["steps"] != steps:
+            raise SystemExit(f"{result} was run with {row['steps']} steps, not --steps {steps}: "
+                             "use another --out or the same --steps")
+        return row
     run_dir = out / "cells" / name
     cmd = command(method, i, j, seed, steps, run_dir, student, extra)
     print("$", " ".join(cmd[:4]), "...", f"[{name}]", flush=True)
@@ -233,6 +238,7 @@ def main() -> None:
                    help="the share of the student's loophole-prompt examples that show the hack (build_student)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more overrides for every cell, e.g. model.init_args.hack_task.init_args.hack_bonus=2.0")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once (each on OMP_NUM_THREADS=1 when > 1)")
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args()
     if not a.table_only:
@@ -240,12 +246,18 @@ def main() -> None:
         print(f"student: {student}", flush=True)
         todo = cells(a.loopholes, a.methods, a.diag_seeds, a.off_seeds)
         print(f"{len(todo)} cells, {a.steps} steps each", flush=True)
-        for cell in todo:
+        if a.jobs > 1:
+            os.environ["OMP_NUM_THREADS"] = "1"
+
+        def one(cell: tuple[str, str, str, int]) -> None:
             row = run_cell(cell, a.steps, a.out, student, a.set)
             mode = DEPLOYED[row["method"]]
             print(f"  {row['method']:8s} i={row['i']:12s} j={row['j']:12s} seed {row['seed']}: "
                   f"exploited {row['val'].get(f'val/{mode}/exploited', float('nan')):.3f} "
                   f"(base {row['val'].get('val/base/exploited', float('nan')):.3f}) {row['wall_s']:.0f} s", flush=True)
+
+        with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+            list(pool.map(one, todo))  # list(): a failed cell raises here
     print(table(a.out, a.loopholes, a.methods))
 
 

@@ -146,10 +146,22 @@ def run_name(values: dict[str, str], varied: list[str], short: dict[str, str]) -
     return name
 
 
+def _shortened(value: str) -> bool:
+    """Whether `safe_value` loses more than odd characters: a path cut to its basename or a value cut short."""
+    return "/" in value.strip("/") or len(re.sub(r"[^A-Za-z0-9._+-]", "_", value).strip("_")) > MAX_VALUE_CHARS
+
+
 def setting_name(values: dict[str, str], grids: dict[str, list[str]]) -> str:
-    """The run's setting: its varied grid values except the seed (what `report` groups seeds by)."""
+    """The run's setting: its varied grid values except the seed (what `report` groups seeds by). When a value
+    had to be shortened (a path's basename, a value cut to MAX_VALUE_CHARS), a digest of the full values follows,
+    so two settings that share the short form stay apart."""
     varied = [k for k, v in grids.items() if len(v) > 1 and not is_seed_key(k)]
-    return run_name(values, varied, short_keys(list(grids))) if varied else "all"
+    if not varied:
+        return "all"
+    name = run_name(values, varied, short_keys(list(grids)))
+    if any(_shortened(values[k]) for k in varied):
+        name += "-" + _digest(" ".join(f"{k}={values[k]}" for k in varied))
+    return name
 
 
 def _digest(text: str) -> str:

@@ -223,3 +223,15 @@ def test_slurm_without_submitit_says_how_to_install(tmp_path, monkeypatch, capsy
                        "--launcher", "slurm"])
     assert code == 2
     assert "pip install submitit" in capsys.readouterr().err
+
+
+def test_setting_names_stay_apart_when_values_are_shortened():
+    long_a, long_b = "x" * 40 + "a", "x" * 40 + "b"  # the same first 32 characters
+    grids = {"model.init_args.note": [long_a, long_b], "data.path": ["a/data.jsonl", "b/data.jsonl"],
+             "seed_everything": ["1", "2"]}
+    names = {sweep.setting_name({"model.init_args.note": n, "data.path": p, "seed_everything": s}, grids)
+             for n in grids["model.init_args.note"] for p in grids["data.path"] for s in ("1", "2")}
+    assert len(names) == 4  # 4 settings (the seed is not one), none merged
+    assert all(name.startswith("note=" + "x" * 32) for name in names)
+    # short values keep their plain names
+    assert sweep.setting_name({"lr": "0.1", "seed": "1"}, {"lr": ["0.1", "0.2"], "seed": ["1", "2"]}) == "lr=0.1"
