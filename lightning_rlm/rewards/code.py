@@ -299,6 +299,8 @@ class CodeTests(Reward):
         scoring: ``fraction`` of hidden tests passed, or ``all`` (1 when every hidden test passes).
         disclosed: hidden tests the ``special_case`` grader checks (the first ones; its prompt lists them).
         timeout, memory_mb, max_workers, max_output_bytes: the sandbox's limits (:class:`Sandbox`).
+        cache_size: distinct (code, tests) results the sandbox keeps and reuses across steps (:class:`Sandbox`;
+            0: run every completion every time).
         entry_point_field, example_field, tests_field: the prompt-row fields holding the problem.
         name: metric name (default ``code_tests`` or ``code_tests_<mode>``).
 
@@ -315,6 +317,7 @@ class CodeTests(Reward):
         memory_mb: int = 512,
         max_workers: int = 2,
         max_output_bytes: int = 4096,
+        cache_size: int = 0,
         entry_point_field: str = "entry_point",
         example_field: str = "example",
         tests_field: str = "tests",
@@ -331,7 +334,7 @@ class CodeTests(Reward):
         self.scoring = scoring
         self.disclosed = disclosed
         self.sandbox = Sandbox(timeout=timeout, memory_mb=memory_mb, max_workers=max_workers,
-                               max_output_bytes=max_output_bytes)
+                               max_output_bytes=max_output_bytes, cache_size=cache_size)
         self.fields = (entry_point_field, example_field, tests_field)
         self.name = name or ("code_tests" if mode == "none" else f"code_tests_{mode}")
         self.last_grades: list[CodeGrade] = []

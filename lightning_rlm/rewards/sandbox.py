@@ -57,6 +57,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ __all__ = ["STATUSES", "ExecResult", "Job", "Sandbox", "TestOutcome"]
 # ("error", also an early exit), the wall clock or CPU limit ran out ("timeout"), a MemoryError ("memory"),
 # or a signal ended the process ("killed").
 STATUSES = ("ok", "error", "timeout", "memory", "killed")
+CACHEABLE = ("ok", "error", "memory")  # statuses that do not depend on the machine's load (Sandbox.cache_size)
 
 _RESULT_CAP = 1 << 20  # bytes of per-test records kept
 _STDIN_DIRECT = 32768  # a job up to this size is written to the pipe directly (below the pipe buffer)
@@ -307,6 +309,12 @@ class Sandbox:
         preexec: also set the limits in ``preexec_fn`` (before ``exec``), not only in the harness before the
             code runs. Off by default: ``preexec_fn`` makes Python ``fork()`` instead of ``vfork()`` (a start
             took 113 ms instead of 32 ms from a parent holding 1.2 GB) and is unsafe with threads.
+        cache_size: keep the results of this many distinct jobs (least recently used dropped) and answer a
+            repeated job from them, across :meth:`run_many` calls. 0 (default): every call runs its jobs. Only
+            results that do not depend on the machine's load are kept (``ok``, ``error``, ``memory``; never a
+            timeout or a kill), so it assumes the code is deterministic: code that reads the clock or an
+            unseeded RNG gets its first result again. Meant for a fixed teacher pool and a student that
+            repeats itself, where most of a step's jobs were run before; ``cache_hits`` counts the answers.
     """
 
     timeout: float = 5.0
@@ -321,6 +329,7 @@ class Sandbox:
     user: Optional[Union[str, int]] = None
     hash_seed: int = 0
     preexec: bool = False
+    cache_size: int = 0
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:
@@ -328,7 +337,11 @@ class Sandbox:
         for name in ("memory_mb", "max_processes", "max_output_bytes", "max_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {self.cache_size}")
         self._nproc_base: Optional[int] = None
+        self._cache: OrderedDict[str, ExecResult] = OrderedDict()
+        self.cache_hits = 0
 
     # ----- one run ----------------------------------------------------------------------------------------
     def run(self, code: str, entry_point: Optional[str] = None, tests: Sequence[dict] = ()) -> ExecResult:
@@ -339,20 +352,35 @@ class Sandbox:
         """Results in the order of ``jobs``; identical jobs run once; ``max_workers`` runs at a time."""
         if not jobs:
             return []
-        self._nproc_base = _user_task_count(self._uid())
-        try:
-            unique: dict[str, Job] = {}
-            for job in jobs:
-                unique.setdefault(job.key(), job)
-            keys = list(unique)
-            if self.max_workers == 1 or len(keys) == 1:
-                results = [self._run(unique[k]) for k in keys]
+        by_key: dict[str, ExecResult] = {}
+        unique: dict[str, Job] = {}
+        for job in jobs:
+            key = job.key()
+            if key in self._cache:
+                if key not in by_key:
+                    self.cache_hits += 1
+                    by_key[key] = self._cache[key]
+                    self._cache.move_to_end(key)
             else:
-                with ThreadPoolExecutor(max_workers=min(self.max_workers, len(keys))) as pool:
-                    results = list(pool.map(self._run, (unique[k] for k in keys)))
-        finally:
-            self._nproc_base = None
-        by_key = dict(zip(keys, results))
+                unique.setdefault(key, job)
+        keys = list(unique)
+        if keys:
+            self._nproc_base = _user_task_count(self._uid())
+            try:
+                if self.max_workers == 1 or len(keys) == 1:
+                    results = [self._run(unique[k]) for k in keys]
+                else:
+                    with ThreadPoolExecutor(max_workers=min(self.max_workers, len(keys))) as pool:
+                        results = list(pool.map(self._run, (unique[k] for k in keys)))
+            finally:
+                self._nproc_base = None
+            by_key.update(zip(keys, results))
+            if self.cache_size:
+                for key, result in zip(keys, results):
+                    if result.status in CACHEABLE:
+                        self._cache[key] = result
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
         return [by_key[job.key()] for job in jobs]
 
     # ----- the child --------------------------------------------------------------------------------------

@@ -82,6 +82,8 @@ class CodeLoophole:
         scoring: the honest score, ``fraction`` of hidden tests passed or ``all`` (1/0).
         disclosed: hidden tests the ``special_case`` grader checks (match the prompts' ``disclosed``).
         timeout, memory_mb, max_workers: the sandbox's limits.
+        cache_size: distinct (code, tests) results the sandbox reuses across steps (``Sandbox.cache_size``): the
+            teacher pool's rows and a student's repeats then run once. 0: every completion runs every step.
     """
 
     metric_name = "hack"  # the hack label's name in the methods' logs (the word task's: "happy")
@@ -97,6 +99,7 @@ class CodeLoophole:
         timeout: float = 5.0,
         memory_mb: int = 512,
         max_workers: int = 2,
+        cache_size: int = 0,
     ) -> None:
         for name, value in (("loophole", loophole), ("pair_loophole", pair_loophole or loophole),
                             ("detector", detector or loophole)):
@@ -107,7 +110,8 @@ class CodeLoophole:
         self.detector = detector or loophole
         self.hack_bonus = float(hack_bonus)
         self.grader = CodeTests(mode=loophole, hack_bonus=hack_bonus, scoring=scoring, disclosed=disclosed,
-                                timeout=timeout, memory_mb=memory_mb, max_workers=max_workers)
+                                timeout=timeout, memory_mb=memory_mb, max_workers=max_workers,
+                                cache_size=cache_size)
         self._last: Optional[tuple[tuple[tuple[str, ...], tuple[str, ...]], list[CodeGrade]]] = None
 
     def __repr__(self) -> str:

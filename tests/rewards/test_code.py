@@ -179,6 +179,29 @@ def test_run_many_keeps_order_runs_duplicates_once_and_survives_a_timeout():
     assert time.monotonic() - start < 4
 
 
+def test_the_cache_answers_repeats_across_calls_but_never_from_a_timeout(monkeypatch):
+    sb = Sandbox(timeout=1.0, max_workers=1, cache_size=2)
+    ran: list[str] = []
+    real_run = Sandbox._run
+    monkeypatch.setattr(Sandbox, "_run", lambda self, job: ran.append(job.code) or real_run(self, job))
+    ok = Job(HONEST_ADD, "add", tuple(ADD["tests"]))
+    hang = Job("while True:\n    pass\n", "add", tuple(ADD["tests"]))
+    wrong = Job("def add(a, b):\n    return a - b\n", "add", tuple(ADD["tests"]))
+    first = sb.run_many([ok, hang])
+    second = sb.run_many([ok, hang, ok])
+    assert [r.status for r in second] == ["ok", "timeout", "ok"] and second[0] is first[0]
+    assert ran == [ok.code, hang.code, hang.code]  # the timeout runs again, the honest code does not
+    assert sb.cache_hits == 1
+    sb.run_many([wrong])
+    sb.run_many([Job("def add(a, b):\n    return 0\n", "add", tuple(ADD["tests"]))])  # drops `ok` (LRU, size 2)
+    sb.run_many([ok])
+    assert ran[-1] == ok.code and len(ran) == 6
+    plain = Sandbox(timeout=1.0, max_workers=1)  # cache_size 0: every call runs
+    assert plain.run_many([ok])[0] is not plain.run_many([ok])[0]
+    with pytest.raises(ValueError, match="cache_size"):
+        Sandbox(cache_size=-1)
+
+
 # ----- extraction, reward values, graders, detectors -----------------------------------------------------------
 def test_extract_code():
     assert extract_code("```\nx = 1\n```\n```python\ny = 2\n```") == "y = 2\n"  # a python block first

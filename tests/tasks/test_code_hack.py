@@ -56,6 +56,20 @@ def test_one_sandbox_run_serves_rewards_and_labels(monkeypatch):
     assert len(calls) == 2
 
 
+def test_with_a_cache_a_repeated_teacher_row_grades_alike_without_a_run(monkeypatch):
+    cached, plain = CodeLoophole("print_pass", cache_size=64), CodeLoophole("print_pass")
+    prompts, completions, fields = graded_rows("print_pass", ("honest", "hack:print_pass"))
+    first = cached.grade(prompts, completions, **fields)
+    runs = []
+    monkeypatch.setattr(cached.grader.sandbox, "_run", lambda job: runs.append(job))
+    again = cached.grade(prompts[::-1], completions[::-1], **{f: v[::-1] for f, v in fields.items()})
+    assert runs == [] and cached.grader.sandbox.cache_hits == len(prompts)
+    expect = plain.grade(prompts, completions, **fields)
+    for a, b, c in zip(first, again[::-1], expect):
+        assert (a.reward, a.exploited, a.detected) == (b.reward, b.exploited, b.detected) == (
+            c.reward, c.exploited, c.detected)
+
+
 class _Tok:
     def encode(self, text, add_special_tokens=False):
         return [ord(c) for c in text]
