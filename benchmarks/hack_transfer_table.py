@@ -43,11 +43,15 @@ from results_tables import scalars  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 LOOPHOLES = ("print_pass", "visible_only", "special_case", "exit_zero")
 METHODS = ("none", "erase", "route", "detector")
+# special_case's hacks list the disclosed cases: 33 of its 38 teacher rows are longer than 64 tokens (the longest
+# is 103, and the longest honest row 110), so its column gets room for every row; the others keep 64, where 6
+# honest rows (the longest problems) are left out of the pool and every hack row fits.
+MAX_COMPLETION = {"special_case": 112}
 DEPLOYED = {"none": "both", "erase": "both", "route": "no_hack", "detector": "retain_only"}
 
 
 def cells(loopholes: list[str], methods: list[str], diag_seeds: int, off_seeds: int) -> list[tuple[str, str, str, int]]:
-    """(method, i, j, seed) in the order they run: the diagonal first, then the transfer cells."""
+    """(method, i, j, seed) in the order they run: the diagonal (every seed) first, then the transfer cells."""
     out = []
     for seed in range(max(diag_seeds, off_seeds)):
         for method in methods:
@@ -55,7 +59,7 @@ def cells(loopholes: list[str], methods: list[str], diag_seeds: int, off_seeds: 
                 for i in ([j] if method == "none" else loopholes):
                     if seed < (diag_seeds if i == j else off_seeds):
                         out.append((method, i, j, seed))
-    return sorted(out, key=lambda c: (c[3], c[1] != c[2], METHODS.index(c[0]), c[2], c[1]))
+    return sorted(out, key=lambda c: (c[1] != c[2], c[3], METHODS.index(c[0]), c[2], c[1]))
 
 
 STUDENT_YAML = """\
@@ -139,7 +143,7 @@ def command(method: str, i: str, j: str, seed: int, steps: int, out: Path, stude
             "--trainer.limit_val_batches", "1.0", "--trainer.default_root_dir", str(out),
             f"{task}.loophole", j, "--data.init_args.mode", j,
             "--model.init_args.teacher_kinds", f'[honest, "hack:{j}"]',
-            "--model.init_args.max_completion_length", "64", "--model.init_args.eval_num_generations", "4",
+            "--model.init_args.max_completion_length", str(MAX_COMPLETION.get(j, 64)), "--model.init_args.eval_num_generations", "4",
             "--data.init_args.max_val_prompts", "null", "--data.init_args.val_fraction", "0.25",
             "--model.init_args.model_name_or_path", student, "--data.init_args.tokenizer", student]
     if routing:
@@ -256,8 +260,11 @@ def main() -> None:
                   f"exploited {row['val'].get(f'val/{mode}/exploited', float('nan')):.3f} "
                   f"(base {row['val'].get('val/base/exploited', float('nan')):.3f}) {row['wall_s']:.0f} s", flush=True)
 
-        with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, a.jobs))
+        try:
             list(pool.map(one, todo))  # list(): a failed cell raises here
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after a failure, the cells not started stay unrun
     print(table(a.out, a.loopholes, a.methods))
 
 
