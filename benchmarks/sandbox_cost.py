@@ -3,8 +3,9 @@
 Each completion is one fresh, resource-limited interpreter (`lightning_rlm.rewards.sandbox.Sandbox`), so the
 cost is mostly interpreter start-up (~20-40 ms) plus the harness. Cases: an empty program (the floor), the
 honest solutions of the coding substrate (`lightning_rlm.tasks.coding`, each on its visible and hidden
-tests), programs that loop forever (each costs the wall-clock `--timeout`), and a GRPO-sized batch of 64
-distinct completions (the 38 honest solutions and 26 hacked ones). Each case runs with `max_workers=1` and
+tests), programs that loop forever (each costs the wall-clock `--timeout`), a GRPO-sized batch of 64
+distinct completions (the 38 honest solutions and 26 hacked ones), and that batch once more through a
+`Sandbox(cache_size=...)` that has run it (a fixed teacher pool and a student repeating itself). Each case runs with `max_workers=1` and
 with the pool (`--workers`, default 2), `--repeats` times (the fastest is reported: other work on a shared
 machine only slows a run down). `--ballast-gb` makes this process hold that much touched memory first, as
 a training process does (child start-up is a vfork, so it should barely matter; `--preexec` sets the limits
@@ -66,6 +67,17 @@ def main() -> None:
         counts = {s: statuses.count(s) for s in sorted(set(statuses))}
         print(f"{name:34s} {len(jobs):4d} {seq / len(jobs):19.3f} {par / len(jobs):18.3f} {seq:12.2f} {par:13.2f}"
               f"  {counts}")
+    # the same batch again with Sandbox(cache_size=...): the second call is answered from the first's results
+    for workers in (1, args.workers):
+        cached = Sandbox(timeout=5.0, max_workers=workers, cache_size=len(batch), preexec=args.preexec)
+        cached.run_many(batch)
+        start = time.perf_counter()
+        cached.run_many(batch)
+        again = time.perf_counter() - start
+        if workers == 1:
+            seq_again = again
+    print(f"{'GRPO batch of 64, seen (cache_size)':34s} {len(batch):4d} {seq_again / len(batch):19.3f} "
+          f"{again / len(batch):18.3f} {seq_again:12.4f} {again:13.4f}  cache hits {cached.cache_hits}")
 
 
 if __name__ == "__main__":
