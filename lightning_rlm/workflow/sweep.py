@@ -132,12 +132,16 @@ def short_keys(keys: list[str]) -> dict[str, str]:
             depth[k] += 1
 
 
-def safe_value(value: str) -> str:
-    """A value as it can appear in a folder name: basename of paths, odd characters → `_`, capped."""
+def _sanitised(value: str) -> str:
+    """A value as it can appear in a folder name, before the cap: basename of paths, odd characters → `_`."""
     if "/" in value.strip("/"):
         value = value.rstrip("/").rsplit("/", 1)[-1]
-    value = re.sub(r"[^A-Za-z0-9._+-]", "_", value).strip("_") or "_"
-    return value[:MAX_VALUE_CHARS]
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", value).strip("_") or "_"
+
+
+def safe_value(value: str) -> str:
+    """A value as it can appear in a folder name: basename of paths, odd characters → `_`, capped."""
+    return _sanitised(value)[:MAX_VALUE_CHARS]
 
 
 def run_name(values: dict[str, str], varied: list[str], short: dict[str, str]) -> str:
@@ -148,7 +152,7 @@ def run_name(values: dict[str, str], varied: list[str], short: dict[str, str]) -
 
 def _shortened(value: str) -> bool:
     """Whether `safe_value` loses more than odd characters: a path cut to its basename or a value cut short."""
-    return "/" in value.strip("/") or len(re.sub(r"[^A-Za-z0-9._+-]", "_", value).strip("_")) > MAX_VALUE_CHARS
+    return "/" in value.strip("/") or len(_sanitised(value)) > MAX_VALUE_CHARS
 
 
 def setting_name(values: dict[str, str], grids: dict[str, list[str]]) -> str:
