@@ -352,10 +352,10 @@ class Sandbox:
         """Results in the order of ``jobs``; identical jobs run once; ``max_workers`` runs at a time."""
         if not jobs:
             return []
+        job_keys = [job.key() for job in jobs]
         by_key: dict[str, ExecResult] = {}
         unique: dict[str, Job] = {}
-        for job in jobs:
-            key = job.key()
+        for job, key in zip(jobs, job_keys):
             if key in self._cache:
                 if key not in by_key:
                     self.cache_hits += 1
@@ -381,7 +381,7 @@ class Sandbox:
                         self._cache[key] = result
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
-        return [by_key[job.key()] for job in jobs]
+        return [by_key[key] for key in job_keys]
 
     # ----- the child --------------------------------------------------------------------------------------
     def _uid(self) -> int:
