@@ -8,6 +8,7 @@ in every other run a missing file fails the test.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -102,20 +103,44 @@ def tiny_chat_llama_dir(tmp_path_factory, tiny_llama_dir):
     return out
 
 
-@pytest.fixture
-def tiny_model_config(tiny_llama_dir, tiny_chat_llama_dir, tmp_path):
-    """`tiny_model_config(config_path)`: a YAML that puts a shipped config on a tiny random model (the chat
-    one for configs on SmolLM2), or None for configs that build their own model."""
+@pytest.fixture(scope="session")
+def tiny_model_yaml(tiny_llama_dir, tiny_chat_llama_dir):
+    """`tiny_model_yaml(config_path, folder)`: a YAML written in `folder` that puts a shipped config on a tiny
+    random model (the chat one for configs on SmolLM2), or None for configs that build their own model."""
 
-    def make(config):
+    def make(config, folder):
         text = config.read_text()
         if "lrlm:" not in text:
             return None
         model = tiny_chat_llama_dir if "lrlm:smollm2" in text else tiny_llama_dir
         where = ("  init_args:\n    network:\n      init_args:\n        name_or_path" if "network:" in text
                  else "  init_args:\n    model_name_or_path")
-        out = tmp_path / f"tiny_{config.stem}.yaml"
+        out = folder / f"tiny_{config.stem}.yaml"
         out.write_text(f"model:\n{where}: {model}\ndata:\n  init_args:\n    tokenizer: {model}\n")
         return out
 
     return make
+
+
+@pytest.fixture
+def tiny_model_config(tiny_model_yaml, tmp_path):
+    """`tiny_model_config(config_path)`: `tiny_model_yaml` in the test's tmp_path."""
+    return lambda config: tiny_model_yaml(config, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def run_pool():
+    """A pool of `LRLM_TEST_JOBS` threads (default 2, or 1 on a 1-core machine) for a module whose parametrized
+    tests each run an independent one-thread process: the first test starts them all, each test waits for its
+    own (`tests/test_fast_dev_run_configs.py`, `tests/test_seed001_commands.py`)."""
+    pool = ThreadPoolExecutor(int(os.environ.get("LRLM_TEST_JOBS") or min(2, os.cpu_count() or 1)))
+    yield pool
+    pool.shutdown(cancel_futures=True)
+
+
+@pytest.fixture(scope="session")
+def selected_params(request):
+    """`selected_params(test, name)`: the values of parameter `name` of the items of test function `test` that this
+    session runs, in order (what a `run_pool` module starts ahead)."""
+    items = request.session.items
+    return lambda test, name: [i.callspec.params[name] for i in items if getattr(i, "originalname", None) == test]

@@ -11,7 +11,7 @@ Fast (no training, in this process):
 - the first and the last run of each row parse (every option name and value type), with the CLI's parser built
   once.
 Slow: the first run of a command trains with `--trainer.fast_dev_run=true` on tiny batches of short windows, in a
-subprocess as a user would run it: by default the rows that cover every config and every option name of the table
+subprocess of one thread as a user would run it (two at a time: `run_pool` in tests/conftest.py): by default the rows that cover every config and every option name of the table
 at least once (`covering`, 35 of the 147 distinct commands, to keep CI's slow suite short); with
 `LRLM_SEED001_ALL=1` every distinct command (seeds aside).
 """
@@ -31,6 +31,7 @@ from typing import NamedTuple, Optional
 
 import pytest
 
+from lightning_rlm.data.paths import find_data_path
 from lightning_rlm.workflow import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,19 +187,41 @@ FIRST_RUNS = distinct_first_runs()
 SMOKE_RUNS = FIRST_RUNS if os.environ.get("LRLM_SEED001_ALL") == "1" else covering(FIRST_RUNS)
 
 
+def first_runnable(row: Row, folder: Path) -> tuple[Optional[list[str]], list[str]]:
+    """The row's first run whose checkpoints exist in `folder` (None if none does), and every checkpoint it names."""
+    fits = planned_fits(row, folder)
+    ckpts = [[a.split("=", 1)[1] for a in fit if re.match(r"--model\.init_args\.pretrained_\w+=", a)] for fit in fits]
+    runnable = [fit for fit, paths in zip(fits, ckpts) if all(p == "null" or (folder / p).is_file() for p in paths)]
+    return (runnable[0] if runnable else None), sorted(set(sum(ckpts, [])))
+
+
+def smoke_run(fit: list[str], folder: Path) -> subprocess.CompletedProcess:
+    """`lightning-rlm <fit> <TINY>` in a fresh process of one thread, in `folder`."""
+    return subprocess.run([sys.executable, "-m", "lightning_rlm", *fit, *TINY], cwd=folder,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(selected_params, tmp_path_factory, run_pool) -> dict:
+    """{name: (its first runnable fit or None, the checkpoints it names, its run's future or None)} for the rows this
+    session runs, started in the tests' order (`run_pool`); a run whose sample is missing is not started."""
+    runs = {}
+    for name in selected_params("test_command_runs", "name"):
+        folder = tmp_path_factory.mktemp(f"seed001_{name}")
+        fit, ckpts = first_runnable(SMOKE_RUNS[name], folder)
+        ready = fit is not None and not (any("fineweb" in a for a in fit) and find_data_path(FINEWEB_FILE) is None)
+        runs[name] = (fit, ckpts, run_pool.submit(smoke_run, fit, folder) if ready else None)
+    return runs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMOKE_RUNS))
-def test_command_runs(name, tmp_path, need_data):
+def test_command_runs(name, need_data, smoke_runs):
     """The first run of the row (the first whose checkpoints exist) trains a fast_dev_run on tiny batches."""
-    row = SMOKE_RUNS[name]
-    fits = planned_fits(row, tmp_path)
-    ckpts = [[a.split("=", 1)[1] for a in fit if re.match(r"--model\.init_args\.pretrained_\w+=", a)] for fit in fits]
-    runnable = [fit for fit, paths in zip(fits, ckpts) if all(p == "null" or (tmp_path / p).is_file() for p in paths)]
-    if not runnable:
-        pytest.skip(f"needs a checkpoint another command makes: {sorted(set(sum(ckpts, [])))} (see the row's notes)")
-    fit = runnable[0]
+    fit, ckpts, future = smoke_runs[name]
+    if fit is None:
+        pytest.skip(f"needs a checkpoint another command makes: {ckpts} (see the row's notes)")
     if any("fineweb" in a for a in fit):
         need_data(FINEWEB_FILE)
-    run = subprocess.run([sys.executable, "-m", "lightning_rlm", *fit, *TINY], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=900)
+    run = future.result()
     assert run.returncode == 0, f"{shlex.join(fit)}\n{run.stderr[-3000:]}"
