@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -131,7 +132,7 @@ def train_bpe(texts: list[str], vocab_size: int) -> Path:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: two may train the same one at once
     tok.save(str(tmp))
     tmp.replace(path)  # atomic: a concurrent reader never sees half a file
     return path

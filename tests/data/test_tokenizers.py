@@ -48,3 +48,18 @@ def test_autotokenizer_path(tmp_path, shared_data, gpt2_tokenizer_file):
 def test_unknown_tokenizer(spec):
     with pytest.raises(ValueError, match="unknown tokenizer"):
         build_tokenizer(spec, ["abc"])
+
+
+def test_bpe_training_leaves_another_process_s_temporary_file_alone(tmp_path, monkeypatch):
+    """Two processes that train the same BPE at once (parallel runs on one cache) each write their own temporary
+    file: a file another writer has in flight at the shared name is neither overwritten nor moved."""
+    monkeypatch.setenv("LRLM_CACHE_DIR", str(tmp_path))
+    docs = ["the cat sat on the mat", "a dog ran in the park", "the sun is hot"] * 5
+    path = bpe_cache_path(docs, 280)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    other = path.with_suffix(".tmp")  # the name every writer used before: a writer's half-written file
+    other.write_text("half of another writer's file")
+    tok = build_tokenizer("bpe", docs, vocab_size=280)
+    assert path.is_file() and tok.decode(tok.encode(docs[1])) == docs[1]
+    assert other.read_text() == "half of another writer's file"
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp") and p != other]
