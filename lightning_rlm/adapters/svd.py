@@ -337,9 +337,9 @@ def cached_pair_diffs(model: SVDAdapterModel, pairs: Sequence[tuple[list[int], l
         return torch.load(path, map_location="cpu", weights_only=True)["diffs"], True
     diffs = {n: d.cpu() for n, d in contrastive_grad_diffs(model, pairs, pad_token_id).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process, as for the SVD factors
     torch.save({"diffs": diffs, "pairs": list(pair_texts)}, tmp)
-    tmp.replace(path)
+    os.replace(tmp, path)
     return diffs, False
 
 

@@ -13,6 +13,7 @@ import lightning_rlm.adapters.svd as svd
 from lightning_rlm.adapters import SVDAdapterModel, add_svd_adapter
 from lightning_rlm.adapters.svd import (
     StaleSVDCacheError,
+    cached_pair_diffs,
     contrastive_grad_diffs,
     erase_hack_component,
     hack_axes,
@@ -234,3 +235,22 @@ def test_contrastive_diffs_are_per_pair_nll_gradient_differences() -> None:
         for n in diffs:
             torch.testing.assert_close(diffs[n][i], gc[n] - gh[n], atol=1e-5, rtol=1e-4)
     assert all(torch.count_nonzero(d) > 0 for d in diffs.values())
+
+
+def test_pair_diffs_cache_hits_and_leaves_another_writer_s_file_alone(tmp_path) -> None:
+    """The pair gradients are computed once and then read back; a run writing the same entry at the same time (its
+    temporary file at the shared name used before) is neither overwritten nor moved."""
+    model = add_svd_adapter(_base(), TARGETS, train_hack=False)
+    pairs = [([5, 9, 13], [20, 21, 22], [20, 30, 21, 22])]
+    texts = [("p", "clean", "hack")]
+    diffs, hit = cached_pair_diffs(model, pairs, texts, 0, tmp_path)
+    (entry,) = tmp_path.glob("pair_grads_*.pt")
+    other = entry.with_name(entry.name + ".tmp")
+    other.write_text("half of another writer's file")
+    entry.unlink()
+    again, hit_again = cached_pair_diffs(model, pairs, texts, 0, tmp_path)  # written anew beside the other file
+    assert not hit and not hit_again and entry.is_file()
+    assert other.read_text() == "half of another writer's file"
+    read, hit_read = cached_pair_diffs(model, pairs, texts, 0, tmp_path)
+    assert hit_read and all(torch.equal(read[n], diffs[n]) and torch.equal(again[n], diffs[n]) for n in diffs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([entry.name, other.name])
