@@ -10,14 +10,25 @@ and on a cluster. A relative path is looked up, in order, in:
 5. the fetched-data cache, `$LRLM_CACHE_DIR/data`, where `lightning-rlm data fetch` writes by default.
 
 Caches (trained tokenizers, base models, fetched data) live under `$LRLM_CACHE_DIR`
-(default `~/.cache/lightning_rlm`). `lightning_rlm.data.paths` adds `resolve_data_path`, whose error names
+(default `~/.cache/lightning_rlm`); a cached folder is built once by `build_cached` (into a temporary folder,
+under a lock, so concurrent runs neither build it twice nor break each other's build).
+`lightning_rlm.data.paths` adds `resolve_data_path`, whose error names
 the catalog's fetch command.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builders of one cache folder are not serialised
+    fcntl = None
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DIR = Path(__file__).resolve().parent / "data" / "samples"
@@ -74,3 +85,49 @@ def cache_dir(*parts: str) -> Path:
     d = cache_root().joinpath(*parts)
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@contextmanager
+def build_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<target>.lock` (flock: released when the process dies) for as long as a
+    process builds `target`; a second process waits for it, saying so."""
+    lock = target.with_name(target.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another process that is building {target} (lock: {lock})", file=sys.stderr)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_cached(out: Path, key: str, write: Callable[[Path], None], force: bool = False) -> Path:
+    """`out`, a cached folder stamped with `key` (its BUILD_KEY file), built unless it holds `key` already (or
+    `force`). `write(tmp)` fills a temporary folder, which replaces `out` only once complete, so an interrupted
+    build never leaves half a folder. Builders of one folder take turns (`build_lock`): two runs started at once
+    on an empty cache build it once, the second finding it built when the first is done."""
+
+    def built() -> bool:
+        try:
+            return (out / "BUILD_KEY").read_text().strip() == key
+        except FileNotFoundError:
+            return False
+
+    if built() and not force:
+        return out
+    with build_lock(out):
+        if built() and not force:
+            return out  # built by the process this one waited for
+        tmp = out.with_name(out.name + ".building")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a build that was killed (the lock is this process's)
+        write(tmp)
+        (tmp / "BUILD_KEY").write_text(key + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out

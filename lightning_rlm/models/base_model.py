@@ -4,18 +4,18 @@ The command that builds it is `lightning-rlm base-model` (:mod:`lightning_rlm.wo
 Configs, tests and benchmarks name it `lrlm:tiny-llama-tinystories`; `resolve_model_path` turns that
 into the cached HF folder (building it on first use). The cache key is a hash of the pretraining config
 and of the data file, so editing either rebuilds it; the folder is written to a temporary name and
-renamed, so an interrupted build never leaves a half model behind.
+renamed, so an interrupted build never leaves a half model behind, and runs started at once on an empty cache
+build it once (`paths.build_cached`: the second waits for the first).
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from lightning_rlm.paths import REPO_ROOT, cache_dir, find_data_path
+from lightning_rlm.paths import REPO_ROOT, build_cached, cache_dir, find_data_path
 
 PREFIX = "lrlm:"
 BASE_MODELS = {
@@ -47,22 +47,17 @@ def build(name: str, force: bool = False, extra_args: list[str] | None = None) -
     """Pretrain `name` with its config (unless cached) and return the HF folder."""
     if name not in BASE_MODELS:
         raise ValueError(f"unknown base model {name!r}; expected one of {sorted(BASE_MODELS)}")
-    out = base_model_dir(name)
-    if is_built(name) and not force:
-        return out
     config, _ = BASE_MODELS[name]
-    tmp = out.with_name(out.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "lightning_rlm", "fit", "--config", str(REPO_ROOT / config),
-           "--model.init_args.export_dir", str(tmp),
-           "--trainer.logger.init_args.save_dir", str(cache_dir("base_models", "runs")),
-           *(extra_args or [])]
-    print(f"building base model {name!r} (cache miss): {' '.join(cmd)}", file=sys.stderr)
-    subprocess.run(cmd, check=True)
-    (tmp / "BUILD_KEY").write_text(build_key(name) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+
+    def pretrain(tmp: Path) -> None:
+        cmd = [sys.executable, "-m", "lightning_rlm", "fit", "--config", str(REPO_ROOT / config),
+               "--model.init_args.export_dir", str(tmp),
+               "--trainer.logger.init_args.save_dir", str(cache_dir("base_models", "runs")),
+               *(extra_args or [])]
+        print(f"building base model {name!r} (cache miss): {' '.join(cmd)}", file=sys.stderr)
+        subprocess.run(cmd, check=True)
+
+    return build_cached(base_model_dir(name), build_key(name), pretrain, force=force)
 
 
 def resolve_model_path(name_or_path: str) -> str:

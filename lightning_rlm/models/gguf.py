@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_rlm.paths import cache_dir
+from lightning_rlm.paths import build_cached, cache_dir
 
 
 @dataclass(frozen=True)
@@ -82,22 +81,18 @@ def convert(name: str, force: bool = False) -> Path:
 
     path = gguf_path(name)
     out = model_dir(name)
-    if not force and (out / "BUILD_KEY").is_file() and (out / "BUILD_KEY").read_text().strip() == _key(path):
-        return out
-    print(f"converting {path} to an HF folder in {out} (about a minute, once)", file=sys.stderr)
-    tmp = out.with_name(out.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    config = copy.deepcopy(loaded.config)
-    for key in ("quantization_config", "_model_name_or_path"):  # plain fp32 weights now, saved and loaded as such
-        config.__dict__.pop(key, None)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())  # strict: every weight of the GGUF file lands
-    model.generation_config = loaded.generation_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "BUILD_KEY").write_text(_key(path) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+
+    def write(tmp: Path) -> None:
+        print(f"converting {path} to an HF folder in {out} (about a minute, once)", file=sys.stderr)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        config = copy.deepcopy(loaded.config)
+        for key in ("quantization_config", "_model_name_or_path"):  # plain fp32 weights now, saved and loaded as such
+            config.__dict__.pop(key, None)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())  # strict: every weight of the GGUF file lands
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return build_cached(out, _key(path), write, force=force)
