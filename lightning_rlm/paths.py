@@ -12,8 +12,7 @@ and on a cluster. A relative path is looked up, in order, in:
 Caches (trained tokenizers, base models, fetched data) live under `$LRLM_CACHE_DIR`
 (default `~/.cache/lightning_rlm`); a cached folder is built once by `build_cached` (into a temporary folder,
 under a lock, so concurrent runs neither build it twice nor break each other's build).
-`lightning_rlm.data.paths` adds `resolve_data_path`, whose error names
-the catalog's fetch command.
+`lightning_rlm.data.paths` adds `resolve_data_path`, whose error names the catalog's fetch command.
 """
 
 from __future__ import annotations
@@ -100,11 +99,15 @@ def build_lock(target: Path) -> Iterator[None]:
             except BlockingIOError:
                 print(f"waiting for another process that is building {target} (lock: {lock})", file=sys.stderr)
                 fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        yield  # closing the file releases the lock
+
+
+def holds_key(out: Path, key: str) -> bool:
+    """Whether the cached folder `out` is complete and was built for `key` (its BUILD_KEY file)."""
+    try:
+        return (out / "BUILD_KEY").read_text().strip() == key
+    except FileNotFoundError:
+        return False
 
 
 def build_cached(out: Path, key: str, write: Callable[[Path], None], force: bool = False) -> Path:
@@ -112,17 +115,10 @@ def build_cached(out: Path, key: str, write: Callable[[Path], None], force: bool
     `force`). `write(tmp)` fills a temporary folder, which replaces `out` only once complete, so an interrupted
     build never leaves half a folder. Builders of one folder take turns (`build_lock`): two runs started at once
     on an empty cache build it once, the second finding it built when the first is done."""
-
-    def built() -> bool:
-        try:
-            return (out / "BUILD_KEY").read_text().strip() == key
-        except FileNotFoundError:
-            return False
-
-    if built() and not force:
+    if holds_key(out, key) and not force:
         return out
     with build_lock(out):
-        if built() and not force:
+        if holds_key(out, key) and not force:
             return out  # built by the process this one waited for
         tmp = out.with_name(out.name + ".building")
         shutil.rmtree(tmp, ignore_errors=True)  # left by a build that was killed (the lock is this process's)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lightning_rlm.paths import REPO_ROOT, build_cached, cache_dir, find_data_path
+from lightning_rlm.paths import REPO_ROOT, build_cached, cache_dir, find_data_path, holds_key
 
 PREFIX = "lrlm:"
 BASE_MODELS = {
@@ -39,8 +39,7 @@ def base_model_dir(name: str) -> Path:
 
 
 def is_built(name: str) -> bool:
-    d = base_model_dir(name)
-    return (d / "BUILD_KEY").exists() and (d / "BUILD_KEY").read_text().strip() == build_key(name)
+    return holds_key(base_model_dir(name), build_key(name))
 
 
 def build(name: str, force: bool = False, extra_args: list[str] | None = None) -> Path:

@@ -19,7 +19,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_rlm.paths import build_cached, cache_dir
+from lightning_rlm.paths import build_cached, cache_dir, holds_key
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,11 @@ def model_dir(name: str) -> Path:
 
 
 def is_converted(name: str) -> bool:
-    key = model_dir(name) / "BUILD_KEY"
     try:
-        return key.read_text().strip() == _key(gguf_path(name))
-    except FileNotFoundError:
+        key = _key(gguf_path(name))
+    except FileNotFoundError:  # the wheel (or gguf) is not installed: nothing to convert from
         return False
+    return holds_key(model_dir(name), key)
 
 
 def convert(name: str, force: bool = False) -> Path:
